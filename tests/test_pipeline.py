@@ -1,0 +1,67 @@
+"""End to end on tiny models: every stage writes its files; the export loads in plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_recipe
+from distill import pipeline
+from distill.config import RunConfig, load_config
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path, tiny_teacher_dir, prompts_file) -> RunConfig:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file)))
+    return load_config(path)
+
+
+def test_run_all_writes_every_stage(tiny_cfg):
+    results = pipeline.run_all(tiny_cfg)
+    run = tiny_cfg.run_dir
+    for name in ["config.yaml", "split.json", "answers.jsonl", "student_init/config.json",
+                 "student/model.safetensors", "metrics.jsonl", "eval.json", "eval_answers.jsonl",
+                 "export/model.safetensors", "export/README.md", "export/tokenizer.json",
+                 "export/generation_config.json", "timings.json"]:  # fmt: skip
+        assert (run / name).exists(), name
+    answers = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 13 and len({a["id"] for a in answers}) == 13
+    assert all(a["finish_reason"] in ("stop", "length") and a["token_ids"] for a in answers)
+    saved = json.loads((run / "eval.json").read_text())
+    keys = ["kl", "top1_agreement", "perplexity", "exact_match", "rouge_l",
+            "tokens_per_s_batch1", "tokens_per_s_batched", "params", "bytes"]  # fmt: skip
+    for model in ("teacher", "untrained_student", "student"):
+        assert all(k in saved[model] for k in keys), model
+    # The teacher scored against itself: zero KL and full agreement, computed, not set.
+    assert saved["teacher"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert saved["teacher"]["top1_agreement"] == 1.0
+    assert saved["student"]["params"] < saved["teacher"]["params"]
+    assert saved["student"]["num_layers"] == 2 and saved["teacher"]["num_layers"] == 4
+    assert results["student"]["kl"] == saved["student"]["kl"]
+    # Training moved the student towards the teacher.
+    assert saved["student"]["kl"] < saved["untrained_student"]["kl"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 6 and resolved["student"]["num_layers"] == 2
+    card = (run / "export" / "README.md").read_text()
+    assert str(tiny_cfg.teacher.model) in card and "| kl |" in card
+
+
+def test_export_loads_in_plain_transformers_with_equal_logits(tiny_cfg):
+    pipeline.run_all(tiny_cfg)
+    run = tiny_cfg.run_dir
+    trained = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    tok = AutoTokenizer.from_pretrained(run / "export")
+    ids = tok("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_stage_without_its_input_names_the_missing_stage(tiny_cfg):
+    with pytest.raises(pipeline.StageError, match="distill shrink"):
+        pipeline.train_student(tiny_cfg)
