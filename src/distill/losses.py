@@ -69,9 +69,13 @@ def _reduce(per_position: Tensor, num_tokens: int | float | Tensor | None) -> Te
 
 
 def _kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
-    """KL(P || Q) per row from log-probabilities ``(M, V)`` -> ``(M,)``; 0 log 0 = 0."""
-    p = p_logp.exp()
-    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+    """KL(P || Q) per row from log-probabilities ``(M, V)`` -> ``(M,)``; 0 log 0 = 0.
+
+    Only exact zeros of P (log-prob -inf) are skipped, so a NaN still shows; the
+    difference is zeroed *before* the product so no 0 * inf reaches the backward pass.
+    """
+    diff = torch.where(p_logp == float("-inf"), 0.0, p_logp - q_logp)
+    return (p_logp.exp() * diff).sum(-1)
 
 
 def _log_mix(a_logp: Tensor, b_logp: Tensor, weight_a: float) -> Tensor:

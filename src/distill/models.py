@@ -8,6 +8,7 @@ safetensors Hugging Face folder, so later loads take seconds instead of the
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -62,8 +63,6 @@ def _bundled_gguf(name: str) -> Path:
     folder = Path(next(iter(spec.submodule_search_locations)))
     if spec_info.assemble:
         # This package's own API joins its part packages; it imports nothing heavy.
-        import importlib
-
         mod = importlib.import_module(spec_info.module)
         return Path(mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME))
     path = folder / spec_info.filename

@@ -211,11 +211,11 @@ def train(
                 if not torch.isfinite(part.loss):
                     kept = latest_checkpoint(ckpt_dir)
                     raise TrainingError(
-                        f"non-finite loss at step {step} (kd={part.kd}, ce={part.ce}); "
+                        f"non-finite loss at step {step + 1} (kd={part.kd}, ce={part.ce}); "
                         f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
                     )
                 part.loss.backward()
-                kd, ce, total = kd + part.kd, ce + part.ce, total + float(part.loss)
+                kd, ce, total = kd + part.kd, ce + part.ce, total + float(part.loss.detach())
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf"))
             )

@@ -1,0 +1,89 @@
+"""Teacher generation: answers written as they finish, resume after a kill, no duplicates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill.generate as gen
+from distill.config import GenerateConfig
+from distill.data import read_prompts
+
+
+@pytest.fixture()
+def teacher(tiny_teacher_dir):
+    return (
+        AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_teacher_dir),
+    )
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_answers_are_cut_at_eos_and_records_complete(teacher, prompts_file, tmp_path):
+    model, tok = teacher
+    prompts = read_prompts(prompts_file)
+    out = gen.generate_answers(model, tok, prompts, tmp_path / "a.jsonl", GenerateConfig(max_new_tokens=10, batch_size=5))
+    assert set(out) == {p.id for p in prompts}
+    for rec in out.values():
+        ids = rec["token_ids"]
+        assert 1 <= len(ids) <= 10
+        if rec["finish_reason"] == "stop":
+            assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+        else:
+            assert len(ids) == 10 and tok.eos_token_id not in ids
+        assert rec["text"] == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_batched_left_padding_matches_one_by_one(teacher, prompts_file):
+    from distill.data import prompt_token_ids
+
+    model, tok = teacher
+    rows = [prompt_token_ids(tok, p) for p in read_prompts(prompts_file)[:4]]
+    rows[0] = rows[0] + rows[0]  # unequal lengths force padding
+    batched = gen.generate_batch(model, tok, rows, max_new_tokens=6)
+    single = [gen.generate_batch(model, tok, [r], max_new_tokens=6)[0] for r in rows]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+
+
+def test_resume_after_kill_has_no_duplicates_and_equals_uninterrupted(
+    teacher, prompts_file, tmp_path, monkeypatch
+):
+    model, tok = teacher
+    prompts = read_prompts(prompts_file)
+    cfg = GenerateConfig(max_new_tokens=8, batch_size=3)
+    full = gen.generate_answers(model, tok, prompts, tmp_path / "full.jsonl", cfg)
+
+    real, calls = gen.generate_batch, {"n": 0}
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", dies_on_third_batch)
+    path = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_answers(model, tok, prompts, path, cfg)
+    assert len(_lines(path)) == 6  # two finished batches are on disk
+    with path.open("a") as f:
+        f.write('{"id": "torn')  # a write cut off by the kill
+    monkeypatch.setattr(gen, "generate_batch", real)
+    resumed = gen.generate_answers(model, tok, prompts, path, cfg)
+    recs = _lines(path)
+    assert len(recs) == len(prompts) and len({r["id"] for r in recs}) == len(prompts)
+    assert {k: v["token_ids"] for k, v in resumed.items()} == {k: v["token_ids"] for k, v in full.items()}
+
+
+def test_sampled_generation_is_seeded(teacher, prompts_file, tmp_path):
+    model, tok = teacher
+    prompts = read_prompts(prompts_file)[:4]
+    cfg = GenerateConfig(max_new_tokens=8, batch_size=2, do_sample=True, generation_temperature=1.5, seed=7)
+    a = gen.generate_answers(model, tok, prompts, tmp_path / "a.jsonl", cfg)
+    b = gen.generate_answers(model, tok, prompts, tmp_path / "b.jsonl", cfg)
+    assert {k: v["token_ids"] for k, v in a.items()} == {k: v["token_ids"] for k, v in b.items()}

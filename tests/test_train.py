@@ -1,0 +1,115 @@
+"""The training loop: learns, resumes bit for bit, stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill.train as tr
+from distill.config import TrainConfig
+from distill.models import shrink_layers
+from distill.teacher import LiveTeacher
+
+
+@pytest.fixture()
+def setup(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(10):
+        n_prompt, n_answer = 3 + i % 4, 4 + (i * 3) % 7
+        ids = torch.randint(3, len(tok), (n_prompt + n_answer,), generator=g).tolist()
+        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    return teacher, tok, examples
+
+
+def _cfg(**kw):
+    base = dict(max_steps=6, batch_size=3, grad_accum=2, warmup_steps=1, lr=5e-3,
+                checkpoint_every=2, keep_checkpoints=2, bf16=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _student(teacher):
+    return shrink_layers(teacher, [0, 3])
+
+
+def test_loss_goes_down_and_metrics_are_logged(setup, tmp_path):
+    teacher, tok, examples = setup
+    student = _student(teacher)
+    summary = tr.train(student, LiveTeacher(teacher), examples, _cfg(max_steps=12), tmp_path, pad_id=tok.pad_token_id)
+    assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s"} <= rows[0].keys()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010", "step-000012"]
+
+
+def test_kill_and_resume_gives_identical_weights(setup, tmp_path, monkeypatch):
+    teacher, tok, examples = setup
+    student_a = _student(teacher)
+    tr.train(student_a, LiveTeacher(teacher), examples, _cfg(), tmp_path / "a", pad_id=tok.pad_token_id)
+
+    real, calls = tr.distill_loss, {"n": 0}
+
+    def killed_in_step_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # 2 micro-batches a step: the first of step 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "distill_loss", killed_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id)
+    assert tr.latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000002"
+    monkeypatch.setattr(tr, "distill_loss", real)
+    student_b = _student(teacher)  # a fresh process would start from the initial weights
+    summary = tr.train(student_b, LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id)
+    assert summary["steps"] == 6
+    for (name, a), (_, b) in zip(student_a.state_dict().items(), student_b.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
+    teacher, tok, examples = setup
+    big = _student(teacher)
+    small = _student(teacher)
+    tr.train(big, LiveTeacher(teacher), examples, _cfg(max_steps=2, batch_size=6, grad_accum=1), tmp_path / "a", pad_id=tok.pad_token_id)
+    tr.train(small, LiveTeacher(teacher), examples, _cfg(max_steps=2, batch_size=3, grad_accum=2), tmp_path / "b", pad_id=tok.pad_token_id)
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _NaNTeacher:
+    def __init__(self, teacher, bad_from_call):
+        self.live, self.calls, self.bad = LiveTeacher(teacher), 0, bad_from_call
+
+    def logits(self, batch):
+        self.calls += 1
+        out = self.live.logits(batch)
+        return out * float("nan") if self.calls >= self.bad else out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    teacher, tok, examples = setup
+    with pytest.raises(tr.TrainingError, match=r"non-finite loss at step 5 \(kd=nan.*last good checkpoint: .*step-000004"):
+        tr.train(_student(teacher), _NaNTeacher(teacher, 9), examples, _cfg(), tmp_path, pad_id=tok.pad_token_id)
+    assert tr.latest_checkpoint(tmp_path / "checkpoints").name == "step-000004"
+
+
+def test_lr_schedule():
+    cfg = _cfg(max_steps=100, warmup_steps=10, lr=1.0)
+    assert tr.lr_at(0, cfg) == pytest.approx(0.1) and tr.lr_at(9, cfg) == pytest.approx(1.0)
+    assert tr.lr_at(10, cfg) == pytest.approx(1.0) and tr.lr_at(100, cfg) == pytest.approx(0.1)
+    assert tr.lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_unknown_loss_and_empty_data(setup, tmp_path):
+    teacher, tok, examples = setup
+    with pytest.raises(tr.TrainingError, match="is not one of"):
+        tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(loss="kl"), tmp_path, pad_id=0)
+    with pytest.raises(tr.TrainingError, match="no training examples"):
+        tr.train(_student(teacher), LiveTeacher(teacher), [], _cfg(), tmp_path, pad_id=0)
