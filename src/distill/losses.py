@@ -16,48 +16,141 @@ Every formula lives here once. Conventions shared by all functions:
 * ``vocab_size``: when the two sides have different widths because one pads its
   LM head (e.g. 152,064 vs 151,936), pass the tokenizer's length to drop the
   extra columns; a mismatch without it raises.
+* Sparse teacher: instead of dense logits, ``teacher_logits`` may be a ``TopKTeacher``
+  (or an ``(ids, logprobs)`` tuple): the teacher's top-k token ids ``(..., k)`` and their
+  log-probabilities ``(..., k)`` under the full vocabulary. The mass outside the k ids
+  is handled one of two ways:
+
+  - ``"renormalize"``: both distributions are restricted to the k ids and renormalised,
+    and the divergence is taken over those k outcomes.
+  - ``"bucket"``: the k ids plus one tail outcome holding the rest of the mass
+    (1 - sum of the k probabilities) on each side; k + 1 outcomes. The tail mass is
+    only known at the temperature the teacher was scored at, so this mode needs
+    ``temperature == 1``.
+
+  With k = V both modes equal the dense divergence.
+* Chunked: ``chunked_divergence`` takes the student's final hidden states and the LM
+  head weight and never builds the full ``(N, V)`` student logits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """A sparse teacher signal: top-k ids ``(..., k)`` int and log-probs ``(..., k)``.
+
+    ``logprobs`` are normalised over the full vocabulary (so they sum to at most 1);
+    ``tail`` says how the mass outside the k ids is treated (module docstring).
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Literal["renormalize", "bucket"] = "renormalize"
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.logprobs.shape:
+            raise ValueError(f"top-k ids {tuple(self.ids.shape)} != logprobs {tuple(self.logprobs.shape)}")
+        if self.tail not in ("renormalize", "bucket"):
+            raise ValueError(f"tail must be 'renormalize' or 'bucket', got {self.tail!r}")
+
+    def rows(self, keep: Tensor | None) -> TopKTeacher:
+        """Flattened to ``(M, k)``, keeping the positions where ``keep`` (flat bool) is True."""
+        ids = self.ids.reshape(-1, self.ids.shape[-1])
+        lp = self.logprobs.reshape(-1, self.ids.shape[-1])
+        if keep is not None:
+            ids, lp = ids[keep], lp[keep]
+        return TopKTeacher(ids, lp, self.tail)
+
+
+TeacherInput = Tensor | TopKTeacher | tuple[Tensor, Tensor]
+
+
+def as_teacher(teacher: TeacherInput) -> Tensor | TopKTeacher:
+    if isinstance(teacher, tuple):
+        return TopKTeacher(*teacher)
+    return teacher
 
 
 def _flatten_counted(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, vocab_size: int | None
-) -> tuple[Tensor, Tensor]:
-    """Counted rows of both sides as ``(M, V)`` tensors, vocab widths aligned."""
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+    student_logits: Tensor, teacher: Tensor | TopKTeacher, mask: Tensor | None, vocab_size: int | None
+) -> tuple[Tensor, Tensor | TopKTeacher]:
+    """Counted rows of both sides: ``(M, V)`` student, ``(M, V)`` or top-k ``(M, k)`` teacher."""
+    t_shape = teacher.ids.shape if isinstance(teacher, TopKTeacher) else teacher.shape
+    if student_logits.shape[:-1] != t_shape[:-1]:
         raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in leading (position) dims"
+            f"student logits {tuple(student_logits.shape)} and teacher {tuple(t_shape)} "
+            "differ in leading (position) dims"
         )
-    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-    if vocab_size is not None:
-        if vocab_size > min(vs, vt):
-            raise ValueError(f"vocab_size={vocab_size} exceeds a side's width ({vs}, {vt})")
-        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
-    elif vs != vt:
-        raise ValueError(
-            f"student has {vs} vocab columns and teacher {vt}: if one side pads its LM head, pass "
-            "vocab_size=len(tokenizer) to drop the padding; otherwise the tokenizers differ"
-        )
-    s = student_logits.reshape(-1, student_logits.shape[-1])
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    vs = student_logits.shape[-1]
+    if isinstance(teacher, TopKTeacher):
+        if vocab_size is not None:
+            student_logits = student_logits[..., :vocab_size]
+    else:
+        vt = teacher.shape[-1]
+        if vocab_size is not None:
+            if vocab_size > min(vs, vt):
+                raise ValueError(f"vocab_size={vocab_size} exceeds a side's width ({vs}, {vt})")
+            student_logits, teacher = student_logits[..., :vocab_size], teacher[..., :vocab_size]
+        elif vs != vt:
+            raise ValueError(
+                f"student has {vs} vocab columns and teacher {vt}: if one side pads its LM head, "
+                "pass vocab_size=len(tokenizer) to drop the padding; otherwise the tokenizers differ"
+            )
+    keep = None
     if mask is not None:
         if mask.shape != student_logits.shape[:-1]:
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} != logits positions {tuple(student_logits.shape[:-1])}"
             )
         keep = mask.reshape(-1).to(torch.bool)
-        s, t = s[keep], t[keep]
-    return s, t
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    if keep is not None:
+        s = s[keep]
+    if isinstance(teacher, TopKTeacher):
+        t = teacher.rows(keep)
+        if t.ids.numel() and int(t.ids.max()) >= s.shape[-1]:
+            raise ValueError(f"teacher top-k id {int(t.ids.max())} >= student vocab {s.shape[-1]}")
+        return s, t
+    t = teacher.reshape(-1, teacher.shape[-1])
+    return s, (t[keep] if keep is not None else t)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped away from log(0) so gradients stay finite."""
+    return torch.log((-torch.expm1(x)).clamp_min(_TINY))
+
+
+def _support_logprobs(
+    s: Tensor, t: Tensor | TopKTeacher, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities over the same outcomes, ``(M, V)`` or ``(M, k[+1])``."""
+    if not isinstance(t, TopKTeacher):
+        return F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)
+    ids, lp = t.ids.long(), t.logprobs.float()
+    if t.tail == "renormalize":
+        s_k = torch.gather(s.float() / temperature, -1, ids)  # (M, k)
+        return F.log_softmax(s_k, -1), F.log_softmax(lp / temperature, -1)
+    if temperature != 1.0:
+        raise ValueError(
+            "tail='bucket' needs temperature=1: the teacher's tail mass is only known at the "
+            "temperature it was scored at; use tail='renormalize' for other temperatures"
+        )
+    s_k = torch.gather(F.log_softmax(s.float(), -1), -1, ids)  # (M, k)
+    s_tail = _log1mexp(torch.logsumexp(s_k, -1, keepdim=True).clamp_max(0))
+    t_tail = _log1mexp(torch.logsumexp(lp, -1, keepdim=True).clamp_max(0))
+    return torch.cat([s_k, s_tail], -1), torch.cat([lp, t_tail], -1)
 
 
 def _reduce(per_position: Tensor, num_tokens: int | float | Tensor | None) -> Tensor:
@@ -86,7 +179,7 @@ def _log_mix(a_logp: Tensor, b_logp: Tensor, weight_a: float) -> Tensor:
 def _divergence(
     rows: Callable[[Tensor, Tensor], Tensor],
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None,
     temperature: float,
     num_tokens: int | float | Tensor | None,
@@ -94,15 +187,14 @@ def _divergence(
 ) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    s, t = _flatten_counted(student_logits, teacher_logits, mask, vocab_size)
-    s_logp = F.log_softmax(s.float() / temperature, dim=-1)  # (M, V)
-    t_logp = F.log_softmax(t.float() / temperature, dim=-1)  # (M, V)
+    s, t = _flatten_counted(student_logits, as_teacher(teacher_logits), mask, vocab_size)
+    s_logp, t_logp = _support_logprobs(s, t, temperature)  # (M, V) or (M, k[+1]) each
     return _reduce(rows(s_logp, t_logp), num_tokens) * temperature**2
 
 
 def forward_kl(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -118,7 +210,7 @@ def forward_kl(
 
 def reverse_kl(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -134,7 +226,7 @@ def reverse_kl(
 
 def generalized_jsd(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     beta: float = 0.5,
@@ -162,7 +254,7 @@ def generalized_jsd(
 
 def skew_forward_kl(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     alpha: float = 0.1,
@@ -181,7 +273,7 @@ def skew_forward_kl(
 
 def skew_reverse_kl(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     alpha: float = 0.1,
@@ -200,7 +292,7 @@ def skew_reverse_kl(
 
 def total_variation(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherInput,
     mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -229,6 +321,95 @@ def token_cross_entropy(
         logits, flat = logits[keep], flat[keep]
     per = F.cross_entropy(logits.float(), flat, reduction="none")
     return _reduce(per, num_tokens)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Loss and its gradients computed chunk by chunk in forward; backward only rescales.
+
+    Peak extra memory is one ``(chunk, V)`` block of logits (and its gradient), never
+    ``(N, V)``. The gradient work happens once, in forward, as in Liger-Kernel's fused
+    linear losses; nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss_fn, teacher, chunk_size, num_tokens, kwargs):
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.detach().requires_grad_(True)
+        b = None if bias is None else bias.detach().requires_grad_(True)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].detach().requires_grad_(True)  # (C, H)
+            t = (
+                TopKTeacher(teacher.ids[start : start + chunk_size],
+                            teacher.logprobs[start : start + chunk_size], teacher.tail)
+                if isinstance(teacher, TopKTeacher) else teacher[start : start + chunk_size]
+            )  # fmt: skip
+            with torch.enable_grad():
+                logits = F.linear(h, w, b)  # (C, V)
+                part = loss_fn(logits, t, None, num_tokens=num_tokens, **kwargs)
+                grads = torch.autograd.grad(part, [h, w] + ([b] if b is not None else []))
+            grad_h[start : start + chunk_size] = grads[0]
+            grad_w += grads[1]
+            if grad_b is not None:
+                grad_b += grads[2]
+            total += part.detach()
+        ctx.save_for_backward(grad_h, grad_w, *(grad_b,) if grad_b is not None else ())
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        gh = (saved[0] * grad_out).to(ctx.dtypes[0])
+        gw = (saved[1] * grad_out).to(ctx.dtypes[1])
+        gb = (saved[2] * grad_out).to(ctx.dtypes[2]) if len(saved) > 2 else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def chunked_divergence(
+    loss_fn: Callable[..., Tensor],
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    teacher_logits: TeacherInput,
+    mask: Tensor | None = None,
+    *,
+    lm_head_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    num_tokens: int | float | Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """``loss_fn`` of student logits ``hidden @ lm_head_weight.T`` without materialising them.
+
+    Args:
+        loss_fn: any divergence of this module (``forward_kl``, ``generalized_jsd``, ...).
+        hidden: student final hidden states ``(B, T, H)`` or ``(N, H)``, already shifted.
+        lm_head_weight: ``(V, H)``; ``lm_head_bias`` ``(V,)`` if the head has one.
+        teacher_logits: dense ``(B, T, V')`` / ``(N, V')`` logits or a sparse top-k teacher.
+        mask: ``(B, T)`` / ``(N,)`` bool, True where the position counts.
+        chunk_size: positions per block; peak memory grows with ``chunk_size * V``. Default:
+            about 2**26 logits a block (256 positions at V = 262,144), large enough that
+            re-reading the LM head per block costs little time.
+        num_tokens: global count of counted positions (default: the local count).
+        **kwargs: the loss's own options (temperature, beta, alpha, vocab_size).
+
+    Returns:
+        The same scalar as ``loss_fn(hidden @ W.T, teacher, mask, ...)``, with the same
+        gradients with respect to ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
+    """
+    teacher = as_teacher(teacher_logits)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+    if isinstance(teacher, TopKTeacher):
+        t = teacher.rows(keep)
+    else:
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        t = t[keep] if keep is not None else t
+    h = flat_h[keep] if keep is not None else flat_h  # (M, H)
+    count = h.shape[0] if num_tokens is None else num_tokens
+    chunk_size = chunk_size or max(1, (1 << 26) // lm_head_weight.shape[0])
+    return _ChunkedLoss.apply(h, lm_head_weight, lm_head_bias, loss_fn, t, chunk_size, count, kwargs)
 
 
 # Names for configs (train.loss). Each takes (student, teacher, mask, *, temperature, num_tokens).

@@ -1,0 +1,296 @@
+"""distill.losses against a plain float64 reference written here: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill import losses as L
+
+SHAPE = (3, 47, 123)  # odd on purpose
+
+
+# --- independent reference: probabilities in float64, formulas as written in papers -----------
+
+
+def ref_probs(logits, temperature):
+    return torch.softmax(logits.double() / temperature, -1)
+
+
+def ref_kl(p, q):
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def ref_rows(name, p, q, beta=0.5, alpha=0.1):
+    """p: teacher probs, q: student probs, (N, V) float64 -> per-position divergence (N,)."""
+    if name == "forward_kl":
+        return ref_kl(p, q)
+    if name == "reverse_kl":
+        return ref_kl(q, p)
+    if name == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
+    if name == "skew_forward_kl":
+        return ref_kl(p, alpha * p + (1 - alpha) * q)
+    if name == "skew_reverse_kl":
+        return ref_kl(q, alpha * q + (1 - alpha) * p)
+    if name == "total_variation":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise KeyError(name)
+
+
+def ref_loss(name, s, t, mask, temperature=1.0, **kw):
+    p, q = ref_probs(t, temperature), ref_probs(s, temperature)
+    per = ref_rows(name, p, q, **kw)  # (B, T)
+    m = mask.double()
+    return (per * m).sum() / m.sum().clamp_min(1) * temperature**2
+
+
+def call(name, s, t, mask, **kw):
+    return L.LOSSES[name](s, t, mask, **kw)
+
+
+def data(dtype=torch.float32, seed=0, shape=SHAPE, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g) * scale).to(dtype).requires_grad_(True)
+    t = (torch.randn(shape, generator=g) * scale).to(dtype)
+    mask = torch.rand(shape[:-1], generator=g) > 0.3
+    return s, t, mask
+
+
+NAMES = list(L.LOSSES)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=1e-3)}
+
+
+def _kwargs(name, beta=0.5, alpha=0.1):
+    return {"beta": beta} if name == "jsd" else {"alpha": alpha} if name.startswith("skew") else {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name", NAMES)
+def test_value_and_gradient_match_reference(name, temperature, dtype):
+    s, t, mask = data(dtype)
+    kw = _kwargs(name)
+    got = call(name, s, t, mask, temperature=temperature, **kw)
+    assert got.dtype == torch.float32
+    (g_got,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_(True)
+    want = ref_loss(name, s64, t, mask, temperature, **kw)
+    (g_want,) = torch.autograd.grad(want, s64)
+    # Values: both sides see the same (possibly bf16-rounded) logits; the math is fp32.
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert g_got.dtype == dtype
+    torch.testing.assert_close(g_got.double(), g_want, **{k: v for k, v in TOL[dtype].items()})
+
+
+@pytest.mark.parametrize("coef", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("name", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_mixture_coefficients(name, coef):
+    s, t, mask = data(seed=1)
+    kw = {"beta": coef} if name == "jsd" else {"alpha": coef}
+    got = call(name, s, t, mask, **kw)
+    want = ref_loss(name, s.detach(), t, mask, **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_jsd_ends_are_refused_with_the_right_names():
+    s, t, mask = data()
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="forward_kl or reverse_kl"):
+            L.generalized_jsd(s, t, mask, beta=beta)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_masked_is_zero_with_zero_gradient(name):
+    s, t, _ = data()
+    mask = torch.zeros(SHAPE[:-1], dtype=torch.bool)
+    got = call(name, s, t, mask, **_kwargs(name))
+    got.backward()
+    assert got.item() == 0.0 and torch.count_nonzero(s.grad) == 0 and not s.grad.isnan().any()
+
+
+def test_empty_input_is_zero():
+    s = torch.zeros((0, 11), requires_grad=True)
+    assert L.forward_kl(s, torch.zeros((0, 11))).item() == 0.0
+
+
+def test_global_token_count_makes_split_batches_add_up():
+    s, t, mask = data(seed=2)
+    whole = L.forward_kl(s, t, mask)
+    n = int(mask.sum())
+    halves = L.forward_kl(s[:1], t[:1], mask[:1], num_tokens=n) + L.forward_kl(s[1:], t[1:], mask[1:], num_tokens=n)
+    torch.testing.assert_close(halves, whole)
+
+
+def test_no_mask_counts_every_position():
+    s, t, _ = data(seed=3)
+    full = torch.ones(SHAPE[:-1], dtype=torch.bool)
+    torch.testing.assert_close(L.reverse_kl(s, t), L.reverse_kl(s, t, full))
+    flat = L.reverse_kl(s.reshape(-1, SHAPE[-1]), t.reshape(-1, SHAPE[-1]))
+    torch.testing.assert_close(flat, L.reverse_kl(s, t))
+
+
+def test_identical_distributions_give_zero():
+    s, _, mask = data()
+    for name in NAMES:
+        assert abs(call(name, s, s.detach(), mask, **_kwargs(name)).item()) < 1e-6, name
+
+
+def test_nan_teacher_is_not_hidden():
+    s, t, mask = data()
+    t[0, 0, 0] = float("nan")
+    mask[0, 0] = True
+    assert torch.isnan(L.forward_kl(s, t, mask))
+
+
+def test_padded_vocab_is_dropped_only_when_asked():
+    s, t, mask = data()
+    padded = torch.cat([s.detach(), torch.full((*SHAPE[:-1], 5), 9.0)], -1)  # 5 junk columns
+    with pytest.raises(ValueError, match="vocab_size=len\\(tokenizer\\)"):
+        L.forward_kl(padded, t, mask)
+    torch.testing.assert_close(L.forward_kl(padded, t, mask, vocab_size=SHAPE[-1]), L.forward_kl(s, t, mask))
+    with pytest.raises(ValueError, match="exceeds"):
+        L.forward_kl(padded, t, mask, vocab_size=SHAPE[-1] + 1)
+
+
+def test_shape_errors_are_explained():
+    s, t, mask = data()
+    with pytest.raises(ValueError, match="leading"):
+        L.forward_kl(s, t[:, :5], None)
+    with pytest.raises(ValueError, match="mask shape"):
+        L.forward_kl(s, t, mask[:, :5])
+
+
+# --- sparse (top-k) teacher -----------------------------------------------------------------
+
+
+def topk(t, k, tail="renormalize"):
+    lp = torch.log_softmax(t.float(), -1)
+    vals, ids = lp.topk(k, -1)
+    return L.TopKTeacher(ids, vals, tail)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_with_k_equal_v_equals_dense(name, tail):
+    s, t, mask = data(seed=4)
+    kw = _kwargs(name)
+    dense = call(name, s, t, mask, **kw)
+    (g_dense,) = torch.autograd.grad(dense, s)
+    sparse = call(name, s, topk(t, SHAPE[-1], tail), mask, **kw)
+    (g_sparse,) = torch.autograd.grad(sparse, s)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sparse_renormalized_matches_reference(temperature):
+    s, t, mask = data(seed=5)
+    k = 8
+    tk = topk(t, k)
+    got = L.forward_kl(s, tk, mask, temperature=temperature)
+    # reference: both distributions restricted to the teacher's top-k ids and renormalised
+    ids = tk.ids
+    p = torch.softmax(torch.gather(t.double(), -1, ids) / temperature, -1)
+    q = torch.softmax(torch.gather(s.detach().double(), -1, ids) / temperature, -1)
+    want = (ref_kl(p, q) * mask).sum() / mask.sum() * temperature**2
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_bucket_matches_reference_and_needs_temperature_one():
+    s, t, mask = data(seed=6)
+    tk = topk(t, 8, "bucket")
+    got = L.reverse_kl(s, tk, mask)
+    pt, ps = torch.softmax(t.double(), -1), torch.softmax(s.detach().double(), -1)
+    pk, qk = torch.gather(pt, -1, tk.ids), torch.gather(ps, -1, tk.ids)
+    p = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
+    q = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    want = (ref_kl(q, p) * mask).sum() / mask.sum()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature=1"):
+        L.reverse_kl(s, tk, mask, temperature=2.0)
+
+
+def test_sparse_accepts_a_tuple_and_checks_ids():
+    s, t, mask = data()
+    tk = topk(t, 5)
+    torch.testing.assert_close(L.forward_kl(s, (tk.ids, tk.logprobs), mask), L.forward_kl(s, tk, mask))
+    with pytest.raises(ValueError, match=">= student vocab"):
+        L.forward_kl(s, L.TopKTeacher(tk.ids + SHAPE[-1], tk.logprobs), mask)
+
+
+# --- chunked over hidden states ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "total_variation"])
+def test_chunked_equals_plain(name, sparse, dtype):
+    g = torch.Generator().manual_seed(7)
+    B, T, H, V = 3, 31, 16, 123
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_(True)
+    teacher = torch.randn(B, T, V, generator=g) * 3
+    mask = torch.rand(B, T, generator=g) > 0.25
+    t_in = topk(teacher, 10) if sparse else teacher
+    kw = {**_kwargs(name), "temperature": 2.0}
+    plain = L.LOSSES[name](hidden @ weight.T, t_in, mask, **kw)
+    gh_p, gw_p = torch.autograd.grad(plain, [hidden, weight])
+    chunked = L.chunked_divergence(L.LOSSES[name], hidden, weight, t_in, mask, chunk_size=7, **kw)
+    gh_c, gw_c = torch.autograd.grad(chunked, [hidden, weight])
+    tol = TOL[dtype]
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh_c.float(), gh_p.float(), **tol)
+    torch.testing.assert_close(gw_c.float(), gw_p.float(), **tol)
+
+
+def test_chunked_with_bias_and_global_count():
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(20, 6, generator=g, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    teacher = torch.randn(20, 11, generator=g)
+    plain = L.forward_kl(hidden @ weight.T + bias, teacher, num_tokens=50)
+    grads_p = torch.autograd.grad(plain, [hidden, weight, bias])
+    chunked = L.chunked_divergence(L.forward_kl, hidden, weight, teacher, lm_head_bias=bias, chunk_size=3, num_tokens=50)
+    grads_c = torch.autograd.grad(chunked, [hidden, weight, bias])
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(grads_c, grads_p, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_all_masked():
+    hidden = torch.randn(4, 5, 6, requires_grad=True)
+    weight = torch.randn(9, 6, requires_grad=True)
+    out = L.chunked_divergence(L.forward_kl, hidden, weight, torch.randn(4, 5, 9), torch.zeros(4, 5, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
+# --- golden values: a fixed seed, recorded once; any change of semantics shows here ----------
+
+GOLDEN = {
+    "forward_kl": 2.8467945,
+    "reverse_kl": 3.2959074,
+    "jsd": 0.63308186,
+    "skew_forward_kl": 2.0747574,
+    "skew_reverse_kl": 2.1629306,
+    "total_variation": 1.7768917,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_values(name):
+    s, t, mask = data(seed=0, shape=(2, 5, 7), scale=2.0)
+    got = call(name, s, t, mask, temperature=2.0, **_kwargs(name)).detach()
+    assert got.item() == pytest.approx(GOLDEN[name], rel=1e-5)
+
+
+def test_cross_entropy_matches_reference():
+    s, _, mask = data(seed=9)
+    labels = torch.randint(0, SHAPE[-1], SHAPE[:-1])
+    got = L.token_cross_entropy(s, labels, mask)
+    lp = torch.log_softmax(s.detach().double(), -1)
+    want = -(torch.gather(lp, -1, labels[..., None])[..., 0] * mask).sum() / mask.sum()
+    torch.testing.assert_close(got.double(), want)
