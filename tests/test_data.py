@@ -91,7 +91,8 @@ def test_chat_template_applied_and_truncated(tiny_teacher_dir):
     p = Prompt("x", [{"role": "user", "content": "hello"}])
     ids = prompt_token_ids(tok, p, system_prompt="be brief")
     text = tok.decode(ids)
-    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    want = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+    assert text == want + "<|im_start|>assistant\n"
     assert prompt_token_ids(tok, p, max_tokens=5) == ids[-5:]
 
 

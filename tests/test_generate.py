@@ -27,7 +27,9 @@ def _lines(path):
 def test_answers_are_cut_at_eos_and_records_complete(teacher, prompts_file, tmp_path):
     model, tok = teacher
     prompts = read_prompts(prompts_file)
-    out = gen.generate_answers(model, tok, prompts, tmp_path / "a.jsonl", GenerateConfig(max_new_tokens=10, batch_size=5))
+    out = gen.generate_answers(
+        model, tok, prompts, tmp_path / "a.jsonl", GenerateConfig(max_new_tokens=10, batch_size=5)
+    )
     assert set(out) == {p.id for p in prompts}
     for rec in out.values():
         ids = rec["token_ids"]

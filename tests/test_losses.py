@@ -119,7 +119,9 @@ def test_global_token_count_makes_split_batches_add_up():
     s, t, mask = data(seed=2)
     whole = L.forward_kl(s, t, mask)
     n = int(mask.sum())
-    halves = L.forward_kl(s[:1], t[:1], mask[:1], num_tokens=n) + L.forward_kl(s[1:], t[1:], mask[1:], num_tokens=n)
+    halves = L.forward_kl(s[:1], t[:1], mask[:1], num_tokens=n) + L.forward_kl(
+        s[1:], t[1:], mask[1:], num_tokens=n
+    )
     torch.testing.assert_close(halves, whole)
 
 
@@ -253,7 +255,9 @@ def test_chunked_with_bias_and_global_count():
     teacher = torch.randn(20, 11, generator=g)
     plain = L.forward_kl(hidden @ weight.T + bias, teacher, num_tokens=50)
     grads_p = torch.autograd.grad(plain, [hidden, weight, bias])
-    chunked = L.chunked_divergence(L.forward_kl, hidden, weight, teacher, lm_head_bias=bias, chunk_size=3, num_tokens=50)
+    chunked = L.chunked_divergence(
+        L.forward_kl, hidden, weight, teacher, lm_head_bias=bias, chunk_size=3, num_tokens=50
+    )
     grads_c = torch.autograd.grad(chunked, [hidden, weight, bias])
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(grads_c, grads_p, strict=True):
@@ -263,7 +267,9 @@ def test_chunked_with_bias_and_global_count():
 def test_chunked_all_masked():
     hidden = torch.randn(4, 5, 6, requires_grad=True)
     weight = torch.randn(9, 6, requires_grad=True)
-    out = L.chunked_divergence(L.forward_kl, hidden, weight, torch.randn(4, 5, 9), torch.zeros(4, 5, dtype=torch.bool))
+    out = L.chunked_divergence(
+        L.forward_kl, hidden, weight, torch.randn(4, 5, 9), torch.zeros(4, 5, dtype=torch.bool)
+    )
     out.backward()
     assert out.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
 

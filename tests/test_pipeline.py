@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_recipe
 from distill import pipeline
 from distill.config import RunConfig, load_config
 

@@ -40,7 +40,9 @@ def _student(teacher):
 def test_loss_goes_down_and_metrics_are_logged(setup, tmp_path):
     teacher, tok, examples = setup
     student = _student(teacher)
-    summary = tr.train(student, LiveTeacher(teacher), examples, _cfg(max_steps=12), tmp_path, pad_id=tok.pad_token_id)
+    summary = tr.train(
+        student, LiveTeacher(teacher), examples, _cfg(max_steps=12), tmp_path, pad_id=tok.pad_token_id
+    )
     assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -63,11 +65,15 @@ def test_kill_and_resume_gives_identical_weights(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr, "distill_loss", killed_in_step_four)
     with pytest.raises(KeyboardInterrupt):
-        tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id)
+        tr.train(
+            _student(teacher), LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id
+        )
     assert tr.latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000002"
     monkeypatch.setattr(tr, "distill_loss", real)
     student_b = _student(teacher)  # a fresh process would start from the initial weights
-    summary = tr.train(student_b, LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id)
+    summary = tr.train(
+        student_b, LiveTeacher(teacher), examples, _cfg(), tmp_path / "b", pad_id=tok.pad_token_id
+    )
     assert summary["steps"] == 6
     for (name, a), (_, b) in zip(student_a.state_dict().items(), student_b.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -77,8 +83,22 @@ def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
     teacher, tok, examples = setup
     big = _student(teacher)
     small = _student(teacher)
-    tr.train(big, LiveTeacher(teacher), examples, _cfg(max_steps=2, batch_size=6, grad_accum=1), tmp_path / "a", pad_id=tok.pad_token_id)
-    tr.train(small, LiveTeacher(teacher), examples, _cfg(max_steps=2, batch_size=3, grad_accum=2), tmp_path / "b", pad_id=tok.pad_token_id)
+    tr.train(
+        big,
+        LiveTeacher(teacher),
+        examples,
+        _cfg(max_steps=2, batch_size=6, grad_accum=1),
+        tmp_path / "a",
+        pad_id=tok.pad_token_id,
+    )
+    tr.train(
+        small,
+        LiveTeacher(teacher),
+        examples,
+        _cfg(max_steps=2, batch_size=3, grad_accum=2),
+        tmp_path / "b",
+        pad_id=tok.pad_token_id,
+    )
     for a, b in zip(big.parameters(), small.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -95,8 +115,12 @@ class _NaNTeacher:
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     teacher, tok, examples = setup
-    with pytest.raises(tr.TrainingError, match=r"non-finite loss at step 5 \(kd=nan.*last good checkpoint: .*step-000004"):
-        tr.train(_student(teacher), _NaNTeacher(teacher, 9), examples, _cfg(), tmp_path, pad_id=tok.pad_token_id)
+    with pytest.raises(
+        tr.TrainingError, match=r"non-finite loss at step 5 \(kd=nan.*last good checkpoint: .*step-000004"
+    ):
+        tr.train(
+            _student(teacher), _NaNTeacher(teacher, 9), examples, _cfg(), tmp_path, pad_id=tok.pad_token_id
+        )
     assert tr.latest_checkpoint(tmp_path / "checkpoints").name == "step-000004"
 
 

@@ -23,6 +23,7 @@ import yaml
 
 OUT = Path(__file__).resolve().parents[1] / "src/distill/prompts/default.jsonl"
 SEED = 1234
+INSTRUCTION = "Summarise this passage from the Python documentation in one sentence:"
 
 
 def chatterbot_prompts(n: int, rng: random.Random) -> list[dict]:
@@ -38,10 +39,13 @@ def chatterbot_prompts(n: int, rng: random.Random) -> list[dict]:
                 continue
             seen.add(first.lower())
             text = first[0].upper() + first[1:]
-            if re.match(r"(?i)(what|who|how|why|when|where|which|do|does|is|are|can)\b", text) and not text.endswith("?"):
+            if re.match(
+                r"(?i)(what|who|how|why|when|where|which|do|does|is|are|can)\b", text
+            ) and not text.endswith("?"):
                 text += "?"
-            out.append({"prompt": text, "source": f"chatterbot-corpus/english/{f.name}",
-                        "license": "BSD-3-Clause"})
+            out.append(
+                {"prompt": text, "source": f"chatterbot-corpus/english/{f.name}", "license": "BSD-3-Clause"}
+            )
     rng.shuffle(out)
     return out[:n]
 
@@ -68,8 +72,14 @@ def maths_prompts(n: int, rng: random.Random) -> list[dict]:
         q, a = str(problem.question), str(problem.answer)
         if len(q) > 120:
             continue
-        out.append({"prompt": q, "reference": a, "source": f"mathematics_dataset/arithmetic/{name}",
-                    "license": "Apache-2.0"})
+        out.append(
+            {
+                "prompt": q,
+                "reference": a,
+                "source": f"mathematics_dataset/arithmetic/{name}",
+                "license": "Apache-2.0",
+            }
+        )
     return out
 
 
@@ -81,10 +91,13 @@ def pydoc_prompts(n: int, rng: random.Random) -> list[dict]:
     out = []
     for k in keys[:n]:
         passage = " ".join(topics[k].split())[:500].rsplit(" ", 1)[0]
-        out.append({
-            "prompt": f"Summarise this passage from the Python documentation in one sentence:\n\n{passage}",
-            "source": f"cpython/pydoc_data.topics[{k!r}]", "license": "PSF-2.0",
-        })
+        out.append(
+            {
+                "prompt": f"{INSTRUCTION}\n\n{passage}",
+                "source": f"cpython/pydoc_data.topics[{k!r}]",
+                "license": "PSF-2.0",
+            }
+        )
     return out
 
 

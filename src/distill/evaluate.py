@@ -114,7 +114,7 @@ def evaluate_model(
     answers: dict[str, dict],
     cfg: EvaluateConfig,
     *,
-    inference_dtype: torch.dtype,
+    speed_dtype: torch.dtype,
     weights_dir: Path | None,
     max_seq_len: int,
 ) -> tuple[dict, list[dict]]:
@@ -124,20 +124,23 @@ def evaluate_model(
     examples = [make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len) for p in scored]
     with progress_bar("prompt") as bar:
         task = bar.add_task(f"eval {name}", total=len(scored) * 2, info="teacher-forced")
-        res: dict = forced_metrics(model.float(), teacher_fp32, examples, pad, cfg.batch_size)
+        model = model.float()  # fidelity and answers in fp32: bf16 greedy answers vary with padding
+        res: dict = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size)
         bar.update(task, advance=len(scored), info="greedy answers")
-        # A copy: ``model`` may be the fp32 teacher the other models are scored against.
-        fast = copy.deepcopy(model).to(inference_dtype)
         outputs = []
         for i in range(0, len(scored), cfg.batch_size):
             chunk = scored[i : i + cfg.batch_size]
-            gens = generate_batch(fast, tok, [prompt_ids[p.id] for p in chunk], max_new_tokens=cfg.max_new_tokens)
+            gens = generate_batch(
+                model, tok, [prompt_ids[p.id] for p in chunk], max_new_tokens=cfg.max_new_tokens
+            )
             for p, g in zip(chunk, gens, strict=True):
                 text = tok.decode(g.token_ids, skip_special_tokens=True)
                 outputs.append({"id": p.id, "model": name, "text": text, "finish_reason": g.finish_reason})
             bar.update(task, advance=len(chunk))
     teacher_text = {p.id: answers[p.id]["text"] for p in scored}
-    res["exact_match"] = sum(o["text"].strip() == teacher_text[o["id"]].strip() for o in outputs) / max(len(outputs), 1)
+    res["exact_match"] = sum(o["text"].strip() == teacher_text[o["id"]].strip() for o in outputs) / max(
+        len(outputs), 1
+    )
     res["rouge_l"] = sum(rouge_l(o["text"], teacher_text[o["id"]]) for o in outputs) / max(len(outputs), 1)
     refs = {p.id: p.reference for p in scored if p.reference}
     res["reference_accuracy"] = (
@@ -146,6 +149,8 @@ def evaluate_model(
     )  # fmt: skip
     res["reference_prompts"] = len(refs)
     ids = [prompt_ids[p.id] for p in scored[:4]]
+    # A copy: ``model`` may be the fp32 teacher the other models are scored against.
+    fast = copy.deepcopy(model).to(speed_dtype)
     console.print(f"[dim]measuring generation speed of {name}...[/dim]")
     res["tokens_per_s_batch1"] = generation_speed(fast, tok, ids, 1, cfg.speed_new_tokens, cfg.speed_repeats)
     res["tokens_per_s_batched"] = generation_speed(

@@ -131,7 +131,10 @@ def generate_answers(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_answers(out_path)
     todo = [p for p in prompts if p.id not in done]
-    encoded = {p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens) for p in todo}
+    encoded = {
+        p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens)
+        for p in todo
+    }
     # Similar lengths in a batch waste less on padding; sorting keeps batching deterministic.
     todo.sort(key=lambda p: (len(encoded[p.id]), p.id))
     with progress_bar("prompt") as bar:

@@ -132,9 +132,7 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.log((-torch.expm1(x)).clamp_min(_TINY))
 
 
-def _support_logprobs(
-    s: Tensor, t: Tensor | TopKTeacher, temperature: float
-) -> tuple[Tensor, Tensor]:
+def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over the same outcomes, ``(M, V)`` or ``(M, k[+1])``."""
     if not isinstance(t, TopKTeacher):
         return F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)

