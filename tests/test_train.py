@@ -107,9 +107,9 @@ class _NaNTeacher:
     def __init__(self, teacher, bad_from_call):
         self.live, self.calls, self.bad = LiveTeacher(teacher), 0, bad_from_call
 
-    def logits(self, batch):
+    def signal(self, batch):
         self.calls += 1
-        out = self.live.logits(batch)
+        out = self.live.signal(batch)
         return out * float("nan") if self.calls >= self.bad else out
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from distill import pipeline
+from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
 from distill.data import DataError
 from distill.models import ModelNotFoundError
@@ -30,7 +31,7 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key, e.g. --set train.lr=1e-4 (repeatable)"),
 ]
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, pipeline.StageError, TrainingError)
+USER_ERRORS = (CacheError, ConfigError, DataError, ModelNotFoundError, pipeline.StageError, TrainingError)
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -72,6 +73,25 @@ def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def shrink(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Make the untrained student by keeping a subset of the teacher's layers -> student_init/."""
     _call(pipeline.shrink, _config(config, set_))
+
+
+@app.command()
+def cache(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verify: Annotated[bool, typer.Option(help="only check every shard against its checksum")] = False,
+) -> None:
+    """Score the training sequences with the teacher once -> teacher_cache/ (resumable)."""
+    cfg = _config(config, set_)
+    if not verify:
+        _call(pipeline.build_teacher_cache, cfg)
+        return
+    problems = _call(pipeline.verify_teacher_cache, cfg)
+    for p in problems:
+        console.print(f"[red]{p}[/red]")
+    if problems:
+        raise typer.Exit(1)
+    console.print("every shard matches its checksum")
 
 
 @app.command()

@@ -97,6 +97,16 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class CacheConfig(_Strict):
+    """Offline teacher signal: the teacher's top-k log-probs stored once, then training without it."""
+
+    use: bool = Field(False, description="train from the cache (teacher never loaded) instead of live logits")
+    k: int = Field(32, ge=1, description="top-k token ids and log-probs kept per position")
+    scoring_temperature: float = Field(1.0, gt=0, description="teacher softmax temperature when scoring")
+    samples_per_shard: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
 class EvaluateConfig(_Strict):
     """Held-out evaluation and speed measurement."""
 
@@ -127,6 +137,7 @@ class RunConfig(_Strict):
     generate: GenerateConfig = GenerateConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
+    cache: CacheConfig = CacheConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
 

@@ -6,6 +6,7 @@ Each stage reads the files earlier stages wrote under ``runs/<name>/`` and write
     split.json       train / held-out ids      (prepare)
     answers.jsonl    teacher answers           (generate)
     student_init/    untrained student         (shrink)
+    teacher_cache/   top-k teacher log-probs   (cache; only when cache.use)
     student/         trained student           (train; checkpoints/ and metrics.jsonl beside it)
     eval.json        teacher vs students       (evaluate; eval_answers.jsonl)
     export/          HF folder + model card    (export)
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import RunConfig, dump_config
 from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, split_prompts
 from distill.evaluate import evaluate_model, results_table
@@ -137,6 +139,40 @@ def training_examples(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[
     return out
 
 
+def _cache_expectations(cfg: RunConfig, tok) -> dict:
+    return {
+        "teacher": cfg.teacher.model,
+        "teacher_weights_hash": weights_hash(resolve_model_dir(cfg.teacher.model)),
+        "tokenizer_hash": tokenizer_hash(tok),
+        "k": cfg.cache.k,
+        "scoring_temperature": cfg.cache.scoring_temperature,
+    }
+
+
+def build_teacher_cache(cfg: RunConfig) -> Path:
+    """Score the training sequences with the teacher once -> teacher_cache/ (resumable)."""
+    run = _setup(cfg)
+    answers = read_answers(_need(run / "answers.jsonl", "generate"))
+    train_p, _ = load_split(cfg)
+    tok = load_tokenizer(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    examples = training_examples(cfg, tok, train_p, answers)
+    model = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    expected = _cache_expectations(cfg, tok)
+    meta = CacheMeta(
+        **expected, vocab_size=len(tok), id_dtype="uint16" if len(tok) <= 65536 else "int32",
+        logprob_dtype="float16", samples_per_shard=cfg.cache.samples_per_shard, num_samples=len(examples),
+    )  # fmt: skip
+    out = build_cache(model, examples, run / "teacher_cache", meta, pad_id=tok.pad_token_id,
+                      batch_size=cfg.cache.batch_size)  # fmt: skip
+    console.print(f"teacher cache for {len(examples)} samples in {out}")
+    return out
+
+
+def verify_teacher_cache(cfg: RunConfig) -> list[str]:
+    """Check every shard of the run's cache against its checksum; returns the problems."""
+    return verify_cache(_need(cfg.run_dir / "teacher_cache", "cache"))
+
+
 def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     """Distil the teacher into student_init -> student/ (checkpoints let a rerun resume)."""
     run = _setup(cfg)
@@ -147,11 +183,15 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     examples = training_examples(cfg, tok, train_p, answers)
     student = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     teacher = None
-    if cfg.train.alpha > 0:
+    if cfg.train.alpha > 0 and cfg.cache.use:
+        cache_dir = _need(run / "teacher_cache", "cache")
+        teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples)
+    elif cfg.train.alpha > 0:
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         teacher = LiveTeacher(load_model(cfg.teacher.model, dtype=tdtype,
                                          trust_remote_code=cfg.teacher.trust_remote_code))  # fmt: skip
-    console.print(f"training on {len(examples)} teacher answers, live teacher logits")
+    source = "cached top-k teacher log-probs" if cfg.cache.use else "live teacher logits"
+    console.print(f"training on {len(examples)} teacher answers, {source}")
     summary = train(student, teacher, examples, cfg.train, run, pad_id=tok.pad_token_id,
                     vocab_size=len(tok), resume=resume)  # fmt: skip
     out = run / "student"
@@ -218,7 +258,10 @@ def export(cfg: RunConfig) -> Path:
 def run_all(cfg: RunConfig, resume: bool = True) -> dict:
     """Every stage in order; returns eval results with the wall time of each stage."""
     timings = {}
-    for name, stage in [("generate", generate), ("shrink", shrink)]:
+    stages = [("generate", generate), ("shrink", shrink)]
+    if cfg.cache.use and cfg.train.alpha > 0:
+        stages.append(("cache", build_teacher_cache))
+    for name, stage in stages:
         t0 = time.perf_counter()
         stage(cfg)
         timings[name] = time.perf_counter() - t0

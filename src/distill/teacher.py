@@ -8,13 +8,15 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.data import Batch
+from distill.losses import TopKTeacher
 
 
 class TeacherSignal(Protocol):
-    """Something that gives teacher logits for a training batch."""
+    """Something that gives the teacher's next-token distribution for a training batch."""
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Teacher next-token logits ``(B, T, V)`` for ``batch.input_ids`` ``(B, T)``."""
+    def signal(self, batch: Batch) -> torch.Tensor | TopKTeacher:
+        """For ``batch.input_ids`` ``(B, T)``: the teacher at the shifted positions 0..T-2,
+        as dense logits ``(B, T-1, V)`` or a top-k ``TopKTeacher`` ``(B, T-1, k)``."""
         ...
 
 
@@ -25,5 +27,6 @@ class LiveTeacher:
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    def signal(self, batch: Batch) -> torch.Tensor:
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.logits[:, :-1]  # (B, T-1, V)

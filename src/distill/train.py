@@ -91,7 +91,7 @@ def distill_loss(
     s = s_logits[:, :-1]  # (B, T-1, V)
     parts = {}
     if cfg.alpha > 0:
-        t = teacher.logits(batch)[:, :-1]  # (B, T-1, V')
+        t = teacher.signal(batch)  # (B, T-1, V') logits or top-k
         parts["kd"] = LOSSES[cfg.loss](
             s, t, mask, temperature=cfg.distill_temperature, num_tokens=num_tokens,
             vocab_size=vocab_size,

@@ -1,0 +1,247 @@
+"""Offline teacher signal: the teacher's top-k log-probs, computed once and stored in shards.
+
+Layout of a cache folder::
+
+    meta.json                 what produced it: teacher, weights and tokenizer hashes, k, ...
+    shard-00000.safetensors   ids (M, k) uint16/int32, logprobs (M, k) float16, tail (M,) float16
+    shard-00000.sha256        checksum of the shard, written before the shard becomes visible
+
+A shard holds a fixed, deterministic group of samples, and its safetensors metadata
+lists them (key, first row, row count). A sample's key is a hash of its token ids,
+so the cache does not depend on the order training visits samples. A shard appears
+under its final name only once written, fsynced and checksummed (atomic rename), so
+a killed ``distill cache`` resumes by skipping the shards that exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from transformers import PreTrainedModel
+
+from distill import __version__
+from distill.data import Batch, collate
+from distill.losses import TopKTeacher
+from distill.progress import progress_bar
+
+Example = tuple[list[int], list[bool]]
+
+
+class CacheError(ValueError):
+    """A cache that does not match the run, or is damaged."""
+
+
+def sample_key(ids: list[int]) -> str:
+    """Content key of one training sequence: a hash of its token ids."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(folder: Path) -> str:
+    """Hash of a model folder's safetensors files (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()[:32]
+
+
+def tokenizer_hash(tok) -> str:
+    """Hash of the vocabulary and special tokens: what decides token ids."""
+    vocab = sorted(tok.get_vocab().items())
+    blob = json.dumps([vocab, tok.all_special_tokens], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What a cache holds and what produced it; compared with the run before training."""
+
+    teacher: str
+    teacher_weights_hash: str
+    tokenizer_hash: str
+    vocab_size: int
+    k: int
+    scoring_temperature: float
+    id_dtype: str
+    logprob_dtype: str
+    samples_per_shard: int
+    num_samples: int
+    version: str = __version__
+
+    def check_against(self, expected: dict) -> None:
+        """Raise ``CacheError`` naming every field that differs from ``expected``."""
+        diffs = [
+            f"{k}: cache has {getattr(self, k)!r}, run needs {v!r}"
+            for k, v in expected.items()
+            if getattr(self, k) != v
+        ]
+        if diffs:
+            raise CacheError("teacher cache does not match this run:\n  " + "\n  ".join(diffs))
+
+
+def _target_rows(example: Example) -> list[int]:
+    """Positions t whose next token t + 1 is a counted (answer) token."""
+    _, mask = example
+    return [t for t in range(len(mask) - 1) if mask[t + 1]]
+
+
+@torch.no_grad()
+def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, temperature: float):
+    """Top-k ids, log-probs and tail log-mass for the counted positions of each example."""
+    b = collate(batch, pad_id)
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits / temperature, -1)
+    out = []
+    for i, ex in enumerate(batch):
+        rows = torch.tensor(_target_rows(ex), dtype=torch.long)
+        lp = logp[i, rows]  # (n, V)
+        vals, ids = lp.topk(k, -1)  # (n, k) each
+        tail = torch.log((-torch.expm1(torch.logsumexp(vals, -1).clamp_max(0))).clamp_min(1e-30))
+        out.append((ids.numpy(), vals.numpy(), tail.numpy()))
+    return out
+
+
+def build_cache(
+    model: PreTrainedModel,
+    examples: list[Example],
+    out_dir: Path,
+    meta: CacheMeta,
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+) -> Path:
+    """Score every example with the teacher and write the shards (resumes; skips done shards)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "meta.json"
+    if meta_path.is_file():
+        old = CacheMeta(**json.loads(meta_path.read_text()))
+        old.check_against({k: v for k, v in meta.__dict__.items() if k != "version"})
+    else:
+        meta_path.write_text(json.dumps(meta.__dict__, indent=1))
+    uniq = {sample_key(ex[0]): ex for ex in examples}
+    keys = sorted(uniq)
+    n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
+    id_np = np.uint16 if meta.id_dtype == "uint16" else np.int32
+    model.eval()
+    with progress_bar("shard") as bar:
+        task = bar.add_task("cache", total=n_shards, info="")
+        for s in range(n_shards):
+            path = out_dir / f"shard-{s:05d}.safetensors"
+            if path.is_file():
+                bar.update(task, advance=1, info="exists")
+                continue
+            group = keys[s * meta.samples_per_shard : (s + 1) * meta.samples_per_shard]
+            ids_l, lp_l, tail_l, index = [], [], [], []
+            start = 0
+            for j in range(0, len(group), batch_size):
+                chunk = group[j : j + batch_size]
+                scored = _score(model, [uniq[c] for c in chunk], pad_id, meta.k, meta.scoring_temperature)
+                for key, (ids, vals, tail) in zip(chunk, scored, strict=True):
+                    ids_l.append(ids.astype(id_np))
+                    lp_l.append(vals.astype(np.float16))
+                    tail_l.append(tail.astype(np.float16))
+                    index.append([key, start, len(ids)])
+                    start += len(ids)
+            _write_shard(path, ids_l, lp_l, tail_l, index, meta.k, id_np)
+            bar.update(task, advance=1, info=f"{start} tokens")
+    return out_dir
+
+
+def _write_shard(path: Path, ids_l, lp_l, tail_l, index, k, id_np) -> None:
+    tensors = {
+        "ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), id_np),
+        "logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float16),
+        "tail": np.concatenate(tail_l) if tail_l else np.zeros((0,), np.float16),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"index": json.dumps(index)})
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    digest = file_sha256(tmp)
+    side = path.with_suffix(".sha256")
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(digest + "\n")
+    os.replace(side_tmp, side)
+    os.replace(tmp, path)  # the shard becomes visible last, complete and checksummed
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def verify_cache(cache_dir: Path) -> list[str]:
+    """Problems found (empty when every shard matches its checksum)."""
+    problems = []
+    for shard in sorted(cache_dir.glob("shard-*.safetensors")):
+        side = shard.with_suffix(".sha256")
+        if not side.is_file():
+            problems.append(f"{shard.name}: checksum file missing")
+        elif file_sha256(shard) != side.read_text().strip():
+            problems.append(f"{shard.name}: checksum mismatch (corrupted); delete it and rerun distill cache")
+    return problems
+
+
+class CachedTeacher:
+    """The teacher signal read from a cache; the teacher model is never loaded."""
+
+    def __init__(self, cache_dir: Path, expected: dict | None = None, examples: list[Example] | None = None):
+        meta_path = cache_dir / "meta.json"
+        if not meta_path.is_file():
+            raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
+        self.meta = CacheMeta(**json.loads(meta_path.read_text()))
+        if expected:
+            self.meta.check_against(expected)
+        problems = verify_cache(cache_dir)
+        if problems:
+            raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for shard in sorted(cache_dir.glob("shard-*.safetensors")):
+            with safe_open(shard, "np") as f:
+                index = json.loads(f.metadata()["index"])
+                ids, lp, tail = f.get_tensor("ids"), f.get_tensor("logprobs"), f.get_tensor("tail")
+            for key, start, n in index:
+                self.rows[key] = (ids[start : start + n], lp[start : start + n], tail[start : start + n])
+        if examples is not None:
+            missing = [ex for ex in examples if sample_key(ex[0]) not in self.rows]
+            if missing:
+                raise CacheError(
+                    f"teacher cache {cache_dir} lacks {len(missing)} of {len(examples)} training samples "
+                    "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
+                )
+
+    def signal(self, batch: Batch) -> TopKTeacher:
+        """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs."""
+        b, t = batch.input_ids.shape
+        k = self.meta.k
+        ids = torch.zeros((b, t - 1, k), dtype=torch.long)
+        lps = torch.full((b, t - 1, k), float("-inf"))
+        mask = batch.answer_mask[:, 1:]
+        for i in range(b):
+            n_tok = int(batch.attention_mask[i].sum())
+            key = sample_key(batch.input_ids[i, :n_tok].tolist())
+            if key not in self.rows:
+                raise CacheError(f"sample {key} is not in the teacher cache; rerun `distill cache`")
+            c_ids, c_lp, _ = self.rows[key]
+            pos = mask[i].nonzero().squeeze(-1)
+            if len(pos) != len(c_ids):
+                raise CacheError(f"sample {key}: cache has {len(c_ids)} rows, batch counts {len(pos)}")
+            ids[i, pos] = torch.from_numpy(c_ids.astype(np.int64))
+            lps[i, pos] = torch.from_numpy(c_lp.astype(np.float32))
+        return TopKTeacher(ids, lps, "renormalize")

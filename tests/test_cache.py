@@ -1,0 +1,165 @@
+"""Offline teacher cache: exact round trip, resume after a kill, checksums, mismatch errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill.cache as C
+from conftest import tiny_recipe
+from distill import pipeline
+from distill.config import load_config
+from distill.data import collate
+
+
+@pytest.fixture()
+def setup(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for i in range(9):
+        n_prompt, n_answer = 2 + i % 3, 3 + (i * 5) % 6
+        ids = torch.randint(3, len(tok), (n_prompt + n_answer,), generator=g).tolist()
+        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    meta = C.CacheMeta(
+        teacher="tiny", teacher_weights_hash=C.weights_hash(tiny_teacher_dir),
+        tokenizer_hash=C.tokenizer_hash(tok), vocab_size=len(tok), k=32, scoring_temperature=1.0,
+        id_dtype="uint16", logprob_dtype="float16", samples_per_shard=4, num_samples=len(examples),
+    )  # fmt: skip
+    return teacher, tok, examples, meta
+
+
+def _expected(meta):
+    return {
+        f: getattr(meta, f) for f in ("teacher_weights_hash", "tokenizer_hash", "k", "scoring_temperature")
+    }
+
+
+def test_round_trip_matches_teacher_topk(setup, tmp_path):
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id, batch_size=3)
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard-*.safetensors")) == [
+        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors",
+    ]  # fmt: skip
+    cached = C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+    batch = collate(examples[:4], tok.pad_token_id)
+    sig = cached.signal(batch)
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1
+        )
+    mask = batch.answer_mask[:, 1:]
+    want_vals, want_ids = logp[mask].topk(32, -1)
+    assert torch.equal(sig.ids[mask], want_ids)
+    torch.testing.assert_close(sig.logprobs[mask], want_vals.half().float(), rtol=0, atol=0)
+    # The stored tail mass is what the top-k leaves out.
+    _, _, tail = cached.rows[C.sample_key(examples[0][0])]
+    row0 = logp[0][mask[0]]
+    want_tail = torch.log1p(-row0.topk(32, -1).values.exp().sum(-1))
+    torch.testing.assert_close(torch.from_numpy(tail.astype(np.float32)), want_tail, rtol=2e-3, atol=2e-3)
+
+
+def test_bytes_per_token_is_compact(setup, tmp_path):
+    teacher, tok, _, meta = setup
+    g = torch.Generator().manual_seed(2)
+    examples = [
+        (torch.randint(3, len(tok), (70,), generator=g).tolist(), [False] * 10 + [True] * 60)
+        for _ in range(8)
+    ]
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    tokens = sum(sum(m[1:]) for _, m in examples)
+    size = sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*.safetensors"))
+    assert size / tokens <= 150  # k = 32: 2-byte ids + 2-byte log-probs + tail, plus headers
+
+
+def test_resume_after_kill_mid_shard_keeps_finished_shards(setup, tmp_path, monkeypatch):
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples, tmp_path / "full", meta, pad_id=tok.pad_token_id, batch_size=2)
+    real, calls = C._score, {"n": 0}
+
+    def killed(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 2 batches a shard: dies inside the second shard
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "_score", killed)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        C.build_cache(teacher, examples, out, meta, pad_id=tok.pad_token_id, batch_size=2)
+    assert [p.name for p in out.glob("shard-*.safetensors")] == ["shard-00000.safetensors"]
+    first = (out / "shard-00000.safetensors").stat()
+    monkeypatch.setattr(C, "_score", real)
+    C.build_cache(teacher, examples, out, meta, pad_id=tok.pad_token_id, batch_size=2)
+    again = (out / "shard-00000.safetensors").stat()
+    assert (first.st_ino, first.st_mtime_ns) == (again.st_ino, again.st_mtime_ns)  # not rewritten
+    for name in ("shard-00000", "shard-00001", "shard-00002"):
+        a = (tmp_path / "full" / f"{name}.safetensors").read_bytes()
+        assert (out / f"{name}.safetensors").read_bytes() == a, name
+    assert C.verify_cache(out) == []
+
+
+def test_corrupted_shard_is_found_and_refused(setup, tmp_path):
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = C.verify_cache(tmp_path / "c")
+    assert len(problems) == 1 and "shard-00001" in problems[0] and "checksum mismatch" in problems[0]
+    with pytest.raises(C.CacheError, match="(?s)damaged.*shard-00001"):
+        C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("k", 16), ("scoring_temperature", 2.0), ("tokenizer_hash", "other"), ("teacher_weights_hash", "x")],
+)
+def test_mismatch_names_the_field(setup, tmp_path, field, value):
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    with pytest.raises(C.CacheError, match=f"{field}: cache has"):
+        C.CachedTeacher(tmp_path / "c", {**_expected(meta), field: value}, examples)
+    with pytest.raises(C.CacheError, match=f"{field}: cache has"):  # also when resuming a build
+        C.build_cache(
+            teacher, examples, tmp_path / "c", dataclasses.replace(meta, **{field: value}), pad_id=0
+        )
+
+
+def test_missing_sample_is_refused(setup, tmp_path):
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples[:5], tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    with pytest.raises(C.CacheError, match="lacks 4 of 9 training samples"):
+        C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+    with pytest.raises(C.CacheError, match="not a teacher cache"):
+        C.CachedTeacher(tmp_path / "nothing")
+
+
+def test_pipeline_trains_from_cache_without_loading_the_teacher(
+    tmp_path, tiny_teacher_dir, prompts_file, monkeypatch
+):
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, cache={"use": True, "k": 8})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    pipeline.build_teacher_cache(cfg)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not be loaded when training from the cache")
+
+    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    pipeline.train_student(cfg)
+    assert (cfg.run_dir / "student" / "model.safetensors").is_file()
+    assert pipeline.verify_teacher_cache(cfg) == []
+    # A run that asks for a different k is refused before training starts.
+    cfg2 = load_config(tmp_path / "r.yaml", ["cache.k=4"])
+    with pytest.raises(C.CacheError, match="k: cache has 8, run needs 4"):
+        pipeline.train_student(cfg2, resume=False)
