@@ -117,8 +117,13 @@ def evaluate_model(
     speed_dtype: torch.dtype,
     weights_dir: Path | None,
     max_seq_len: int,
+    reference_answers: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """All metrics for one model, and its greedy held-out answers."""
+    """All metrics for one model, and its greedy held-out answers.
+
+    ``reference_answers``: the model is the teacher that wrote ``answers``; its answer
+    metrics are computed on those stored answers rather than on a new generation.
+    """
     pad = tok.pad_token_id
     scored = [p for p in heldout if p.id in answers]
     examples = [make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len) for p in scored]
@@ -128,7 +133,13 @@ def evaluate_model(
         res: dict = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size)
         bar.update(task, advance=len(scored), info="greedy answers")
         outputs = []
-        for i in range(0, len(scored), cfg.batch_size):
+        # The teacher's stored answers are the reference: its row scores them as they are
+        # (exact match 1 by definition) instead of re-generating with other batch padding.
+        for p in scored if reference_answers else []:
+            outputs.append({"id": p.id, "model": name, "text": answers[p.id]["text"],
+                            "finish_reason": answers[p.id]["finish_reason"]})  # fmt: skip
+        bar.update(task, advance=len(outputs))
+        for i in range(0, len(scored) if not reference_answers else 0, cfg.batch_size):
             chunk = scored[i : i + cfg.batch_size]
             gens = generate_batch(
                 model, tok, [prompt_ids[p.id] for p in chunk], max_new_tokens=cfg.max_new_tokens

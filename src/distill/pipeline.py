@@ -226,7 +226,7 @@ def evaluate(cfg: RunConfig) -> dict:
         res, outs = evaluate_model(
             name, model, teacher, tok, held, ids, answers, cfg.evaluate,
             speed_dtype=DTYPES[cfg.evaluate.speed_dtype], weights_dir=folder,
-            max_seq_len=cfg.train.max_seq_len,
+            max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
         )  # fmt: skip
         results[name], outputs = res, outputs + outs
     t, s, u = results["teacher"], results["student"], results["untrained_student"]
