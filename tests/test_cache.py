@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill.cache as C
-from conftest import tiny_recipe
 from distill import pipeline
 from distill.config import load_config
 from distill.data import collate

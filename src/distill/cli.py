@@ -38,7 +38,7 @@ def _config(config: Path | None, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -47,7 +47,7 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

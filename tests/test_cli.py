@@ -1,0 +1,63 @@
+"""The command line: help, config errors before any work, stages wired to the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from conftest import tiny_recipe
+from typer.testing import CliRunner
+
+from distill.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    out = runner.invoke(app, ["--help"])
+    assert out.exit_code == 0
+    for cmd in ("run", "generate", "shrink", "cache", "train", "evaluate", "export", "show-config"):
+        assert cmd in out.output
+    out = runner.invoke(app, ["train", "--help"])
+    assert out.exit_code == 0 and "--set" in out.output and "--resume" in out.output
+
+
+def test_config_errors_exit_2_before_any_work(tmp_path):
+    out = runner.invoke(app, ["run", "--set", "train.learning_rate=0.1", "--set", f"runs_dir={tmp_path}"])
+    assert out.exit_code == 2
+    assert "train.learning_rate: unknown key" in out.output
+    assert not list(tmp_path.iterdir())  # nothing was started
+    out = runner.invoke(app, ["generate", "--set", "generate.batch_size=zero"])
+    assert out.exit_code == 2 and "generate.batch_size" in out.output
+
+
+def test_show_config_applies_overrides():
+    out = runner.invoke(app, ["show-config", "--set", "student.num_layers=6"])
+    assert out.exit_code == 0
+    assert yaml.safe_load(out.output)["student"]["num_layers"] == 6
+
+
+def test_bad_prompt_file_is_a_clear_error(tmp_path, tiny_teacher_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, bad)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = runner.invoke(app, ["generate", "-c", str(tmp_path / "r.yaml")])
+    assert out.exit_code == 2 and "p.jsonl:2: needs a 'prompt' or a 'messages' field" in out.output
+
+
+def test_stages_one_by_one_then_cache_verify(tmp_path, tiny_teacher_dir, prompts_file):
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, cache={"k": 4})
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    for stage in ("generate", "shrink", "train", "evaluate", "export", "cache"):
+        out = runner.invoke(app, [stage, "-c", str(cfg)])
+        assert out.exit_code == 0, (stage, out.output)
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "eval.json").read_text())["student"]["params"] > 0
+    out = runner.invoke(app, ["cache", "-c", str(cfg), "--verify"])
+    assert out.exit_code == 0 and "every shard matches" in out.output
+    shard = next((run / "teacher_cache").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    out = runner.invoke(app, ["cache", "-c", str(cfg), "--verify"])
+    assert out.exit_code == 1 and "checksum mismatch" in out.output
