@@ -335,23 +335,27 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w = weight.detach().requires_grad_(True)
-        b = None if bias is None else bias.detach().requires_grad_(True)
+        w, b = weight.detach(), None if bias is None else bias.detach()
         for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size].detach().requires_grad_(True)  # (C, H)
+            h = hidden[start : start + chunk_size].detach()  # (C, H)
             t = (
                 TopKTeacher(teacher.ids[start : start + chunk_size],
                             teacher.logprobs[start : start + chunk_size], teacher.tail)
                 if isinstance(teacher, TopKTeacher) else teacher[start : start + chunk_size]
             )  # fmt: skip
+            logits = F.linear(h, w, b).requires_grad_(True)  # (C, V), a leaf: the matmul is not taped
             with torch.enable_grad():
-                logits = F.linear(h, w, b)  # (C, V)
                 part = loss_fn(logits, t, None, num_tokens=num_tokens, **kwargs)
-                grads = torch.autograd.grad(part, [h, w] + ([b] if b is not None else []))
-            grad_h[start : start + chunk_size] = grads[0]
-            grad_w += grads[1]
+                (g,) = torch.autograd.grad(part, [logits])  # (C, V), in the logits' dtype
+            # d/dh = g W, d/dW += g^T h, d/db += sum g; matmuls in the input dtype as in the plain
+            # form's backward, accumulated in fp32 (in place where the dtypes allow).
+            grad_h[start : start + chunk_size] = g @ w
+            if g.dtype == torch.float32:
+                grad_w.addmm_(g.T, h)
+            else:
+                grad_w += g.T @ h
             if grad_b is not None:
-                grad_b += grads[2]
+                grad_b += g.float().sum(0)
             total += part.detach()
         ctx.save_for_backward(grad_h, grad_w, *(grad_b,) if grad_b is not None else ())
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
