@@ -244,4 +244,5 @@ class CachedTeacher:
                 raise CacheError(f"sample {key}: cache has {len(c_ids)} rows, batch counts {len(pos)}")
             ids[i, pos] = torch.from_numpy(c_ids.astype(np.int64))
             lps[i, pos] = torch.from_numpy(c_lp.astype(np.float32))
-        return TopKTeacher(ids, lps, "renormalize")
+        dev = batch.input_ids.device
+        return TopKTeacher(ids.to(dev), lps.to(dev), "renormalize")

@@ -186,6 +186,9 @@ class Batch:
     attention_mask: torch.Tensor
     answer_mask: torch.Tensor
 
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_mask.to(device))
+
     @property
     def num_target_tokens(self) -> int:
         """Positions whose next token is counted by the loss (after the shift by one)."""

@@ -32,7 +32,7 @@ class RateColumn(ProgressColumn):
         return Text(f"{shown} {self.unit}/s", style="progress.data.speed")
 
 
-def progress_bar(unit: str = "it", *extra: ProgressColumn) -> Progress:
+def progress_bar(unit: str = "it", *extra: ProgressColumn, disable: bool = False) -> Progress:
     """A bar showing done/total, percent, rate in ``unit``/s, elapsed and ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -47,4 +47,5 @@ def progress_bar(unit: str = "it", *extra: ProgressColumn) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
+        disable=disable,
     )

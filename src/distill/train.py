@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
@@ -54,29 +55,37 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def micro_batches(examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> list[Batch]:
-    """The ``grad_accum`` micro-batches of optimizer step ``step``.
+def micro_batches(
+    examples: list[Example], step: int, cfg: TrainConfig, pad_id: int, rank: int = 0, world: int = 1
+) -> list[Batch]:
+    """This process's ``grad_accum`` micro-batches of optimizer step ``step``.
 
+    A step draws ``grad_accum`` global micro-batches of ``batch_size * world`` samples;
+    process ``rank`` takes rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each.
     Sample ``i`` of the stream is ``perm(epoch)[i % n]`` with a per-epoch seeded
-    permutation, so the batches depend only on (seed, step): resume is exact.
+    permutation, so the batches depend only on (seed, step, world): resume is exact,
+    and one process with ``batch_size * world`` sees the same samples as ``world``.
     """
     n = len(examples)
-    per_step = cfg.batch_size * cfg.grad_accum
+    global_bs = cfg.batch_size * world
+    per_step = global_bs * cfg.grad_accum
+    perms: dict[int, list[int]] = {}
     out = []
     for m in range(cfg.grad_accum):
         rows = []
-        for j in range(cfg.batch_size):
-            i = step * per_step + m * cfg.batch_size + j
+        for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size):
+            i = step * per_step + m * global_bs + j
             epoch, k = divmod(i, n)
-            perm = list(range(n))
-            random.Random(cfg.seed * 7919 + epoch).shuffle(perm)
-            rows.append(examples[perm[k]])
+            if epoch not in perms:
+                perms[epoch] = list(range(n))
+                random.Random(cfg.seed * 7919 + epoch).shuffle(perms[epoch])
+            rows.append(examples[perms[epoch][k]])
         out.append(collate(rows, pad_id))
     return out
 
 
 def distill_loss(
-    student: PreTrainedModel,
+    student: torch.nn.Module,
     teacher: TeacherSignal,
     batch: Batch,
     cfg: TrainConfig,
@@ -84,7 +93,8 @@ def distill_loss(
     vocab_size: int | None = None,
 ) -> StepLoss:
     """alpha * KD(teacher || student) + (1 - alpha) * CE(teacher tokens) on answer positions."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    device = batch.input_ids.device.type
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with autocast:
         s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     mask = batch.answer_mask[:, 1:]  # position t predicts token t + 1
@@ -165,8 +175,14 @@ def train(
     pad_id: int,
     vocab_size: int | None = None,
     resume: bool = True,
+    accelerator: Accelerator | None = None,
 ) -> dict:
     """Train ``student`` in place; checkpoints and ``metrics.jsonl`` go under ``out_dir``.
+
+    Runs as one process, or as several under ``accelerate launch`` / ``torchrun`` (DDP):
+    every process takes its share of each step's micro-batches, the loss is divided by
+    the step's *global* count of target tokens and multiplied by the number of processes
+    (DDP averages gradients), so N processes equal one with the same global batch.
 
     Returns a summary: steps, tokens, wall seconds, first and last loss.
     """
@@ -174,6 +190,8 @@ def train(
         raise TrainingError("no training examples: did the teacher answer any training prompt?")
     if cfg.loss not in LOSSES:
         raise TrainingError(f"train.loss={cfg.loss!r} is not one of {sorted(LOSSES)}")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -188,49 +206,59 @@ def train(
     last = latest_checkpoint(ckpt_dir) if resume else None
     if last is not None:
         step = load_checkpoint(last, student, opt)
-        console.print(f"resuming from {last} (step {step})")
+        if main:
+            console.print(f"resuming from {last} (step {step})")
+    model, opt = acc.prepare(student, opt)
     metrics_path = out_dir / "metrics.jsonl"
-    if step == 0 and metrics_path.exists():
+    if step == 0 and metrics_path.exists() and main:
         metrics_path.unlink()
     history: list[dict] = []
     t_start, tokens = time.perf_counter(), 0
-    with progress_bar("step") as bar:
+    with progress_bar("step", disable=not main) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batches = micro_batches(examples, step, cfg, pad_id)
-            n_tok = sum(b.num_target_tokens for b in batches)
-            kd = ce = total = 0.0
-            for batch in batches:
-                part = distill_loss(student, teacher, batch, cfg, n_tok, vocab_size)
-                if not torch.isfinite(part.loss):
-                    kept = latest_checkpoint(ckpt_dir)
-                    raise TrainingError(
-                        f"non-finite loss at step {step + 1} (kd={part.kd}, ce={part.ce}); "
-                        f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
-                    )
-                part.loss.backward()
-                kd, ce, total = kd + part.kd, ce + part.ce, total + float(part.loss.detach())
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf"))
-            )
+            batches = [b.to(acc.device) for b in micro_batches(examples, step, cfg, pad_id, rank, world)]
+            n_local = sum(b.num_target_tokens for b in batches)
+            n_tok = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if world > 1 else n_local
+            parts = torch.zeros(3, dtype=torch.float64)  # loss, kd, ce of this process
+            for i, batch in enumerate(batches):
+                # Gradients are all-reduced once, on the step's last micro-batch.
+                sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
+                with sync:
+                    part = distill_loss(model, teacher, batch, cfg, n_tok, vocab_size)
+                    if not torch.isfinite(part.loss):
+                        kept = latest_checkpoint(ckpt_dir)
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1} (kd={part.kd}, ce={part.ce}); "
+                            f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
+                        )
+                    acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
+                parts += torch.tensor([float(part.loss.detach()), part.kd, part.ce], dtype=torch.float64)
+            if world > 1:
+                parts = acc.reduce(parts.to(acc.device), "sum").cpu()
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            tokens += sum(int(b.attention_mask.sum()) for b in batches)
-            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": lr,
-                   "grad_norm": grad_norm, "target_tokens": n_tok,
-                   "tokens_per_s": sum(int(b.attention_mask.sum()) for b in batches) / dt}  # fmt: skip
+            step_tokens = sum(int(b.attention_mask.sum()) for b in batches) * world
+            tokens += step_tokens
+            total, kd, ce = parts.tolist()
+            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": lr, "grad_norm": grad_norm,
+                   "target_tokens": n_tok, "tokens_per_s": step_tokens / dt}  # fmt: skip
             history.append(rec)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(ckpt_dir, step, student, opt, cfg.keep_checkpoints)
+                if main:
+                    save_checkpoint(ckpt_dir, step, acc.unwrap_model(model), opt, cfg.keep_checkpoints)
+                acc.wait_for_everyone()
     student.eval()
     return {
         "steps": step,

@@ -1,0 +1,43 @@
+"""Trains the tiny student; run directly (1 process) or under torch.distributed.run (DDP).
+
+python tests/ddp_worker.py TEACHER_DIR OUT.safetensors BATCH_SIZE GRAD_ACCUM
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from distill.config import TrainConfig
+from distill.models import shrink_layers
+from distill.teacher import LiveTeacher
+from distill.train import train
+
+
+def main(teacher_dir: str, out: str, batch_size: int, grad_accum: int) -> None:
+    torch.set_num_threads(1)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = shrink_layers(teacher, [0, 3])
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(12):
+        n_prompt, n_answer = 3 + i % 4, 4 + (i * 3) % 7
+        ids = torch.randint(3, teacher.config.vocab_size, (n_prompt + n_answer,), generator=g).tolist()
+        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    cfg = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1, lr=5e-3,
+                      checkpoint_every=100, bf16=False)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        train(student, LiveTeacher(teacher), examples, cfg, Path(tmp), pad_id=0)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file({k: v.contiguous().clone() for k, v in student.state_dict().items()}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
