@@ -65,3 +65,22 @@ def test_export_loads_in_plain_transformers_with_equal_logits(tiny_cfg):
 def test_stage_without_its_input_names_the_missing_stage(tiny_cfg):
     with pytest.raises(pipeline.StageError, match="distill shrink"):
         pipeline.train_student(tiny_cfg)
+
+
+def test_lora_trains_adapters_and_export_is_merged(tmp_path, tiny_teacher_dir, prompts_file):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_recipe
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, train={"lora": lora})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.run_all(cfg)
+    run = cfg.run_dir
+    init = load_file(run / "student_init" / "model.safetensors")
+    exported = load_file(run / "export" / "model.safetensors")
+    assert init.keys() == exported.keys()  # no adapter tensors left: merged into plain weights
+    changed = {k for k in init if not torch.equal(init[k], exported[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+    assert "model.layers.0.self_attn.q_proj.weight" in changed

@@ -76,6 +76,18 @@ class StudentConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Train low-rank adapters (PEFT LoRA) instead of every weight; merged into the student on save."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names that get adapters",
+    )
+
+
 class TrainConfig(_Strict):
     """The training recipe: loss = alpha * KD + (1 - alpha) * CE on teacher tokens."""
 
@@ -91,6 +103,8 @@ class TrainConfig(_Strict):
     max_seq_len: int = Field(384, ge=8)
     grad_clip: float | None = Field(1.0, gt=0)
     bf16: bool = Field(True, description="bf16 autocast for forward passes (fp32 master weights)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of full weights")
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
-from distill.config import RunConfig, dump_config
+from distill.config import LoraConfig, RunConfig, dump_config
 from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, split_prompts
 from distill.evaluate import evaluate_model, results_table
 from distill.export import export_student
@@ -191,18 +192,45 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         teacher = LiveTeacher(load_model(cfg.teacher.model, dtype=tdtype,
                                          trust_remote_code=cfg.teacher.trust_remote_code))  # fmt: skip
     source = "cached top-k teacher log-probs" if cfg.cache.use else "live teacher logits"
-    console.print(f"training on {len(examples)} teacher answers, {source}")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.is_main_process:
+        console.print(
+            f"training on {len(examples)} teacher answers, {source}, {acc.num_processes} process(es)"
+        )
+    if teacher is not None and isinstance(teacher, LiveTeacher):
+        teacher.model.to(acc.device)
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+    if cfg.train.lora:
+        student = add_lora(student, cfg.train.lora)
     summary = train(student, teacher, examples, cfg.train, run, pad_id=tok.pad_token_id,
-                    vocab_size=len(tok), resume=resume)  # fmt: skip
+                    vocab_size=len(tok), resume=resume, accelerator=acc)  # fmt: skip
     out = run / "student"
-    tmp = run / "student.tmp"
-    student.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
+    if acc.is_main_process:
+        if cfg.train.lora:
+            student = student.merge_and_unload()  # a plain model: the export needs no peft
+        student.config.use_cache = True
+        tmp = run / "student.tmp"
+        student.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
+    acc.wait_for_everyone()
     return out
+
+
+def add_lora(student, lora: LoraConfig):
+    """Wrap ``student`` with PEFT LoRA adapters; only the adapters train."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise StageError("train.lora needs the peft package: pip install 'distill[lora]'") from exc
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    return peft.get_peft_model(student, config)
 
 
 def evaluate(cfg: RunConfig) -> dict:

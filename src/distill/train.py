@@ -196,8 +196,9 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
     student.train()
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
         lr=cfg.lr, betas=(0.9, 0.95),
