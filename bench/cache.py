@@ -46,8 +46,9 @@ def train_child(name: str, steps: int, use_cache: bool) -> None:
     wall = time.perf_counter() - t0
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens_per_s": summary["tokens"] / summary["seconds"], "peak_rss_bytes": peak,
-                      "train_seconds": summary["seconds"], "stage_seconds": wall, "tokens": summary["tokens"]}))  # fmt: skip
+    out = {"tokens_per_s": summary["tokens"] / summary["seconds"], "peak_rss_bytes": peak}
+    out.update(train_seconds=summary["seconds"], stage_seconds=wall, tokens=summary["tokens"])
+    print(json.dumps(out))
 
 
 def heldout_kl(run: Path, cfg) -> float:
@@ -64,7 +65,10 @@ def heldout_kl(run: Path, cfg) -> float:
     answers = read_answers(run / "answers.jsonl")
     tok = load_tokenizer(cfg.teacher.model)
     teacher = load_model(cfg.teacher.model)
-    ex = [make_example(prompt_token_ids(tok, p), answers[p.id]["token_ids"], cfg.train.max_seq_len) for p in held]
+    ex = [
+        make_example(prompt_token_ids(tok, p), answers[p.id]["token_ids"], cfg.train.max_seq_len)
+        for p in held
+    ]
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
     return forced_metrics(student, teacher, ex, tok.pad_token_id, 8)["kl"]
 
@@ -127,9 +131,16 @@ def main() -> None:
         "cache_vs_live_tokens_per_s_ratio": topk["tokens_per_s"] / live["tokens_per_s"],
         "cache_vs_live_peak_rss_ratio": topk["peak_rss_bytes"] / live["peak_rss_bytes"],
         "cache_vs_dense_heldout_kl_rel_diff": (topk["heldout_kl"] - live["heldout_kl"]) / live["heldout_kl"],
-        "raw": {"live": live, "cache": topk, "cache_build_seconds": cache_seconds, "cached_tokens": rows,
-                "shard_bytes": shard_bytes, "k": meta["k"], "id_dtype": meta["id_dtype"],
-                "train_steps": args.steps},  # fmt: skip
+        "raw": {
+            "live": live,
+            "cache": topk,
+            "cache_build_seconds": cache_seconds,
+            "cached_tokens": rows,
+            "shard_bytes": shard_bytes,
+            "k": meta["k"],
+            "id_dtype": meta["id_dtype"],
+            "train_steps": args.steps,
+        },  # fmt: skip
         "command": f"python bench/cache.py --steps {args.steps}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill.cache as C
 from distill import pipeline
 from distill.config import load_config
 from distill.data import collate
+
+from conftest import tiny_recipe
 
 
 @pytest.fixture()

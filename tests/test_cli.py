@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import yaml
-from conftest import tiny_recipe
 from typer.testing import CliRunner
 
 from distill.cli import app
+
+from conftest import tiny_recipe
 
 runner = CliRunner()
 

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
+
+from conftest import tiny_recipe
 
 
 @pytest.fixture()

@@ -117,14 +117,14 @@ def distill_loss(
 
 
 def save_checkpoint(
-    ckpt_dir: Path, step: int, student: PreTrainedModel, opt: torch.optim.Optimizer, keep: int
+    ckpt_dir: Path, step: int, model_state: dict, opt: torch.optim.Optimizer, keep: int
 ) -> Path:
     """Write ``ckpt_dir/step-XXXXXX`` atomically; keep only the last ``keep`` checkpoints."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     # Tied weights share storage; safetensors wants one copy of each tensor.
     seen: dict[int, str] = {}
     for k in list(state):
@@ -257,8 +257,9 @@ def train(
                     f.write(json.dumps(rec) + "\n")
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                state = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed
                 if main:
-                    save_checkpoint(ckpt_dir, step, acc.unwrap_model(model), opt, cfg.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, step, state, opt, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
     student.eval()
     return {
