@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 _TINY = torch.finfo(torch.float32).tiny
+_V_SLICE = 16384  # vocab rows per slice when accumulating a low-precision LM-head gradient
 
 
 @dataclass(frozen=True)
@@ -358,8 +359,9 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_h[start : start + chunk_size] = g @ w
             if g.dtype == torch.float32:
                 grad_w.addmm_(g.T, h)
-            else:
-                grad_w += g.T @ h
+            else:  # low precision: a (V, H) product in slices, so no full-size temporary
+                for v0 in range(0, g.shape[1], _V_SLICE):
+                    grad_w[v0 : v0 + _V_SLICE] += g[:, v0 : v0 + _V_SLICE].T @ h
             if grad_b is not None:
                 grad_b += g.float().sum(0)
             total += part.detach()
@@ -369,11 +371,12 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        gh = (saved[0] * grad_out).to(ctx.dtypes[0])
-        gw = (saved[1] * grad_out).to(ctx.dtypes[1])
-        gb = (saved[2] * grad_out).to(ctx.dtypes[2]) if len(saved) > 2 else None
-        return gh, gw, gb, None, None, None, None, None
+        # The usual grad_out is 1 (the loss is the graph's root): hand the buffers back as they
+        # are instead of allocating scaled copies of the (V, H) weight gradient.
+        scale = None if float(grad_out) == 1.0 else grad_out
+        grads = [g if scale is None else g * scale for g in ctx.saved_tensors]
+        gh, gw, *gb = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=False))
+        return gh, gw, (gb[0] if gb else None), None, None, None, None, None
 
 
 def chunked_divergence(
