@@ -337,18 +337,18 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, loss_fn, teacher, chunk_size, num_tokens, kwargs):
+    def forward(ctx, hidden, weight, bias, loss_fn, teacher, rows, chunk_size, num_tokens, kwargs):
         grad_h = torch.zeros_like(hidden, dtype=torch.float32)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w, b = weight.detach(), None if bias is None else bias.detach()
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size].detach()  # (C, H)
+        for start in range(0, rows.shape[0], chunk_size):
+            idx = rows[start : start + chunk_size]  # counted positions of this block
+            h = hidden[idx].detach()  # (C, H)
             t = (
-                TopKTeacher(teacher.ids[start : start + chunk_size],
-                            teacher.logprobs[start : start + chunk_size], teacher.tail)
-                if isinstance(teacher, TopKTeacher) else teacher[start : start + chunk_size]
+                TopKTeacher(teacher.ids[idx], teacher.logprobs[idx], teacher.tail)
+                if isinstance(teacher, TopKTeacher) else teacher[idx]
             )  # fmt: skip
             logits = F.linear(h, w, b).requires_grad_(True)  # (C, V), a leaf: the matmul is not taped
             with torch.enable_grad():
@@ -356,7 +356,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 (g,) = torch.autograd.grad(part, [logits])  # (C, V), in the logits' dtype
             # d/dh = g W, d/dW += g^T h, d/db += sum g; matmuls in the input dtype as in the plain
             # form's backward, accumulated in fp32 (in place where the dtypes allow).
-            grad_h[start : start + chunk_size] = g @ w
+            grad_h[idx] = (g @ w).float()
             if g.dtype == torch.float32:
                 grad_w.addmm_(g.T, h)
             else:  # low precision: a (V, H) product in slices, so no full-size temporary
@@ -365,7 +365,9 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.float().sum(0)
             total += part.detach()
-        ctx.save_for_backward(grad_h, grad_w, *(grad_b,) if grad_b is not None else ())
+        # Kept on ctx, not save_for_backward: backward hands these buffers over and drops its own
+        # reference, so autograd can take them as .grad without cloning a (V, H) tensor.
+        ctx.grads = [grad_h, grad_w] + ([grad_b] if grad_b is not None else [])
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
@@ -374,9 +376,10 @@ class _ChunkedLoss(torch.autograd.Function):
         # The usual grad_out is 1 (the loss is the graph's root): hand the buffers back as they
         # are instead of allocating scaled copies of the (V, H) weight gradient.
         scale = None if float(grad_out) == 1.0 else grad_out
-        grads = [g if scale is None else g * scale for g in ctx.saved_tensors]
+        saved, ctx.grads = ctx.grads, None
+        grads = [g if scale is None else g * scale for g in saved]
         gh, gw, *gb = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=False))
-        return gh, gw, (gb[0] if gb else None), None, None, None, None, None
+        return gh, gw, (gb[0] if gb else None), None, None, None, None, None, None
 
 
 def chunked_divergence(
@@ -411,17 +414,21 @@ def chunked_divergence(
         gradients with respect to ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
     """
     teacher = as_teacher(teacher_logits)
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    keep = None if mask is None else mask.reshape(-1).to(torch.bool)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view
     if isinstance(teacher, TopKTeacher):
-        t = teacher.rows(keep)
+        k = teacher.ids.shape[-1]
+        t = TopKTeacher(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k), teacher.tail)
     else:
-        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        t = t[keep] if keep is not None else t
-    h = flat_h[keep] if keep is not None else flat_h  # (M, H)
-    count = h.shape[0] if num_tokens is None else num_tokens
+        t = teacher.reshape(-1, teacher.shape[-1])  # (N, V'), a view: rows are picked per block
+    if mask is None:
+        rows = torch.arange(flat_h.shape[0], device=flat_h.device)
+    else:
+        rows = mask.reshape(-1).nonzero().squeeze(-1)  # (M,) counted positions
+    count = rows.shape[0] if num_tokens is None else num_tokens
     chunk_size = chunk_size or max(1, (1 << 24) // lm_head_weight.shape[0])
-    return _ChunkedLoss.apply(h, lm_head_weight, lm_head_bias, loss_fn, t, chunk_size, count, kwargs)
+    return _ChunkedLoss.apply(
+        flat_h, lm_head_weight, lm_head_bias, loss_fn, t, rows, chunk_size, count, kwargs
+    )
 
 
 # Names for configs (train.loss). Each takes (student, teacher, mask, *, temperature, num_tokens).
