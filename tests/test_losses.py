@@ -301,3 +301,20 @@ def test_cross_entropy_matches_reference():
     lp = torch.log_softmax(s.detach().double(), -1)
     want = -(torch.gather(lp, -1, labels[..., None])[..., 0] * mask).sum() / mask.sum()
     torch.testing.assert_close(got.double(), want)
+
+
+def test_sparse_bucket_uses_the_recorded_tail_mass():
+    s, t, mask = data(seed=10)
+    tk = topk(t, 8, "bucket")
+    tail = torch.log1p(-tk.logprobs.double().exp().sum(-1)).float()  # (B, T)
+    with_tail = L.TopKTeacher(tk.ids, tk.logprobs, "bucket", tail)
+    torch.testing.assert_close(L.forward_kl(s, with_tail, mask), L.forward_kl(s, tk, mask))
+    wrong = L.TopKTeacher(tk.ids, tk.logprobs, "bucket", tail - 1.0)
+    assert not torch.isclose(L.forward_kl(s, wrong, mask), L.forward_kl(s, tk, mask))
+    # chunked picks the recorded tail per block too
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(*SHAPE[:-1], 16, generator=g, requires_grad=True)
+    weight = torch.randn(SHAPE[-1], 16, generator=g)
+    plain = L.forward_kl(hidden @ weight.T, with_tail, mask)
+    chunked = L.chunked_divergence(L.forward_kl, hidden, weight, with_tail, mask, chunk_size=5)
+    torch.testing.assert_close(chunked, plain)

@@ -201,7 +201,14 @@ def verify_cache(cache_dir: Path) -> list[str]:
 class CachedTeacher:
     """The teacher signal read from a cache; the teacher model is never loaded."""
 
-    def __init__(self, cache_dir: Path, expected: dict | None = None, examples: list[Example] | None = None):
+    def __init__(
+        self,
+        cache_dir: Path,
+        expected: dict | None = None,
+        examples: list[Example] | None = None,
+        tail: str = "bucket",
+    ):
+        self.tail = tail
         meta_path = cache_dir / "meta.json"
         if not meta_path.is_file():
             raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
@@ -227,22 +234,28 @@ class CachedTeacher:
                 )
 
     def signal(self, batch: Batch) -> TopKTeacher:
-        """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs."""
+        """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs.
+
+        With ``tail="bucket"`` the losses give the mass outside the k ids its own outcome on
+        both sides, so a student is also pulled to keep little mass where the teacher has little.
+        """
         b, t = batch.input_ids.shape
         k = self.meta.k
         ids = torch.zeros((b, t - 1, k), dtype=torch.long)
         lps = torch.full((b, t - 1, k), float("-inf"))
+        tails = torch.zeros((b, t - 1))
         mask = batch.answer_mask[:, 1:]
         for i in range(b):
             n_tok = int(batch.attention_mask[i].sum())
             key = sample_key(batch.input_ids[i, :n_tok].tolist())
             if key not in self.rows:
                 raise CacheError(f"sample {key} is not in the teacher cache; rerun `distill cache`")
-            c_ids, c_lp, _ = self.rows[key]
+            c_ids, c_lp, c_tail = self.rows[key]
             pos = mask[i].nonzero().squeeze(-1)
             if len(pos) != len(c_ids):
                 raise CacheError(f"sample {key}: cache has {len(c_ids)} rows, batch counts {len(pos)}")
             ids[i, pos] = torch.from_numpy(c_ids.astype(np.int64))
             lps[i, pos] = torch.from_numpy(c_lp.astype(np.float32))
+            tails[i, pos] = torch.from_numpy(c_tail.astype(np.float32))
         dev = batch.input_ids.device
-        return TopKTeacher(ids.to(dev), lps.to(dev), "renormalize")
+        return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev))

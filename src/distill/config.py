@@ -119,6 +119,11 @@ class CacheConfig(_Strict):
     scoring_temperature: float = Field(1.0, gt=0, description="teacher softmax temperature when scoring")
     samples_per_shard: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket",
+        description="mass outside the top-k: one extra outcome on both sides (bucket; needs "
+        "train.distill_temperature=1), or dropped and the k renormalised",
+    )
 
 
 class EvaluateConfig(_Strict):

@@ -59,6 +59,7 @@ class TopKTeacher:
     ids: Tensor
     logprobs: Tensor
     tail: Literal["renormalize", "bucket"] = "renormalize"
+    tail_logprob: Tensor | None = None  # (...,) log of the mass outside the k ids, if recorded
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape:
@@ -70,9 +71,16 @@ class TopKTeacher:
         """Flattened to ``(M, k)``, keeping the positions where ``keep`` (flat bool) is True."""
         ids = self.ids.reshape(-1, self.ids.shape[-1])
         lp = self.logprobs.reshape(-1, self.ids.shape[-1])
+        tail_lp = None if self.tail_logprob is None else self.tail_logprob.reshape(-1)
         if keep is not None:
             ids, lp = ids[keep], lp[keep]
-        return TopKTeacher(ids, lp, self.tail)
+            tail_lp = None if tail_lp is None else tail_lp[keep]
+        return TopKTeacher(ids, lp, self.tail, tail_lp)
+
+    def take(self, rows: Tensor) -> TopKTeacher:
+        """The flat ``(M, k)`` signal's rows ``rows``."""
+        tail_lp = None if self.tail_logprob is None else self.tail_logprob[rows]
+        return TopKTeacher(self.ids[rows], self.logprobs[rows], self.tail, tail_lp)
 
 
 TeacherInput = Tensor | TopKTeacher | tuple[Tensor, Tensor]
@@ -154,7 +162,10 @@ def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) ->
         )
     s_k = torch.gather(F.log_softmax(s.float(), -1), -1, ids)  # (M, k)
     s_tail = _log1mexp(torch.logsumexp(s_k, -1, keepdim=True).clamp_max(0))
-    t_tail = _log1mexp(torch.logsumexp(lp, -1, keepdim=True).clamp_max(0))
+    if t.tail_logprob is not None:  # recorded before the k log-probs were rounded
+        t_tail = t.tail_logprob.float().unsqueeze(-1)
+    else:
+        t_tail = _log1mexp(torch.logsumexp(lp, -1, keepdim=True).clamp_max(0))
     return torch.cat([s_k, s_tail], -1), torch.cat([lp, t_tail], -1)
 
 
@@ -346,10 +357,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]  # counted positions of this block
             h = hidden[idx].detach()  # (C, H)
-            t = (
-                TopKTeacher(teacher.ids[idx], teacher.logprobs[idx], teacher.tail)
-                if isinstance(teacher, TopKTeacher) else teacher[idx]
-            )  # fmt: skip
+            t = teacher.take(idx) if isinstance(teacher, TopKTeacher) else teacher[idx]
             logits = F.linear(h, w, b).requires_grad_(True)  # (C, V), a leaf: the matmul is not taped
             with torch.enable_grad():
                 part = loss_fn(logits, t, None, num_tokens=num_tokens, **kwargs)
@@ -416,8 +424,7 @@ def chunked_divergence(
     teacher = as_teacher(teacher_logits)
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view
     if isinstance(teacher, TopKTeacher):
-        k = teacher.ids.shape[-1]
-        t = TopKTeacher(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k), teacher.tail)
+        t = teacher.rows(None)
     else:
         t = teacher.reshape(-1, teacher.shape[-1])  # (N, V'), a view: rows are picked per block
     if mask is None:

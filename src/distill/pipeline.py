@@ -186,7 +186,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     teacher = None
     if cfg.train.alpha > 0 and cfg.cache.use:
         cache_dir = _need(run / "teacher_cache", "cache")
-        teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples)
+        teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples, tail=cfg.cache.tail)
     elif cfg.train.alpha > 0:
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         teacher = LiveTeacher(load_model(cfg.teacher.model, dtype=tdtype,
