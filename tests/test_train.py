@@ -137,3 +137,34 @@ def test_unknown_loss_and_empty_data(setup, tmp_path):
         tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(loss="kl"), tmp_path, pad_id=0)
     with pytest.raises(tr.TrainingError, match="no training examples"):
         tr.train(_student(teacher), LiveTeacher(teacher), [], _cfg(), tmp_path, pad_id=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunked_loss_path_equals_plain(setup, alpha, sparse):
+    teacher, tok, examples = setup
+    batch = tr.collate(examples[:4], tok.pad_token_id)
+    live = LiveTeacher(teacher)
+
+    class TopK:  # a sparse teacher signal, as the offline cache gives
+        def signal(self, b):
+            lp = torch.log_softmax(live.signal(b).float(), -1)
+            vals, ids = lp.topk(16, -1)
+            return tr.TopKTeacher(ids, vals, "bucket")
+
+    signal = TopK() if sparse else live
+    n = batch.num_target_tokens
+    results = []
+    for chunked in (False, True):
+        student = _student(teacher)
+        cfg = _cfg(alpha=alpha, chunked_loss=chunked)
+        out = tr.distill_loss(student, signal, batch, cfg, n)
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, g_plain), (chunk, g_chunk) = results
+    torch.testing.assert_close(chunk.loss, plain.loss)
+    assert chunk.kd == pytest.approx(plain.kd, rel=1e-5) and chunk.ce == pytest.approx(plain.ce, rel=1e-5)
+    assert g_plain.keys() == g_chunk.keys() and g_plain
+    for k in g_plain:
+        torch.testing.assert_close(g_chunk[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -77,6 +77,10 @@ class TopKTeacher:
             tail_lp = None if tail_lp is None else tail_lp[keep]
         return TopKTeacher(ids, lp, self.tail, tail_lp)
 
+    def flat(self) -> TopKTeacher:
+        """Flattened to ``(N, k)`` rows."""
+        return self.rows(None)
+
     def take(self, rows: Tensor) -> TopKTeacher:
         """The flat ``(M, k)`` signal's rows ``rows``."""
         tail_lp = None if self.tail_logprob is None else self.tail_logprob[rows]
@@ -357,7 +361,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]  # counted positions of this block
             h = hidden[idx].detach()  # (C, H)
-            t = teacher.take(idx) if isinstance(teacher, TopKTeacher) else teacher[idx]
+            t = teacher.take(idx) if hasattr(teacher, "take") else teacher[idx]
             logits = F.linear(h, w, b).requires_grad_(True)  # (C, V), a leaf: the matmul is not taped
             with torch.enable_grad():
                 part = loss_fn(logits, t, None, num_tokens=num_tokens, **kwargs)
@@ -408,7 +412,8 @@ def chunked_divergence(
         loss_fn: any divergence of this module (``forward_kl``, ``generalized_jsd``, ...).
         hidden: student final hidden states ``(B, T, H)`` or ``(N, H)``, already shifted.
         lm_head_weight: ``(V, H)``; ``lm_head_bias`` ``(V,)`` if the head has one.
-        teacher_logits: dense ``(B, T, V')`` / ``(N, V')`` logits or a sparse top-k teacher.
+        teacher_logits: dense ``(B, T, V')`` / ``(N, V')`` logits, a sparse top-k teacher, or
+            any target object with ``flat()`` and ``take(rows)`` that ``loss_fn`` understands.
         mask: ``(B, T)`` / ``(N,)`` bool, True where the position counts.
         chunk_size: positions per block; peak memory grows with ``chunk_size * V`` (about a
             dozen fp32 copies of a block live at once). Default: about 2**24 logits a block
@@ -421,12 +426,13 @@ def chunked_divergence(
         The same scalar as ``loss_fn(hidden @ W.T, teacher, mask, ...)``, with the same
         gradients with respect to ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
     """
-    teacher = as_teacher(teacher_logits)
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view
-    if isinstance(teacher, TopKTeacher):
-        t = teacher.rows(None)
+    if hasattr(teacher_logits, "take"):  # TopKTeacher, or any target with flat() / take(rows)
+        t = teacher_logits.flat()
+    elif isinstance(teacher_logits, tuple):
+        t = as_teacher(teacher_logits).flat()
     else:
-        t = teacher.reshape(-1, teacher.shape[-1])  # (N, V'), a view: rows are picked per block
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (N, V'), a view: rows picked per block
     if mask is None:
         rows = torch.arange(flat_h.shape[0], device=flat_h.device)
     else:

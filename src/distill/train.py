@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from distill.config import TrainConfig
 from distill.data import Batch, collate
-from distill.losses import LOSSES, token_cross_entropy
+from distill.losses import LOSSES, TopKTeacher, chunked_divergence, token_cross_entropy
 from distill.progress import console, progress_bar
 from distill.teacher import TeacherSignal
 
@@ -84,6 +84,50 @@ def micro_batches(
     return out
 
 
+@dataclass
+class Targets:
+    """What the student is scored against at each shifted position: the teacher signal
+    (``(B, T-1, V')`` logits or top-k, None when alpha = 0) and the teacher's tokens ``(B, T-1)``."""
+
+    signal: torch.Tensor | TopKTeacher | None
+    labels: torch.Tensor
+
+    def flat(self) -> Targets:
+        s = self.signal
+        s = None if s is None else s.flat() if isinstance(s, TopKTeacher) else s.reshape(-1, s.shape[-1])
+        return Targets(s, self.labels.reshape(-1))
+
+    def take(self, rows: torch.Tensor) -> Targets:
+        s = self.signal
+        return Targets(None if s is None else s.take(rows) if isinstance(s, TopKTeacher) else s[rows],
+                       self.labels[rows])  # fmt: skip
+
+
+def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]):
+    """``loss(logits, targets, mask, *, num_tokens)`` = alpha * KD + (1 - alpha) * CE.
+
+    One function for the plain path (all logits at once) and the chunked path (a block of
+    positions at a time); the parts' values are added to ``parts`` for logging.
+    """
+
+    def loss(logits: torch.Tensor, targets: Targets, mask, *, num_tokens) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        if cfg.alpha > 0:
+            kd = LOSSES[cfg.loss](
+                logits, targets.signal, mask, temperature=cfg.distill_temperature,
+                num_tokens=num_tokens, vocab_size=vocab_size,
+            )  # fmt: skip
+            parts["kd"] += float(kd.detach())
+            total = total + cfg.alpha * kd
+        if cfg.alpha < 1:
+            ce = token_cross_entropy(logits, targets.labels, mask, num_tokens=num_tokens)
+            parts["ce"] += float(ce.detach())
+            total = total + (1 - cfg.alpha) * ce
+        return total
+
+    return loss
+
+
 def distill_loss(
     student: torch.nn.Module,
     teacher: TeacherSignal,
@@ -92,25 +136,29 @@ def distill_loss(
     num_tokens: int,
     vocab_size: int | None = None,
 ) -> StepLoss:
-    """alpha * KD(teacher || student) + (1 - alpha) * CE(teacher tokens) on answer positions."""
+    """alpha * KD(teacher || student) + (1 - alpha) * CE(teacher tokens) on answer positions.
+
+    With ``cfg.chunked_loss`` the student's logits are never built for all positions at once:
+    the loss runs on its final hidden states and LM head block by block (``chunked_divergence``).
+    """
     device = batch.input_ids.device.type
     autocast = torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    with autocast:
-        s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     mask = batch.answer_mask[:, 1:]  # position t predicts token t + 1
-    s = s_logits[:, :-1]  # (B, T-1, V)
-    parts = {}
-    if cfg.alpha > 0:
-        t = teacher.signal(batch)  # (B, T-1, V') logits or top-k
-        parts["kd"] = LOSSES[cfg.loss](
-            s, t, mask, temperature=cfg.distill_temperature, num_tokens=num_tokens,
-            vocab_size=vocab_size,
-        )  # fmt: skip
-    if cfg.alpha < 1:
-        parts["ce"] = token_cross_entropy(s, batch.input_ids[:, 1:], mask, num_tokens=num_tokens)
-    loss = cfg.alpha * parts.get("kd", 0.0) + (1 - cfg.alpha) * parts.get("ce", 0.0)
-    kd, ce = (float(parts[k].detach()) if k in parts else 0.0 for k in ("kd", "ce"))
-    return StepLoss(loss, kd, ce)
+    targets = Targets(teacher.signal(batch) if cfg.alpha > 0 else None, batch.input_ids[:, 1:])
+    parts = {"kd": 0.0, "ce": 0.0}
+    loss_fn = kd_ce_loss(cfg, vocab_size, parts)
+    with autocast:
+        if cfg.chunked_loss:
+            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          logits_to_keep=1, output_hidden_states=True)  # fmt: skip
+            head = getattr(student, "module", student).get_output_embeddings()
+            hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
+            loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask,
+                                      lm_head_bias=head.bias, num_tokens=num_tokens)  # fmt: skip
+        else:
+            logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = loss_fn(logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
+    return StepLoss(loss, parts["kd"], parts["ce"])
 
 
 # --- checkpoints -----------------------------------------------------------------------------
