@@ -105,7 +105,7 @@ class TrainConfig(_Strict):
     bf16: bool = Field(True, description="bf16 autocast for forward passes (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     chunked_loss: bool = Field(
-        False, description="compute the loss from hidden states block by block: no (B, T, V) logits"
+        True, description="compute the loss from hidden states block by block: no (B, T, V) logits"
     )
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of full weights")
     checkpoint_every: int = Field(50, ge=1)
