@@ -136,7 +136,7 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     speed_new_tokens: int = Field(48, ge=1, description="tokens generated per speed measurement")
     speed_batch_size: int = Field(8, ge=1)
-    speed_repeats: int = Field(2, ge=1)
+    speed_repeats: int = Field(3, ge=1)
     speed_dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="dtype the speed is measured in (the one you would deploy)"
     )

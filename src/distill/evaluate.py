@@ -18,7 +18,7 @@ from distill.data import Prompt, collate, make_example
 from distill.generate import generate_batch
 from distill.losses import forward_kl, token_cross_entropy
 from distill.models import count_params
-from distill.progress import console, progress_bar
+from distill.progress import progress_bar
 
 METRICS = [
     "kl", "top1_agreement", "perplexity", "exact_match", "rouge_l", "reference_accuracy",
@@ -85,23 +85,31 @@ def forced_metrics(
     }
 
 
-def generation_speed(
-    model: PreTrainedModel, tok: Tokenizer, prompt_ids: list[list[int]], batch: int,
-    new_tokens: int, repeats: int,
-) -> float:  # fmt: skip
-    """Generated tokens per second at a fixed batch size and exactly ``new_tokens`` each.
+def _timed_generation(model, tok, rows: list[list[int]], new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    generate_batch(model, tok, rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return len(rows) * new_tokens / (time.perf_counter() - t0)
 
-    One untimed warm-up call, then the best of ``repeats`` timed calls (the machine is shared).
+
+def compare_speed(
+    models: dict[str, PreTrainedModel], tok: Tokenizer, prompt_ids: list[list[int]],
+    cfg: EvaluateConfig, dtype: torch.dtype,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Batch-1 and batched generation tokens/s of each model, measured side by side.
+
+    Every round times each model once, in turn, and each keeps its best round: a slow moment
+    of a shared machine then hits all models alike instead of whichever was measured then.
     """
-    rows = (prompt_ids * batch)[:batch]
-    best = 0.0
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        generate_batch(model, tok, rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        dt = time.perf_counter() - t0
-        if r:
-            best = max(best, batch * new_tokens / dt)
-    return best
+    fast = {name: copy.deepcopy(m).to(dtype) for name, m in models.items()}
+    out = {name: {"tokens_per_s_batch1": 0.0, "tokens_per_s_batched": 0.0} for name in fast}
+    for key, batch in (("tokens_per_s_batch1", 1), ("tokens_per_s_batched", cfg.speed_batch_size)):
+        rows = (prompt_ids * batch)[:batch]
+        for m in fast.values():  # warm-up
+            _timed_generation(m, tok, rows, cfg.speed_new_tokens)
+        for _ in range(cfg.speed_repeats):
+            for name, m in fast.items():
+                out[name][key] = max(out[name][key], _timed_generation(m, tok, rows, cfg.speed_new_tokens))
+    return out
 
 
 def evaluate_model(
@@ -114,12 +122,12 @@ def evaluate_model(
     answers: dict[str, dict],
     cfg: EvaluateConfig,
     *,
-    speed_dtype: torch.dtype,
     weights_dir: Path | None,
     max_seq_len: int,
     reference_answers: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """All metrics for one model, and its greedy held-out answers.
+    """Fidelity, answer quality and size of one model, and its greedy held-out answers
+    (speed is measured for all models together by ``compare_speed``).
 
     ``reference_answers``: the model is the teacher that wrote ``answers``; its answer
     metrics are computed on those stored answers rather than on a new generation.
@@ -159,14 +167,6 @@ def evaluate_model(
         if refs else None
     )  # fmt: skip
     res["reference_prompts"] = len(refs)
-    ids = [prompt_ids[p.id] for p in scored[:4]]
-    # A copy: ``model`` may be the fp32 teacher the other models are scored against.
-    fast = copy.deepcopy(model).to(speed_dtype)
-    console.print(f"[dim]measuring generation speed of {name}...[/dim]")
-    res["tokens_per_s_batch1"] = generation_speed(fast, tok, ids, 1, cfg.speed_new_tokens, cfg.speed_repeats)
-    res["tokens_per_s_batched"] = generation_speed(
-        fast, tok, ids, cfg.speed_batch_size, cfg.speed_new_tokens, cfg.speed_repeats
-    )
     res["params"] = count_params(model)
     res["bytes"] = _weights_bytes(weights_dir)
     res["num_layers"] = model.config.num_hidden_layers

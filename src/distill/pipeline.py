@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import LoraConfig, RunConfig, dump_config
 from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, split_prompts
-from distill.evaluate import evaluate_model, results_table
+from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.generate import generate_answers, read_answers
 from distill.models import (
@@ -247,16 +247,20 @@ def evaluate(cfg: RunConfig) -> dict:
         "untrained_student": (None, _need(run / "student_init", "shrink")),
         "student": (None, _need(run / "student", "train")),
     }
-    results, outputs = {}, []
+    results, outputs, models = {}, [], {}
     for name, (model, folder) in candidates.items():
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         res, outs = evaluate_model(
-            name, model, teacher, tok, held, ids, answers, cfg.evaluate,
-            speed_dtype=DTYPES[cfg.evaluate.speed_dtype], weights_dir=folder,
+            name, model, teacher, tok, held, ids, answers, cfg.evaluate, weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
         )  # fmt: skip
-        results[name], outputs = res, outputs + outs
+        results[name], outputs, models[name] = res, outputs + outs, model
+    console.print("[dim]measuring generation speed, the models in turn...[/dim]")
+    speed_prompts = [ids[p.id] for p in held[:4]]
+    speeds = compare_speed(models, tok, speed_prompts, cfg.evaluate, DTYPES[cfg.evaluate.speed_dtype])
+    for name, figures in speeds.items():
+        results[name].update(figures)
     t, s, u = results["teacher"], results["student"], results["untrained_student"]
     results["summary"] = {
         "heldout_prompts": len(held),
