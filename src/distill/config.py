@@ -110,7 +110,6 @@ class TrainConfig(_Strict):
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of full weights")
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
     seed: int = 0
 
 
