@@ -60,20 +60,15 @@ def heldout_kl(run: Path, cfg) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.data import make_example, prompt_token_ids
     from distill.evaluate import forced_metrics
     from distill.generate import read_answers
     from distill.models import load_model, load_tokenizer
-    from distill.pipeline import load_split
+    from distill.pipeline import load_split, training_examples
 
     _, held = load_split(cfg)
-    answers = read_answers(run / "answers.jsonl")
     tok = load_tokenizer(cfg.teacher.model)
     teacher = load_model(cfg.teacher.model)
-    ex = [
-        make_example(prompt_token_ids(tok, p), answers[p.id]["token_ids"], cfg.train.max_seq_len)
-        for p in held
-    ]
+    ex = training_examples(cfg, tok, held, read_answers(run / "answers.jsonl"))  # same encoding as training
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
     return forced_metrics(student, teacher, ex, tok.pad_token_id, 8)["kl"]
 

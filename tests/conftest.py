@@ -93,6 +93,19 @@ def _isolated_cache(tmp_path, monkeypatch):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def random_examples(
+    vocab: int, n: int, seed: int, prompt_len, answer_len
+) -> list[tuple[list[int], list[bool]]]:
+    """``n`` (ids, answer mask) training examples of random tokens; lengths are functions of i."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        n_prompt, n_answer = prompt_len(i), answer_len(i)
+        ids = torch.randint(3, vocab, (n_prompt + n_answer,), generator=g).tolist()
+        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    return examples
+
+
 def tiny_recipe(run_root: Path, teacher: Path, prompts: Path, **sections) -> dict:
     """A recipe dict for the tiny models: a few steps, everything small."""
     recipe = {

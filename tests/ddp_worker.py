@@ -18,17 +18,15 @@ from distill.models import shrink_layers
 from distill.teacher import LiveTeacher
 from distill.train import train
 
+from conftest import random_examples
+
 
 def main(teacher_dir: str, out: str, batch_size: int, grad_accum: int) -> None:
     torch.set_num_threads(1)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = shrink_layers(teacher, [0, 3])
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for i in range(12):
-        n_prompt, n_answer = 3 + i % 4, 4 + (i * 3) % 7
-        ids = torch.randint(3, teacher.config.vocab_size, (n_prompt + n_answer,), generator=g).tolist()
-        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    vocab = teacher.config.vocab_size
+    examples = random_examples(vocab, 12, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
     cfg = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1, lr=5e-3,
                       checkpoint_every=100, bf16=False)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,19 +15,14 @@ from distill import pipeline
 from distill.config import load_config
 from distill.data import collate
 
-from conftest import tiny_recipe
+from conftest import random_examples, tiny_recipe
 
 
 @pytest.fixture()
 def setup(tiny_teacher_dir):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    g = torch.Generator().manual_seed(1)
-    examples = []
-    for i in range(9):
-        n_prompt, n_answer = 2 + i % 3, 3 + (i * 5) % 6
-        ids = torch.randint(3, len(tok), (n_prompt + n_answer,), generator=g).tolist()
-        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    examples = random_examples(len(tok), 9, 1, lambda i: 2 + i % 3, lambda i: 3 + (i * 5) % 6)
     meta = C.CacheMeta(
         teacher="tiny", teacher_weights_hash=C.weights_hash(tiny_teacher_dir),
         tokenizer_hash=C.tokenizer_hash(tok), vocab_size=len(tok), k=32, scoring_temperature=1.0,

@@ -13,17 +13,14 @@ from distill.config import TrainConfig
 from distill.models import shrink_layers
 from distill.teacher import LiveTeacher
 
+from conftest import random_examples
+
 
 @pytest.fixture()
 def setup(tiny_teacher_dir):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for i in range(10):
-        n_prompt, n_answer = 3 + i % 4, 4 + (i * 3) % 7
-        ids = torch.randint(3, len(tok), (n_prompt + n_answer,), generator=g).tolist()
-        examples.append((ids, [False] * n_prompt + [True] * n_answer))
+    examples = random_examples(len(tok), 10, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
     return teacher, tok, examples
 
 

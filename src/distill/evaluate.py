@@ -17,7 +17,7 @@ from distill.config import EvaluateConfig
 from distill.data import Prompt, collate, make_example
 from distill.generate import generate_batch
 from distill.losses import forward_kl, token_cross_entropy
-from distill.models import count_params
+from distill.models import count_params, folder_bytes
 from distill.progress import progress_bar
 
 METRICS = [
@@ -168,15 +168,9 @@ def evaluate_model(
     )  # fmt: skip
     res["reference_prompts"] = len(refs)
     res["params"] = count_params(model)
-    res["bytes"] = _weights_bytes(weights_dir)
+    res["bytes"] = folder_bytes(weights_dir) if weights_dir is not None else None
     res["num_layers"] = model.config.num_hidden_layers
     return res, outputs
-
-
-def _weights_bytes(folder: Path | None) -> int | None:
-    if folder is None:
-        return None
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def results_table(results: dict[str, dict]) -> Table:
