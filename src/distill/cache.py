@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, te
 
 
 def build_cache(
-    model: PreTrainedModel,
+    teacher: PreTrainedModel | Callable[[list[Example]], list[tuple]],
     examples: list[Example],
     out_dir: Path,
     meta: CacheMeta,
@@ -126,7 +127,11 @@ def build_cache(
     pad_id: int,
     batch_size: int = 8,
 ) -> Path:
-    """Score every example with the teacher and write the shards (resumes; skips done shards)."""
+    """Score every example with the teacher and write the shards (resumes; skips done shards).
+
+    ``teacher`` is a model, or a function giving each example's rows ``(ids (n, k),
+    logprobs (n, k), tail log-mass (n,))`` (e.g. log-probs an API returned).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
@@ -138,7 +143,12 @@ def build_cache(
     keys = sorted(uniq)
     n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
     id_np = np.uint16 if meta.id_dtype == "uint16" else np.int32
-    model.eval()
+    if isinstance(teacher, torch.nn.Module):
+        model = teacher.eval()
+
+        def teacher(batch: list[Example]) -> list[tuple]:
+            return _score(model, batch, pad_id, meta.k, meta.scoring_temperature)
+
     with progress_bar("shard") as bar:
         task = bar.add_task("cache", total=n_shards, info="")
         for s in range(n_shards):
@@ -151,7 +161,7 @@ def build_cache(
             start = 0
             for j in range(0, len(group), batch_size):
                 chunk = group[j : j + batch_size]
-                scored = _score(model, [uniq[c] for c in chunk], pad_id, meta.k, meta.scoring_temperature)
+                scored = teacher([uniq[c] for c in chunk])
                 for key, (ids, vals, tail) in zip(chunk, scored, strict=True):
                     ids_l.append(ids.astype(id_np))
                     lp_l.append(vals.astype(np.float16))

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from distill import pipeline
+from distill.api import ApiError
 from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
 from distill.data import DataError
@@ -31,7 +32,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key, e.g. --set train.lr=1e-4 (repeatable)"),
 ]
-USER_ERRORS = (CacheError, ConfigError, DataError, ModelNotFoundError, pipeline.StageError, TrainingError)
+USER_ERRORS = (
+    ApiError,
+    CacheError,
+    ConfigError,
+    DataError,
+    ModelNotFoundError,
+    pipeline.StageError,
+    TrainingError,
+)
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> RunConfig:

@@ -6,12 +6,13 @@ recipe fails before any work starts, with the key path named.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,91 @@ class ModelConfig(_Strict):
         "can change with batch padding, so evaluation compares students with the stored answers)",
     )
     trust_remote_code: bool = False
+
+
+class PriceConfig(_Strict):
+    """What one million tokens cost, in US dollars."""
+
+    prompt: float = Field(0.0, ge=0)
+    completion: float = Field(0.0, ge=0)
+
+
+class ApiConfig(_Strict):
+    """A black-box teacher behind an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama)."""
+
+    base_url: str = Field("http://127.0.0.1:8080/v1", description="the endpoint, up to and including /v1")
+    model: str = Field("default", description="model name the server expects")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the environment variable that holds the key (never the key itself); "
+        "None for servers without keys",
+    )
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: send messages; completions: send the prompt rendered by our chat template"
+    )
+    n: int = Field(1, ge=1, description="answers per prompt (each its own request, seed + sample index)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1)
+    stop: list[str] | None = None
+    top_logprobs: int = Field(0, ge=0, le=20, description="top log-probs per token (0 = text only)")
+    seed: int | None = Field(0, description="sent to servers that accept a seed; sample j gets seed + j")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    requests_per_min: float | None = Field(None, gt=0, description="client-side rate limit")
+    tokens_per_min: float | None = Field(None, gt=0, description="client-side limit on prompt + completion")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each retry, with jitter")
+    max_backoff_s: float = Field(60.0, gt=0)
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=dict, description="per-model prices, USD per 1M tokens; unknown models cost 0"
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _looks_like_a_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(
+                "must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key; "
+                "export the key in that variable"
+            )
+        return v
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: a local model (transformers or llama.cpp), or an OpenAI-compatible API.
+
+    With ``kind: openai`` the ``model`` field names an optional local copy with the same
+    tokenizer (for shrinking a student and for KL in evaluation); set it to null when there is none.
+    """
+
+    kind: Literal["local", "openai"] = "local"
+    model: str | None = "smollm2-135m-instruct"  # type: ignore[assignment]
+    engine: Literal["transformers", "llama_cpp"] = Field(
+        "transformers", description="local generation engine; llama_cpp needs a .gguf model"
+    )
+    api: ApiConfig = ApiConfig()
+
+    @model_validator(mode="after")
+    def _local_needs_model(self) -> TeacherConfig:
+        if self.kind == "local" and not self.model:
+            raise ValueError("teacher.model must be set when teacher.kind is 'local'")
+        return self
+
+
+class FilterConfig(_Strict):
+    """Which teacher answers are kept for training (rejection sampling)."""
+
+    finish_reasons: list[str] | None = Field(
+        None, description="keep only answers that ended so, e.g. [stop]; None keeps all"
+    )
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    dedupe: bool = Field(True, description="drop a second identical answer to the same prompt")
+    verify: Literal["none", "number", "regex"] = Field(
+        "none",
+        description="number: the answer's last number must equal the prompt's reference; "
+        "regex: the answer must match the prompt's reference as a regular expression",
+    )
 
 
 class GenerateConfig(_Strict):
@@ -154,13 +240,24 @@ class RunConfig(_Strict):
     runs_dir: str = "runs"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
     data: DataConfig = DataConfig()
-    teacher: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     cache: CacheConfig = CacheConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _api_needs_a_tokenizer(self) -> RunConfig:
+        if self.teacher.kind == "openai" and not self.teacher.model and self.student.init == "shrink":
+            raise ValueError(
+                "teacher.kind 'openai' with no local teacher.model: set student.init=model and "
+                "student.model (the student's tokenizer encodes the answers), or name a local copy "
+                "of the teacher in teacher.model to shrink from"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

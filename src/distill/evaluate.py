@@ -59,27 +59,29 @@ def matches_reference(answer: str, reference: str) -> bool:
 @torch.no_grad()
 def forced_metrics(
     model: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     examples: list[tuple[list[int], list[bool]]],
     pad_id: int,
     batch_size: int,
-) -> dict[str, float]:
-    """Per-token KL(teacher || model), top-1 agreement and perplexity on teacher answers."""
+) -> dict[str, float | None]:
+    """Per-token KL(teacher || model), top-1 agreement and perplexity on teacher answers
+    (KL and agreement are None without a local teacher)."""
     kl_sum = agree = ce_sum = 0.0
     count = 0
     for i in range(0, len(examples), batch_size):
         b = collate(examples[i : i + batch_size], pad_id)
         s = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
-        t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
         mask = b.answer_mask[:, 1:]
-        kl_sum += float(forward_kl(s, t, mask, num_tokens=1))
+        if teacher is not None:
+            t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+            kl_sum += float(forward_kl(s, t, mask, num_tokens=1))
+            agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
         ce_sum += float(token_cross_entropy(s, b.input_ids[:, 1:], mask, num_tokens=1))
-        agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
         count += int(mask.sum())
     count = max(count, 1)
     return {
-        "kl": kl_sum / count,
-        "top1_agreement": agree / count,
+        "kl": kl_sum / count if teacher is not None else None,
+        "top1_agreement": agree / count if teacher is not None else None,
         "perplexity": math.exp(ce_sum / count),
         "scored_tokens": count,
     }
@@ -114,8 +116,8 @@ def compare_speed(
 
 def evaluate_model(
     name: str,
-    model: PreTrainedModel,
-    teacher_fp32: PreTrainedModel,
+    model: PreTrainedModel | None,
+    teacher_fp32: PreTrainedModel | None,
     tok: Tokenizer,
     heldout: list[Prompt],
     prompt_ids: dict[str, list[int]],
@@ -131,14 +133,17 @@ def evaluate_model(
 
     ``reference_answers``: the model is the teacher that wrote ``answers``; its answer
     metrics are computed on those stored answers rather than on a new generation.
+    ``model`` None (a teacher reached only through an API): those answer metrics alone.
     """
     pad = tok.pad_token_id
     scored = [p for p in heldout if p.id in answers]
     examples = [make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len) for p in scored]
     with progress_bar("prompt") as bar:
         task = bar.add_task(f"eval {name}", total=len(scored) * 2, info="teacher-forced")
-        model = model.float()  # fidelity and answers in fp32: bf16 greedy answers vary with padding
-        res: dict = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size)
+        res: dict = {"kl": None, "top1_agreement": None, "perplexity": None}
+        if model is not None:
+            model = model.float()  # fidelity and answers in fp32: bf16 greedy answers vary with padding
+            res = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size)
         bar.update(task, advance=len(scored), info="greedy answers")
         outputs = []
         # The teacher's stored answers are the reference: its row scores them as they are
@@ -167,9 +172,9 @@ def evaluate_model(
         if refs else None
     )  # fmt: skip
     res["reference_prompts"] = len(refs)
-    res["params"] = count_params(model)
+    res["params"] = count_params(model) if model is not None else None
     res["bytes"] = folder_bytes(weights_dir) if weights_dir is not None else None
-    res["num_layers"] = model.config.num_hidden_layers
+    res["num_layers"] = model.config.num_hidden_layers if model is not None else None
     return res, outputs
 
 

@@ -48,12 +48,17 @@ def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int) -> st
         if cfg.student.init == "shrink"
         else f"initialised from `{cfg.student.model}`"
     )
+    teacher = (
+        f"{cfg.teacher.api.model} (through an OpenAI-compatible API)"
+        if cfg.teacher.kind == "openai"
+        else cfg.teacher.model
+    )
     lines = [
         "---",
         "library_name: transformers",
         "tags: [distillation, distill]",
         "---",
-        f"# {cfg.name}: a student distilled from `{cfg.teacher.model}`",
+        f"# {cfg.name}: a student distilled from `{teacher}`",
         "",
         "Made with [distill](https://github.com/distill). Loads with plain transformers:",
         "",
@@ -64,7 +69,7 @@ def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int) -> st
         "",
         "## Recipe",
         "",
-        f"- Teacher: `{cfg.teacher.model}`",
+        f"- Teacher: `{teacher}`",
         f"- Student: {student}",
         f"- Data: `{cfg.data.path or 'distill embedded default prompts'}`, "
         f"{cfg.data.heldout_size} prompts held out; teacher answers "

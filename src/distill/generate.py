@@ -83,24 +83,31 @@ def generate_batch(
     return gens
 
 
-def read_answers(path: Path) -> dict[str, dict]:
-    """Finished answers by prompt id. A torn last line (a killed write) is cut off the file."""
+def read_log(path: Path) -> list[dict]:
+    """Records of an append-only JSONL log; a torn last line (a killed write) is cut off the file."""
     if not path.is_file():
-        return {}
+        return []
     raw = path.read_bytes()
     good_end = raw.rfind(b"\n") + 1
     if good_end < len(raw):
         with path.open("r+b") as f:
             f.truncate(good_end)
-    answers = {}
+    out = []
     for i, line in enumerate(raw[:good_end].decode().splitlines(), 1):
         if line.strip():
             try:
-                rec = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: corrupt answer record ({exc.msg})") from None
-            answers[rec["id"]] = rec
-    return answers
+                raise ValueError(
+                    f"{path}:{i}: corrupt record ({exc.msg}); delete that line to go on"
+                ) from None
+    return out
+
+
+def read_answers(path: Path) -> dict[str, dict]:
+    """Finished answers by answer key (the prompt id; ``id#j`` for an API run's sample j > 0).
+    A torn last line (a killed write) is cut off the file."""
+    return {rec.get("key", rec["id"]): rec for rec in read_log(path)}
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -111,8 +118,51 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+class LlamaCppEngine:
+    """A GGUF teacher run by llama.cpp (``llama-cpp-python``): one stream, prompt by prompt.
+
+    It takes the prompt token ids of our tokenizer (converted from the same GGUF, so the
+    ids agree) and returns token ids, so its answers have the same form as transformers'.
+    """
+
+    def __init__(self, gguf: Path, stop_ids: list[int], *, n_ctx: int = 2048, threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise ImportError(
+                "teacher.engine=llama_cpp needs llama-cpp-python; `make install` builds it (README: "
+                "'llama.cpp on this CPU' for the build flags)"
+            ) from exc
+        self.stop = set(stop_ids)
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads or torch.get_num_threads(),
+                         verbose=False)  # fmt: skip
+
+    def __call__(
+        self, prompts_ids: list[list[int]], *, max_new_tokens: int, do_sample: bool = False,
+        generation_temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+    ) -> list[Generation]:  # fmt: skip
+        out = []
+        for j, ids in enumerate(prompts_ids):
+            self.llm.set_seed(seed + j)
+            toks: list[int] = []
+            finish = "length"
+            sampler = (
+                dict(temp=generation_temperature, top_p=top_p, top_k=0, min_p=0.0)
+                if do_sample else dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0)
+            )  # fmt: skip
+            for t in self.llm.generate(ids, repeat_penalty=1.0, reset=True, **sampler):
+                toks.append(int(t))
+                if t in self.stop:
+                    finish = "stop"
+                    break
+                if len(toks) >= max_new_tokens:
+                    break
+            out.append(Generation(toks, finish))
+        return out
+
+
 def generate_answers(
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tok: Tokenizer,
     prompts: list[Prompt],
     out_path: Path,
@@ -120,9 +170,11 @@ def generate_answers(
     *,
     system_prompt: str | None = None,
     max_prompt_tokens: int = 256,
+    engine: LlamaCppEngine | None = None,
 ) -> dict[str, dict]:
     """Answer every prompt not yet in ``out_path``; returns all answers by prompt id.
 
+    ``engine``: llama.cpp instead of ``model`` (transformers), which may then be None.
     Each batch is appended and fsynced as soon as it is done, so a killed run loses
     at most the batch in flight and a rerun asks only for what is missing. Sampling
     is seeded per batch from ``cfg.seed`` and the batch's first id, so a resumed
@@ -142,12 +194,15 @@ def generate_answers(
         ntok = 0
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
-            torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(chunk[0].id.encode()))
-            gens = generate_batch(
-                model, tok, [encoded[p.id] for p in chunk],
-                max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                generation_temperature=cfg.generation_temperature, top_p=cfg.top_p,
-            )  # fmt: skip
+            seed = cfg.seed * 1_000_003 + zlib.crc32(chunk[0].id.encode())
+            torch.manual_seed(seed)
+            kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                          generation_temperature=cfg.generation_temperature, top_p=cfg.top_p)  # fmt: skip
+            rows = [encoded[p.id] for p in chunk]
+            if engine is not None:
+                gens = engine(rows, seed=seed % 2**31, **kwargs)
+            else:
+                gens = generate_batch(model, tok, rows, **kwargs)
             records = [
                 {
                     "id": p.id,

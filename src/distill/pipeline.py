@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,11 +30,13 @@ from distill.config import LoraConfig, RunConfig, dump_config
 from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, split_prompts
 from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
-from distill.generate import generate_answers, read_answers
+from distill.filters import filter_answers
+from distill.generate import LlamaCppEngine, generate_answers, read_answers, read_log
 from distill.models import (
     evenly_spaced_layers,
     load_model,
     load_tokenizer,
+    resolve_gguf,
     resolve_model_dir,
     shrink_layers,
 )
@@ -84,21 +87,127 @@ def load_split(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train_p, held
 
 
+def tokenizer_ref(cfg: RunConfig) -> str:
+    """The model whose tokenizer encodes prompts and answers: the teacher's local copy, else the student."""
+    return cfg.teacher.model or cfg.student.model  # the config guarantees one of them
+
+
 def generate(cfg: RunConfig) -> Path:
     """Teacher answers for every prompt (train and held-out) -> answers.jsonl."""
     run = _setup(cfg)
     train_p, held = load_split(cfg)
+    if cfg.teacher.kind == "openai":
+        return _generate_api(cfg, train_p + held)
     tok = load_tokenizer(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
-    model = load_model(cfg.teacher.model, dtype=DTYPES[cfg.teacher.dtype],
-                       trust_remote_code=cfg.teacher.trust_remote_code)  # fmt: skip
+    model = engine = None
+    if cfg.teacher.engine == "llama_cpp":
+        gguf = resolve_gguf(cfg.teacher.model)
+        if gguf is None:
+            raise StageError(
+                f"teacher.engine=llama_cpp needs a .gguf teacher; {cfg.teacher.model} is not one"
+            )
+        from distill.generate import eos_ids
+
+        stop = sorted({tok.eos_token_id, *eos_ids(load_model(cfg.teacher.model), tok)} - {None})
+        engine = LlamaCppEngine(gguf, stop, threads=cfg.threads)
+    else:
+        model = load_model(cfg.teacher.model, dtype=DTYPES[cfg.teacher.dtype],
+                           trust_remote_code=cfg.teacher.trust_remote_code)  # fmt: skip
     out = run / "answers.jsonl"
     answers = generate_answers(
-        model, tok, train_p + held, out, cfg.generate,
+        model, tok, train_p + held, out, cfg.generate, engine=engine,
         system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
     )  # fmt: skip
     stops = sum(a["finish_reason"] == "stop" for a in answers.values())
     console.print(f"{len(answers)} teacher answers in {out} ({stops} ended with eos)")
     return out
+
+
+def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
+    """Answers from an OpenAI-compatible endpoint: api_log.jsonl (every outcome, append-only),
+    then answers.jsonl (the successes in our tokenizer) and generate_summary.json."""
+    from distill.api import generate_api_answers, successes, training_answers
+
+    run = cfg.run_dir
+    api = cfg.teacher.api
+    tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
+
+    def render(p: Prompt) -> str:
+        ids = prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
+                               max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
+        return tok.decode(ids)
+
+    if cfg.data.system_prompt:
+        prompts = [
+            p if p.messages[0]["role"] == "system"
+            else Prompt(p.id, [{"role": "system", "content": cfg.data.system_prompt}, *p.messages],
+                        p.reference, p.meta)
+            for p in prompts
+        ]  # fmt: skip
+    log_path = run / "api_log.jsonl"
+    console.print(f"teacher: {api.model} at {api.base_url} ({api.endpoint} endpoint, "
+                  f"{api.concurrency} in flight)")  # fmt: skip
+    stats = generate_api_answers(api, prompts, log_path, render=render)
+    log = read_log(log_path)
+    records, mapping = training_answers(log, tok, tok.eos_token_id, api.top_logprobs)
+    out = run / "answers.jsonl"
+    tmp = out.with_name("answers.jsonl.tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    done = successes(log)
+    expected = {f"{p.id}#{j}" if j else p.id for p in prompts for j in range(api.n)}
+    failed_now = {}
+    for rec in log:
+        key = rec["id"] if not rec.get("sample") else f"{rec['id']}#{rec['sample']}"
+        if "error" in rec and key not in done and key in expected:
+            failed_now[key] = rec["error"]["cause"]
+    usage = [r["usage"] for r in done.values()]
+    total_prompt = sum(u["prompt_tokens"] or 0 for u in usage)
+    total_completion = sum(u["completion_tokens"] or 0 for u in usage)
+    from distill.api import price_of
+
+    signal = _api_signal(cfg, mapping)
+    summary = {
+        "this_run": stats.as_dict(),
+        "total": {
+            "answers": len(done),
+            "missing": len(expected - done.keys()),
+            "failed_by_cause": dict(sorted(Counter(failed_now.values()).items())),
+            "prompt_tokens": total_prompt,
+            "completion_tokens": total_completion,
+            "cost_usd": price_of(api, total_prompt, total_completion),
+        },
+        "logprob_mapping": mapping,
+        "teacher_signal": signal,
+    }
+    (run / "generate_summary.json").write_text(json.dumps(summary, indent=1))
+    r = summary["this_run"]
+    console.print(
+        f"this run: {r['done']} answers, {r['failed']} failed {r['failed_by_cause'] or ''}, "
+        f"{r['retries']} retries {r['retried_by_cause'] or ''}, {r['completion_tokens']:,} tokens, "
+        f"${r['cost_usd']:.4f}, {r['answers_per_s']:.2f} answers/s"
+    )
+    t = summary["total"]
+    console.print(f"in all: {t['answers']} answers, {t['missing']} missing, ${t['cost_usd']:.4f}; {out}")
+    console.print(f"teacher signal for training: {signal}")
+    return out
+
+
+def _api_signal(cfg: RunConfig, mapping: dict) -> str:
+    """Which signal an API teacher gives training, in words (also written to the run's logs)."""
+    if cfg.teacher.api.top_logprobs == 0:
+        return "text only (sequence-level KD: cross-entropy on the teacher's answers)"
+    if mapping["logprobs_mapped"] == 0:
+        return (
+            "text only (sequence-level KD): the server's tokens do not map to this tokenizer "
+            f"({mapping['logprobs_unmapped']} answers tried)"
+        )
+    return (
+        f"sparse top-{cfg.teacher.api.top_logprobs} log-probs for {mapping['logprobs_mapped']} answers "
+        f"(tokens mapped to ids and checked), text for {mapping['logprobs_unmapped']}"
+    )
 
 
 def shrink(cfg: RunConfig) -> Path:
@@ -107,7 +216,7 @@ def shrink(cfg: RunConfig) -> Path:
     out = run / "student_init"
     if (out / "config.json").is_file():
         return out
-    tok = load_tokenizer(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     if cfg.student.init == "shrink":
         teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
         n = teacher.config.num_hidden_layers
@@ -117,7 +226,7 @@ def shrink(cfg: RunConfig) -> Path:
     else:
         student = load_model(cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code)
         s_tok = load_tokenizer(cfg.student.model)
-        if s_tok.get_vocab() != tok.get_vocab():
+        if cfg.teacher.model and s_tok.get_vocab() != tok.get_vocab():
             raise StageError(
                 f"student {cfg.student.model} has a different tokenizer from teacher "
                 f"{cfg.teacher.model}; token-level distillation needs the same vocabulary"
@@ -129,18 +238,33 @@ def shrink(cfg: RunConfig) -> Path:
     return out
 
 
-def training_examples(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> list:
-    """(ids, answer mask) pairs for every prompt that has a teacher answer."""
+def _kept(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> tuple[list, dict]:
+    """((ids, answer mask), answer record) for every answer the filter keeps, and its report."""
+    pairs, report = filter_answers(prompts, answers, cfg.filter)
     out = []
-    for p in prompts:
-        if p.id in answers and answers[p.id]["token_ids"]:
+    for p, rec in pairs:
+        if rec["token_ids"]:
             ids = prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
                                    max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
-            out.append(make_example(ids, answers[p.id]["token_ids"], cfg.train.max_seq_len))
-    return out
+            out.append((make_example(ids, rec["token_ids"], cfg.train.max_seq_len), rec))
+    return out, report
+
+
+def training_examples(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> list:
+    """(ids, answer mask) pairs for every teacher answer that passes ``cfg.filter``."""
+    return [ex for ex, _ in _kept(cfg, tok, prompts, answers)[0]]
 
 
 def _cache_expectations(cfg: RunConfig, tok) -> dict:
+    if cfg.teacher.kind == "openai":
+        api = cfg.teacher.api
+        return {
+            "teacher": f"openai:{api.model}@{api.base_url}",
+            "teacher_weights_hash": "api",
+            "tokenizer_hash": tokenizer_hash(tok),
+            "k": api.top_logprobs,
+            "scoring_temperature": 1.0,
+        }
     return {
         "teacher": cfg.teacher.model,
         "teacher_weights_hash": weights_hash(resolve_model_dir(cfg.teacher.model)),
@@ -150,20 +274,58 @@ def _cache_expectations(cfg: RunConfig, tok) -> dict:
     }
 
 
+def _api_rows(example, rec: dict, k: int, eos_id: int):
+    """Cache rows of one API answer: its mapped top-k (padded with -inf), or, for an answer
+    whose tokens did not map, the observed tokens as hard labels (the KD term is then CE)."""
+    import numpy as np
+
+    n = sum(example[1])
+    ids = np.zeros((n, k), dtype=np.int64)
+    lps = np.full((n, k), -np.inf, dtype=np.float32)
+    answer = example[0][len(example[0]) - n :]
+    top_ids, top_lps = rec.get("top_ids"), rec.get("top_logprobs")
+    for r in range(n):
+        if top_ids is not None:
+            row_ids, row_lps = top_ids[r][:k], top_lps[r][:k]
+        else:
+            row_ids, row_lps = [answer[r]], [0.0]
+        ids[r, : len(row_ids)] = row_ids
+        lps[r, : len(row_lps)] = row_lps
+    mass = np.exp(lps).sum(-1)
+    tail = np.log(np.clip(1.0 - mass, 1e-30, None))
+    return ids, lps, tail
+
+
 def build_teacher_cache(cfg: RunConfig) -> Path:
-    """Score the training sequences with the teacher once -> teacher_cache/ (resumable)."""
+    """Score the training sequences with the teacher once -> teacher_cache/ (resumable).
+
+    For an API teacher the scores are the top log-probs the server returned with each
+    answer (no new requests); the cache then has k = ``teacher.api.top_logprobs``.
+    """
     run = _setup(cfg)
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
-    tok = load_tokenizer(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
-    examples = training_examples(cfg, tok, train_p, answers)
-    model = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
+    kept, _ = _kept(cfg, tok, train_p, answers)
+    examples = [ex for ex, _ in kept]
     expected = _cache_expectations(cfg, tok)
+    if cfg.teacher.kind == "openai":
+        if not expected["k"]:
+            raise StageError("an API teacher without top_logprobs gives no scores to cache; "
+                             "set teacher.api.top_logprobs (e.g. 20) and rerun distill generate")  # fmt: skip
+        from distill.cache import sample_key
+
+        rows = {sample_key(ex[0]): _api_rows(ex, rec, expected["k"], tok.eos_token_id) for ex, rec in kept}
+
+        def teacher(batch):
+            return [rows[sample_key(ex[0])] for ex in batch]
+    else:
+        teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
     meta = CacheMeta(
         **expected, vocab_size=len(tok), id_dtype="uint16" if len(tok) <= 65536 else "int32",
         logprob_dtype="float16", samples_per_shard=cfg.cache.samples_per_shard, num_samples=len(examples),
     )  # fmt: skip
-    out = build_cache(model, examples, run / "teacher_cache", meta, pad_id=tok.pad_token_id,
+    out = build_cache(teacher, examples, run / "teacher_cache", meta, pad_id=tok.pad_token_id,
                       batch_size=cfg.cache.batch_size)  # fmt: skip
     console.print(f"teacher cache for {len(examples)} samples in {out}")
     return out
@@ -181,22 +343,36 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = AutoTokenizer.from_pretrained(init)
-    examples = training_examples(cfg, tok, train_p, answers)
+    kept, filter_report = _kept(cfg, tok, train_p, answers)
+    examples = [ex for ex, _ in kept]
+    if not examples:
+        raise StageError(f"no training answers left after the filter ({filter_report}); loosen `filter`")
     student = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     teacher = None
-    if cfg.train.alpha > 0 and cfg.cache.use:
+    tcfg = cfg.train
+    api = cfg.teacher.kind == "openai"
+    if cfg.train.alpha > 0 and (cfg.cache.use or (api and cfg.teacher.api.top_logprobs)):
         cache_dir = _need(run / "teacher_cache", "cache")
         teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples, tail=cfg.cache.tail)
+        source = f"cached top-{teacher.meta.k} teacher log-probs" + (" from the API" if api else "")
+    elif cfg.train.alpha > 0 and api:
+        tcfg = cfg.train.model_copy(update={"alpha": 0.0})
+        source = "the API teacher's text only (sequence-level KD; alpha set to 0: no teacher logits)"
     elif cfg.train.alpha > 0:
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         teacher = LiveTeacher(load_model(cfg.teacher.model, dtype=tdtype,
                                          trust_remote_code=cfg.teacher.trust_remote_code))  # fmt: skip
-    source = "cached top-k teacher log-probs" if cfg.cache.use else "live teacher logits"
+        source = "live teacher logits"
+    else:
+        source = "the teacher's text only (alpha = 0)"
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.is_main_process:
         console.print(
-            f"training on {len(examples)} teacher answers, {source}, {acc.num_processes} process(es)"
+            f"training on {len(examples)} teacher answers ({filter_report['dropped']} dropped by the filter: "
+            f"{filter_report['dropped_by_reason'] or 'none'}), teacher signal: {source}, "
+            f"{acc.num_processes} process(es)"
         )
+        (run / "filter_report.json").write_text(json.dumps(filter_report, indent=1))
     if teacher is not None and isinstance(teacher, LiveTeacher):
         teacher.model.to(acc.device)
     if cfg.train.gradient_checkpointing:
@@ -204,8 +380,9 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         student.config.use_cache = False
     if cfg.train.lora:
         student = add_lora(student, cfg.train.lora)
-    summary = train(student, teacher, examples, cfg.train, run, pad_id=tok.pad_token_id,
+    summary = train(student, teacher, examples, tcfg, run, pad_id=tok.pad_token_id,
                     vocab_size=len(tok), resume=resume, accelerator=acc)  # fmt: skip
+    summary["teacher_signal"] = source
     out = run / "student"
     if acc.is_main_process:
         if cfg.train.lora:
@@ -234,21 +411,34 @@ def add_lora(student, lora: LoraConfig):
 
 
 def evaluate(cfg: RunConfig) -> dict:
-    """Teacher, untrained student and student on the held-out prompts -> eval.json."""
+    """Teacher, untrained student and student on the held-out prompts -> eval.json.
+
+    An API teacher with no local copy (``teacher.model: null``) is scored by its stored
+    answers only: no KL or top-1 agreement, and speed-ups are not measured.
+    """
     run = _setup(cfg)
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     _, held = load_split(cfg)
-    tok = load_tokenizer(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     ids = {p.id: prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
                                   max_tokens=cfg.data.max_prompt_tokens) for p in held}  # fmt: skip
-    teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = None
+    if cfg.teacher.model:
+        teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
     candidates = {
-        "teacher": (teacher, resolve_model_dir(cfg.teacher.model)),
+        "teacher": (teacher, resolve_model_dir(cfg.teacher.model) if teacher is not None else None),
         "untrained_student": (None, _need(run / "student_init", "shrink")),
         "student": (None, _need(run / "student", "train")),
     }
     results, outputs, models = {}, [], {}
     for name, (model, folder) in candidates.items():
+        if name == "teacher" and model is None:
+            res, outs = evaluate_model(
+                name, None, None, tok, held, ids, answers, cfg.evaluate, weights_dir=None,
+                max_seq_len=cfg.train.max_seq_len, reference_answers=True,
+            )  # fmt: skip
+            results[name], outputs = res, outputs + outs
+            continue
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         res, outs = evaluate_model(
@@ -262,13 +452,19 @@ def evaluate(cfg: RunConfig) -> dict:
     for name, figures in speeds.items():
         results[name].update(figures)
     t, s, u = results["teacher"], results["student"], results["untrained_student"]
+    local = teacher is not None
     results["summary"] = {
         "heldout_prompts": len(held),
-        "speedup_batch1": s["tokens_per_s_batch1"] / t["tokens_per_s_batch1"],
-        "speedup_batched": s["tokens_per_s_batched"] / t["tokens_per_s_batched"],
-        "size_ratio": s["params"] / t["params"],
-        "kl_untrained_over_trained": u["kl"] / max(s["kl"], 1e-12),
+        "speedup_batch1": s["tokens_per_s_batch1"] / t["tokens_per_s_batch1"] if local else None,
+        "speedup_batched": s["tokens_per_s_batched"] / t["tokens_per_s_batched"] if local else None,
+        "size_ratio": s["params"] / t["params"] if local else None,
+        "kl_untrained_over_trained": u["kl"] / max(s["kl"], 1e-12) if local else None,
     }
+    gen_summary = run / "generate_summary.json"
+    if gen_summary.is_file():
+        total = json.loads(gen_summary.read_text())["total"]
+        results["summary"]["teacher_cost_usd"] = total["cost_usd"]
+        results["summary"]["teacher_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
     (run / "eval.json").write_text(json.dumps(results, indent=1))
     with (run / "eval_answers.jsonl").open("w") as f:
         for o in outputs:
@@ -291,7 +487,8 @@ def run_all(cfg: RunConfig, resume: bool = True) -> dict:
     """Every stage in order; returns eval results with the wall time of each stage."""
     timings = {}
     stages = [("generate", generate), ("shrink", shrink)]
-    if cfg.cache.use and cfg.train.alpha > 0:
+    api_scores = cfg.teacher.kind == "openai" and cfg.teacher.api.top_logprobs > 0
+    if (cfg.cache.use or api_scores) and cfg.train.alpha > 0:
         stages.append(("cache", build_teacher_cache))
     for name, stage in stages:
         t0 = time.perf_counter()
