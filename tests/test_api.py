@@ -16,7 +16,6 @@ from email.utils import format_datetime
 
 import pytest
 import yaml
-from fake_openai import FakeOpenAI
 from transformers import AutoTokenizer
 
 from distill import api, pipeline
@@ -26,6 +25,7 @@ from distill.filters import filter_answers, last_number_matches
 from distill.generate import read_log
 
 from conftest import tiny_recipe
+from fake_openai import FakeOpenAI
 
 KEY = "sk-test-very-SECRET-0123456789"
 
