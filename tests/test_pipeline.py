@@ -85,3 +85,22 @@ def test_lora_trains_adapters_and_export_is_merged(tmp_path, tiny_teacher_dir, p
     changed = {k for k in init if not torch.equal(init[k], exported[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
     assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def test_training_metrics_also_go_to_tensorboard(tiny_cfg):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pipeline.generate(tiny_cfg)
+    pipeline.shrink(tiny_cfg)
+    pipeline.train_student(tiny_cfg)
+    run = tiny_cfg.run_dir
+    (events,) = run.glob("tensorboard/**/events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    expected = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(expected, rel=1e-6) and len(losses) == 6
+    assert {"train/kd", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(
+        acc.Tags()["scalars"]
+    )

@@ -255,13 +255,12 @@ class CachedTeacher:
         lps = torch.full((b, t - 1, k), float("-inf"))
         tails = torch.zeros((b, t - 1))
         mask = batch.answer_mask[:, 1:]
-        for i in range(b):
-            n_tok = int(batch.attention_mask[i].sum())
-            key = sample_key(batch.input_ids[i, :n_tok].tolist())
+        for i, start, n_tok in batch.samples():
+            key = sample_key(batch.input_ids[i, start : start + n_tok].tolist())
             if key not in self.rows:
                 raise CacheError(f"sample {key} is not in the teacher cache; rerun `distill cache`")
             c_ids, c_lp, c_tail = self.rows[key]
-            pos = mask[i].nonzero().squeeze(-1)
+            pos = mask[i, start : start + n_tok - 1].nonzero().squeeze(-1) + start
             if len(pos) != len(c_ids):
                 raise CacheError(f"sample {key}: cache has {len(c_ids)} rows, batch counts {len(pos)}")
             ids[i, pos] = torch.from_numpy(c_ids.astype(np.int64))

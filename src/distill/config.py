@@ -193,6 +193,15 @@ class TrainConfig(_Strict):
     chunked_loss: bool = Field(
         True, description="compute the loss from hidden states block by block: no (B, T, V) logits"
     )
+    packing: bool = Field(
+        False,
+        description="pack each micro-batch's samples into rows of max_seq_len (attention stays "
+        "inside each sample): less compute on padding",
+    )
+    group_by_length: bool = Field(
+        False, description="micro-batches of samples of similar length (sorted within 32 micro-batches)"
+    )
+    tensorboard: bool = Field(True, description="also log metrics to TensorBoard when it is installed")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of full weights")
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -175,24 +175,45 @@ def prompt_token_ids(
 
 @dataclass
 class Batch:
-    """A right-padded training batch.
+    """A right-padded training batch, or a packed one.
 
-    input_ids: (B, T) int64; attention_mask: (B, T) int64; answer_mask: (B, T) bool,
-    True where the token belongs to the teacher's answer (the positions that are
-    predicted and counted).
+    input_ids: (B, T) int64; attention_mask: (B, T) int64, 1 on sample tokens, 0 on padding;
+    answer_mask: (B, T) bool, True where the token belongs to the teacher's answer (the
+    positions that are predicted and counted).
+
+    Packed (``position_ids`` set): a row holds several samples one after another, positions
+    restarting at 0 for each, so attention stays inside each sample (transformers builds a
+    block-diagonal causal mask from position ids when no attention mask is given);
+    ``segments[row]`` lists each sample's ``(start, length)``.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     answer_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    segments: list[list[tuple[int, int]]] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_mask.to(device))
+        pos = None if self.position_ids is None else self.position_ids.to(device)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.answer_mask.to(device),
+                     pos, self.segments)  # fmt: skip
 
     @property
     def num_target_tokens(self) -> int:
         """Positions whose next token is counted by the loss (after the shift by one)."""
         return int(self.answer_mask[:, 1:].sum())
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a causal LM's forward (no KV cache: a packed mask needs none)."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+
+    def samples(self) -> list[tuple[int, int, int]]:
+        """``(row, start, length)`` of every sample in the batch."""
+        if self.segments is None:
+            return [(i, 0, int(n)) for i, n in enumerate(self.attention_mask.sum(1).tolist())]
+        return [(i, start, n) for i, row in enumerate(self.segments) for start, n in row]
 
 
 def make_example(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> tuple[list, list]:
@@ -216,3 +237,45 @@ def collate(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> Batch:
         attn[i, : len(ids)] = 1
         amask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     return Batch(input_ids, attn, amask)
+
+
+def pack(examples: list[tuple[list[int], list[bool]]], pad_id: int, max_len: int) -> Batch:
+    """Pack (ids, answer mask) pairs into as few rows of at most ``max_len`` tokens as first-fit
+    decreasing allows; each sample keeps its own positions (0, 1, ...), so a model given
+    ``position_ids`` and no attention mask attends only within each sample."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        if n > max_len:
+            raise ValueError(f"sample of {n} tokens does not fit a packed row of {max_len}")
+        for r, used in enumerate(fill):
+            if used + n <= max_len:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    width = max(fill)
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    amask = torch.zeros((b, width), dtype=torch.bool)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    segments = []
+    for r, members in enumerate(rows):
+        start, seg = 0, []
+        for i in members:
+            ids, m = examples[i]
+            n = len(ids)
+            input_ids[r, start : start + n] = torch.tensor(ids, dtype=torch.long)
+            amask[r, start : start + n] = torch.tensor(m, dtype=torch.bool)
+            attn[r, start : start + n] = 1
+            pos[r, start : start + n] = torch.arange(n)
+            seg.append((start, n))
+            start += n
+        pos[r, start:] = torch.arange(width - start)  # the padding is a sequence of its own
+        segments.append(seg)
+    return Batch(input_ids, attn, amask, pos, segments)

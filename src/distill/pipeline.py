@@ -14,6 +14,7 @@ Each stage reads the files earlier stages wrote under ``runs/<name>/`` and write
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -365,7 +366,10 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         source = "live teacher logits"
     else:
         source = "the teacher's text only (alpha = 0)"
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # TensorBoard through accelerate's trackers when it is installed (runs/<name>/tensorboard/)
+    board = cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if board else None,
+                      project_dir=str(run))  # fmt: skip
     if acc.is_main_process:
         console.print(
             f"training on {len(examples)} teacher answers ({filter_report['dropped']} dropped by the filter: "

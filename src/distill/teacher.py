@@ -28,5 +28,5 @@ class LiveTeacher:
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph
     def signal(self, batch: Batch) -> torch.Tensor:
-        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out = self.model(**batch.model_inputs())
         return out.logits[:, :-1]  # (B, T-1, V)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from distill.config import TrainConfig
-from distill.data import Batch, collate
+from distill.data import Batch, collate, pack
 from distill.losses import LOSSES, TopKTeacher, chunked_divergence, token_cross_entropy
 from distill.progress import console, progress_bar
 from distill.teacher import TeacherSignal
@@ -55,6 +55,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+GROUP_SPAN = 32  # micro-batches whose samples are sorted by length together (group_by_length)
+
+
+def _stream_sample(examples: list[Example], i: int, seed: int, perms: dict[int, list[int]]) -> int:
+    """Index of sample ``i`` of the training stream: a seeded permutation per epoch."""
+    n = len(examples)
+    epoch, k = divmod(i, n)
+    if epoch not in perms:
+        perms[epoch] = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(perms[epoch])
+    return perms[epoch][k]
+
+
 def micro_batches(
     examples: list[Example], step: int, cfg: TrainConfig, pad_id: int, rank: int = 0, world: int = 1
 ) -> list[Batch]:
@@ -65,22 +78,32 @@ def micro_batches(
     Sample ``i`` of the stream is ``perm(epoch)[i % n]`` with a per-epoch seeded
     permutation, so the batches depend only on (seed, step, world): resume is exact,
     and one process with ``batch_size * world`` sees the same samples as ``world``.
+
+    ``cfg.group_by_length``: every ``GROUP_SPAN`` global micro-batches of the stream are
+    sorted by length and cut into micro-batches again, which are then visited in a seeded
+    order, so a micro-batch holds samples of similar length (less padding) and the order
+    of lengths stays random. ``cfg.packing``: the micro-batch's samples are packed into as
+    few rows of ``max_seq_len`` as fit, with attention kept inside each sample.
     """
-    n = len(examples)
     global_bs = cfg.batch_size * world
-    per_step = global_bs * cfg.grad_accum
     perms: dict[int, list[int]] = {}
     out = []
     for m in range(cfg.grad_accum):
-        rows = []
-        for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size):
-            i = step * per_step + m * global_bs + j
-            epoch, k = divmod(i, n)
-            if epoch not in perms:
-                perms[epoch] = list(range(n))
-                random.Random(cfg.seed * 7919 + epoch).shuffle(perms[epoch])
-            rows.append(examples[perms[epoch][k]])
-        out.append(collate(rows, pad_id))
+        g = step * cfg.grad_accum + m  # global micro-batch number
+        if cfg.group_by_length:
+            span, slot = divmod(g, GROUP_SPAN)
+            first = span * GROUP_SPAN * global_bs
+            pool = [
+                _stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * global_bs)
+            ]
+            pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
+            order = list(range(GROUP_SPAN))
+            random.Random(cfg.seed * 104729 + span).shuffle(order)
+            group = pool[order[slot] * global_bs : (order[slot] + 1) * global_bs]
+        else:
+            group = [_stream_sample(examples, g * global_bs + j, cfg.seed, perms) for j in range(global_bs)]
+        rows = [examples[s] for s in group[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
+        out.append(pack(rows, pad_id, cfg.max_seq_len) if cfg.packing else collate(rows, pad_id))
     return out
 
 
@@ -149,14 +172,13 @@ def distill_loss(
     loss_fn = kd_ce_loss(cfg, vocab_size, parts)
     with autocast:
         if cfg.chunked_loss:
-            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          logits_to_keep=1, output_hidden_states=True)  # fmt: skip
+            out = student(**batch.model_inputs(), logits_to_keep=1, output_hidden_states=True)
             head = getattr(student, "module", student).get_output_embeddings()
             hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
             loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask,
                                       lm_head_bias=head.bias, num_tokens=num_tokens)  # fmt: skip
         else:
-            logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = student(**batch.model_inputs()).logits
             loss = loss_fn(logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
     return StepLoss(loss, parts["kd"], parts["ce"])
 
@@ -258,6 +280,8 @@ def train(
         if main:
             console.print(f"resuming from {last} (step {step})")
     model, opt = acc.prepare(student, opt)
+    if acc.log_with:
+        acc.init_trackers("tensorboard")
     metrics_path = out_dir / "metrics.jsonl"
     if step == 0 and metrics_path.exists() and main:
         metrics_path.unlink()
@@ -303,12 +327,16 @@ def train(
             if main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
+            if acc.log_with:
+                acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 state = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed
                 if main:
                     save_checkpoint(ckpt_dir, step, state, opt, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
+    if acc.log_with:
+        acc.end_training()
     student.eval()
     return {
         "steps": step,
