@@ -318,3 +318,39 @@ def test_sparse_bucket_uses_the_recorded_tail_mass():
     plain = L.forward_kl(hidden @ weight.T, with_tail, mask)
     chunked = L.chunked_divergence(L.forward_kl, hidden, weight, with_tail, mask, chunk_size=5)
     torch.testing.assert_close(chunked, plain)
+
+
+# -- the fused forward-KL + CE block (closed form, torch.compile) ------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kd_ce_block_matches_autograd_in_float64(compile, temperature, alpha, dtype):
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(37, 101, generator=g) * 3).to(dtype)
+    y = torch.randn(37, 101, generator=g) * 3
+    y[0, :5] = float("-inf")  # a teacher that rules tokens out: 0 log 0 = 0
+    y = y.to(dtype)
+    labels = torch.randint(0, 101, (37,), generator=g)
+    n = 50.0
+    kd, ce, grad = L.kd_ce_block(
+        z, y, labels, alpha=alpha, temperature=temperature, num_tokens=n, compile=compile
+    )
+    z64 = z.double().requires_grad_(True)
+    ref_kd = L.forward_kl(z64, y.double(), temperature=temperature, num_tokens=n)
+    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=n)
+    (alpha * ref_kd + (1 - alpha) * ref_ce).backward()
+    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5, abs=1e-7)
+    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    assert grad.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+
+
+def test_fused_kd_ce_block_lets_a_nan_teacher_show():
+    z, y = torch.randn(4, 9), torch.randn(4, 9)
+    y[1, 2] = float("nan")
+    kd, _, _ = L.kd_ce_block(z, y, torch.zeros(4, dtype=torch.long), alpha=0.5, temperature=1.0, num_tokens=4)
+    assert torch.isnan(kd)

@@ -193,6 +193,11 @@ class TrainConfig(_Strict):
     chunked_loss: bool = Field(
         True, description="compute the loss from hidden states block by block: no (B, T, V) logits"
     )
+    fused_loss: bool = Field(
+        True,
+        description="forward_kl + CE with a dense teacher: loss and gradient in closed form, fused "
+        "per block by torch.compile (several times faster than eager ops; falls back to them)",
+    )
     packing: bool = Field(
         False,
         description="pack each micro-batch's samples into rows of max_seq_len (attention stays "

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from distill.config import TrainConfig
 from distill.data import Batch, collate, pack
-from distill.losses import LOSSES, TopKTeacher, chunked_divergence, token_cross_entropy
+from distill.losses import LOSSES, TopKTeacher, chunked_divergence, kd_ce_block, token_cross_entropy
 from distill.progress import console, progress_bar
 from distill.teacher import TeacherSignal
 
@@ -148,6 +148,25 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
             total = total + (1 - cfg.alpha) * ce
         return total
 
+    def value_and_grad(logits: torch.Tensor, targets: Targets, num_tokens):
+        """Forward KL + CE in closed form, fused (chunked path, dense teacher); None: not this case."""
+        sig, width = targets.signal, logits.shape[-1]
+        if not (
+            cfg.fused_loss and cfg.loss == "forward_kl" and 0 < cfg.alpha and isinstance(sig, torch.Tensor)
+        ):
+            return None
+        if sig.shape[-1] != width or (vocab_size is not None and vocab_size != width):
+            return None  # padded vocabularies: the general path drops the extra columns
+        kd, ce, grad = kd_ce_block(
+            logits, sig, targets.labels, alpha=cfg.alpha, temperature=cfg.distill_temperature,
+            num_tokens=float(num_tokens),
+        )  # fmt: skip
+        parts["kd"] += float(kd)
+        if cfg.alpha < 1:
+            parts["ce"] += float(ce)
+        return cfg.alpha * kd + (1 - cfg.alpha) * ce, grad
+
+    loss.value_and_grad = value_and_grad
     return loss
 
 
