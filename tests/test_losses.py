@@ -354,3 +354,46 @@ def test_fused_kd_ce_block_lets_a_nan_teacher_show():
     y[1, 2] = float("nan")
     kd, _, _ = L.kd_ce_block(z, y, torch.zeros(4, dtype=torch.long), alpha=0.5, temperature=1.0, num_tokens=4)
     assert torch.isnan(kd)
+
+
+def _topk_rows(g, rows, vocab, k, pad):
+    """A top-k teacher of ``rows`` positions; the last ``pad`` entries of each row are padding."""
+    full = torch.log_softmax(torch.randn(rows, vocab, generator=g) * 2, -1)
+    lp, ids = full.topk(k, -1)
+    lp[:, k - pad :] = float("-inf")
+    return ids, lp
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("recorded_tail", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_topk_bucket_block_matches_autograd_in_float64(compile, recorded_tail, dtype):
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(29, 97, generator=g) * 3).to(dtype)
+    ids, lp = _topk_rows(g, 29, 97, 8, pad=2)
+    tail = torch.log1p(-lp.exp().sum(-1)) - 0.01 if recorded_tail else None
+    teacher = L.TopKTeacher(ids, lp, "bucket", tail)
+    labels = torch.randint(0, 97, (29,), generator=g)
+    kd, ce, grad = L.topk_bucket_ce_block(z, teacher, labels, alpha=0.4, num_tokens=40.0, compile=compile)
+    z64 = z.double().requires_grad_(True)
+    ref_kd = L.forward_kl(z64, teacher, num_tokens=40.0)
+    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=40.0)
+    (0.4 * ref_kd + 0.6 * ref_ce).backward()
+    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5)
+    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_padded_topk_entries_are_no_outcome(tail):
+    """A row padded with -inf entries (fewer than k ids) gives what the unpadded row gives."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(7, 50, generator=g)
+    ids, lp = _topk_rows(g, 7, 50, 6, pad=0)
+    padded_ids = torch.cat([ids, torch.zeros(7, 3, dtype=ids.dtype)], -1)  # id 0 may also be a real id
+    padded_lp = torch.cat([lp, torch.full((7, 3), float("-inf"))], -1)
+    for loss in (L.forward_kl, L.reverse_kl):
+        a = loss(s, L.TopKTeacher(ids, lp, tail))
+        b = loss(s, L.TopKTeacher(padded_ids, padded_lp, tail))
+        torch.testing.assert_close(a, b)

@@ -156,15 +156,16 @@ def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) ->
     if not isinstance(t, TopKTeacher):
         return F.log_softmax(_scaled(s, temperature), -1), F.log_softmax(_scaled(t, temperature), -1)
     ids, lp = t.ids.long(), t.logprobs.float()
+    absent = torch.isneginf(lp)  # padding of a row with fewer than k ids: no outcome on either side
     if t.tail == "renormalize":
-        s_k = torch.gather(_scaled(s, temperature), -1, ids)  # (M, k)
+        s_k = torch.gather(_scaled(s, temperature), -1, ids).masked_fill(absent, float("-inf"))  # (M, k)
         return F.log_softmax(s_k, -1), F.log_softmax(lp / temperature, -1)
     if temperature != 1.0:
         raise ValueError(
             "tail='bucket' needs temperature=1: the teacher's tail mass is only known at the "
             "temperature it was scored at; use tail='renormalize' for other temperatures"
         )
-    s_k = torch.gather(F.log_softmax(s.float(), -1), -1, ids)  # (M, k)
+    s_k = torch.gather(F.log_softmax(s.float(), -1), -1, ids).masked_fill(absent, float("-inf"))  # (M, k)
     s_tail = _log1mexp(torch.logsumexp(s_k, -1, keepdim=True).clamp_max(0))
     if t.tail_logprob is not None:  # recorded before the k log-probs were rounded
         t_tail = t.tail_logprob.float().unsqueeze(-1)
@@ -379,6 +380,53 @@ def _kd_ce_block(
     return kd, ce, grad.to(z.dtype)
 
 
+def _topk_bucket_ce_block(
+    z: Tensor, ids: Tensor, lp: Tensor, tail_lp: Tensor, labels: Tensor, alpha: Tensor, inv_n: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward KL against a top-k teacher with a tail bucket (temperature 1), plus token
+    cross-entropy, on one block of rows, and the gradient of ``alpha * KD + (1 - alpha) * CE``.
+
+    ``ids``/``lp`` ``(C, k)``: distinct teacher ids and log-probs, ``-inf`` marking padding;
+    ``tail_lp`` ``(C,)``: log of the teacher's mass outside them. With q the student softmax,
+    S its mass outside the ids, T the teacher's and W = sum p + T, the closed-form gradient is
+    ``q_v * W - p_v`` on the ids and ``q_v * (W - T / S)`` elsewhere.
+    """
+    zf = z.float()
+    lse = torch.logsumexp(zf, -1, keepdim=True)
+    q = torch.exp(zf - lse)
+    present = ~torch.isneginf(lp)
+    p = torch.where(present, torch.exp(lp), 0.0)
+    q_k = torch.where(present, torch.gather(q, 1, ids), 0.0)
+    log_s_k = torch.gather(zf, 1, ids) - lse
+    s_mass = (1.0 - q_k.sum(-1)).clamp_min(_TINY)
+    t_mass = torch.exp(tail_lp)
+    kd_k = torch.where(p > 0, p * (lp - log_s_k), 0.0).sum(-1)
+    kd_tail = torch.where(t_mass > 0, t_mass * (tail_lp - torch.log(s_mass)), 0.0)
+    kd = (kd_k + kd_tail).sum() * inv_n
+    ce = (lse.squeeze(-1) - zf.gather(1, labels[:, None]).squeeze(1)).sum() * inv_n
+    w = p.sum(-1) + t_mass
+    ratio = t_mass / s_mass
+    grad = (alpha * (w - ratio)[:, None] + (1 - alpha)) * q
+    on_ids = torch.where(present, alpha * (q_k * ratio[:, None] - p), 0.0)
+    grad = grad.scatter_add(1, ids, on_ids)
+    grad = grad.scatter_add(1, labels[:, None], (-(1 - alpha)).expand(labels.shape[0], 1))
+    return kd, ce, (grad * inv_n).to(z.dtype)
+
+
+def topk_bucket_ce_block(
+    z: Tensor, teacher: TopKTeacher, labels: Tensor, *, alpha: float, num_tokens: float, compile: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_topk_bucket_ce_block`` for rows of a bucket-tail ``TopKTeacher``, fused by torch.compile."""
+    lp = teacher.logprobs.float()
+    if teacher.tail_logprob is not None:
+        tail = teacher.tail_logprob.float()
+    else:
+        tail = _log1mexp(torch.logsumexp(lp, -1).clamp_max(0))
+    args = (z, teacher.ids.long(), lp, tail, labels, torch.tensor(float(alpha)),
+            torch.tensor(1.0 / float(num_tokens)))  # fmt: skip
+    return _run_compiled("topk", _topk_bucket_ce_block, args, compile)
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -388,19 +436,24 @@ def kd_ce_block(z: Tensor, y: Tensor, labels: Tensor, *, alpha: float, temperatu
     faster than the eager ops on a CPU; the eager form is the fallback where compiling fails)."""
     args = (z, y, labels, torch.tensor(float(alpha)), torch.tensor(1.0 / temperature),
             torch.tensor(1.0 / float(num_tokens)), temperature == 1.0)  # fmt: skip
-    if compile and "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_kd_ce_block, dynamic=True)
-    if compile and _COMPILED["fn"] is not None:
+    return _run_compiled("dense", _kd_ce_block, args, compile)
+
+
+def _run_compiled(name: str, fn: Callable, args: tuple, compile: bool):
+    """``fn(*args)`` through ``torch.compile`` (one dynamic-shape graph, compiled on first use);
+    if compiling fails (no C++ compiler, an unsupported backend), warn once and run it eagerly."""
+    if compile and name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    if compile and _COMPILED[name] is not None:
         try:
-            return _COMPILED["fn"](*args)
-        except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported backend, ...
+            return _COMPILED[name](*args)
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler raised
             import warnings
 
-            warnings.warn(
-                f"torch.compile of the fused loss failed ({exc!r:.200}); using eager ops", stacklevel=2
-            )
-            _COMPILED["fn"] = None
-    return _kd_ce_block(*args)
+            msg = f"torch.compile of the fused loss failed ({exc!r:.200}); using eager ops"
+            warnings.warn(msg, stacklevel=2)
+            _COMPILED[name] = None
+    return fn(*args)
 
 
 class _ChunkedLoss(torch.autograd.Function):

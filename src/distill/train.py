@@ -26,7 +26,14 @@ from transformers import PreTrainedModel
 
 from distill.config import TrainConfig
 from distill.data import Batch, collate, pack
-from distill.losses import LOSSES, TopKTeacher, chunked_divergence, kd_ce_block, token_cross_entropy
+from distill.losses import (
+    LOSSES,
+    TopKTeacher,
+    chunked_divergence,
+    kd_ce_block,
+    token_cross_entropy,
+    topk_bucket_ce_block,
+)
 from distill.progress import console, progress_bar
 from distill.teacher import TeacherSignal
 
@@ -149,18 +156,26 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
         return total
 
     def value_and_grad(logits: torch.Tensor, targets: Targets, num_tokens):
-        """Forward KL + CE in closed form, fused (chunked path, dense teacher); None: not this case."""
+        """Forward KL + CE in closed form, fused (chunked path; a dense teacher, or a top-k one with
+        a tail bucket); None: not this case, the block goes through autograd."""
         sig, width = targets.signal, logits.shape[-1]
-        if not (
-            cfg.fused_loss and cfg.loss == "forward_kl" and 0 < cfg.alpha and isinstance(sig, torch.Tensor)
-        ):
+        if not (cfg.fused_loss and cfg.loss == "forward_kl" and 0 < cfg.alpha):
             return None
-        if sig.shape[-1] != width or (vocab_size is not None and vocab_size != width):
+        if vocab_size is not None and vocab_size != width:
             return None  # padded vocabularies: the general path drops the extra columns
-        kd, ce, grad = kd_ce_block(
-            logits, sig, targets.labels, alpha=cfg.alpha, temperature=cfg.distill_temperature,
-            num_tokens=float(num_tokens),
-        )  # fmt: skip
+        if isinstance(sig, TopKTeacher):
+            if sig.tail != "bucket" or cfg.distill_temperature != 1.0:
+                return None
+            kd, ce, grad = topk_bucket_ce_block(
+                logits, sig, targets.labels, alpha=cfg.alpha, num_tokens=float(num_tokens)
+            )
+        elif isinstance(sig, torch.Tensor) and sig.shape[-1] == width:
+            kd, ce, grad = kd_ce_block(
+                logits, sig, targets.labels, alpha=cfg.alpha, temperature=cfg.distill_temperature,
+                num_tokens=float(num_tokens),
+            )  # fmt: skip
+        else:
+            return None
         parts["kd"] += float(kd)
         if cfg.alpha < 1:
             parts["ce"] += float(ce)
