@@ -90,9 +90,9 @@ def test_without_position_ids_packed_samples_would_see_each_other(models):
 
 def test_group_by_length_regroups_the_same_samples_with_less_padding():
     exs = random_examples(300, 200, 1, lambda i: 4, lambda i: 2 + (37 * i) % 60)
-    plain_cfg = TrainConfig(batch_size=4, grad_accum=2, max_seq_len=128)
+    plain_cfg = TrainConfig(batch_size=4, grad_accum=2, max_seq_len=128, group_by_length=False)
     grouped_cfg = plain_cfg.model_copy(update={"group_by_length": True})
-    steps = GROUP_SPAN // 2  # one span of micro-batches
+    steps = GROUP_SPAN  # one span of steps
 
     def batches(cfg, rank=0, world=1):
         return [b for s in range(steps) for b in micro_batches(exs, s, cfg, 0, rank, world)]

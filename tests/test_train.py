@@ -96,8 +96,12 @@ def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
         tmp_path / "b",
         pad_id=tok.pad_token_id,
     )
+    # Adam divides by sqrt(v): a near-zero gradient's rounding (other micro-batch padding, other
+    # loss blocks) can move one weight by ~1e-4, so single weights get atol 1e-3 and the whole
+    # tensor must agree to 1e-3 relative; a step that saw other samples moves most weights by ~lr.
     for a, b in zip(big.parameters(), small.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        assert float((a - b).norm() / a.norm()) < 1e-3
 
 
 class _NaNTeacher:

@@ -62,7 +62,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-GROUP_SPAN = 32  # micro-batches whose samples are sorted by length together (group_by_length)
+GROUP_SPAN = 32  # optimizer steps whose samples are sorted by length together (group_by_length)
 
 
 def _stream_sample(examples: list[Example], i: int, seed: int, perms: dict[int, list[int]]) -> int:
@@ -80,35 +80,35 @@ def micro_batches(
 ) -> list[Batch]:
     """This process's ``grad_accum`` micro-batches of optimizer step ``step``.
 
-    A step draws ``grad_accum`` global micro-batches of ``batch_size * world`` samples;
-    process ``rank`` takes rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each.
-    Sample ``i`` of the stream is ``perm(epoch)[i % n]`` with a per-epoch seeded
-    permutation, so the batches depend only on (seed, step, world): resume is exact,
-    and one process with ``batch_size * world`` sees the same samples as ``world``.
+    A step takes ``batch_size * world * grad_accum`` samples of the stream and cuts them into
+    ``grad_accum`` global micro-batches of ``batch_size * world``; process ``rank`` takes rows
+    ``[rank * batch_size, (rank + 1) * batch_size)`` of each. Sample ``i`` of the stream is
+    ``perm(epoch)[i % n]`` with a per-epoch seeded permutation, so the batches depend only on
+    (seed, step, global batch): resume is exact, and one process with ``batch_size * world``,
+    or with ``grad_accum`` times the batch, sees the same samples in each step.
 
-    ``cfg.group_by_length``: every ``GROUP_SPAN`` global micro-batches of the stream are
-    sorted by length and cut into micro-batches again, which are then visited in a seeded
-    order, so a micro-batch holds samples of similar length (less padding) and the order
-    of lengths stays random. ``cfg.packing``: the micro-batch's samples are packed into as
-    few rows of ``max_seq_len`` as fit, with attention kept inside each sample.
+    ``cfg.group_by_length``: the samples of every ``GROUP_SPAN`` steps are sorted by length and
+    dealt out to those steps again in a seeded order, and a step's samples stay sorted, so a
+    micro-batch holds samples of similar length (less padding) while the order of lengths over
+    steps stays random. ``cfg.packing``: a micro-batch's samples are packed into as few rows of
+    ``max_seq_len`` as fit, with attention kept inside each sample.
     """
     global_bs = cfg.batch_size * world
+    per_step = global_bs * cfg.grad_accum
     perms: dict[int, list[int]] = {}
+    if cfg.group_by_length:
+        span, slot = divmod(step, GROUP_SPAN)
+        first = span * GROUP_SPAN * per_step
+        pool = [_stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * per_step)]
+        pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
+        order = list(range(GROUP_SPAN))
+        random.Random(cfg.seed * 104729 + span).shuffle(order)
+        chosen = pool[order[slot] * per_step : (order[slot] + 1) * per_step]
+    else:
+        chosen = [_stream_sample(examples, step * per_step + j, cfg.seed, perms) for j in range(per_step)]
     out = []
     for m in range(cfg.grad_accum):
-        g = step * cfg.grad_accum + m  # global micro-batch number
-        if cfg.group_by_length:
-            span, slot = divmod(g, GROUP_SPAN)
-            first = span * GROUP_SPAN * global_bs
-            pool = [
-                _stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * global_bs)
-            ]
-            pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
-            order = list(range(GROUP_SPAN))
-            random.Random(cfg.seed * 104729 + span).shuffle(order)
-            group = pool[order[slot] * global_bs : (order[slot] + 1) * global_bs]
-        else:
-            group = [_stream_sample(examples, g * global_bs + j, cfg.seed, perms) for j in range(global_bs)]
+        group = chosen[m * global_bs : (m + 1) * global_bs]
         rows = [examples[s] for s in group[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
         out.append(pack(rows, pad_id, cfg.max_seq_len) if cfg.packing else collate(rows, pad_id))
     return out
