@@ -28,8 +28,13 @@ def test_run_all_writes_every_stage(tiny_cfg):
     for name in ["config.yaml", "split.json", "answers.jsonl", "student_init/config.json",
                  "student/model.safetensors", "metrics.jsonl", "eval.json", "eval_answers.jsonl",
                  "export/model.safetensors", "export/README.md", "export/tokenizer.json",
-                 "export/generation_config.json", "timings.json"]:  # fmt: skip
+                 "export/generation_config.json", "timings.json", "report/report.md"]:  # fmt: skip
         assert (run / name).exists(), name
+    report = (run / "report" / "report.md").read_text()
+    for png in ("loss.png", "quality.png", "speed.png"):
+        assert f"]({png})" in report
+        head = (run / "report" / png).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 100  # width
     answers = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 13 and len({a["id"] for a in answers}) == 13
     assert all(a["finish_reason"] in ("stop", "length") and a["token_ids"] for a in answers)

@@ -9,6 +9,7 @@ Each stage reads the files earlier stages wrote under ``runs/<name>/`` and write
     teacher_cache/   top-k teacher log-probs   (cache; only when cache.use)
     student/         trained student           (train; checkpoints/ and metrics.jsonl beside it)
     eval.json        teacher vs students       (evaluate; eval_answers.jsonl)
+    report/          report.md with plots      (evaluate: loss curve, quality kept, speed)
     export/          HF folder + model card    (export)
 """
 
@@ -42,6 +43,7 @@ from distill.models import (
     shrink_layers,
 )
 from distill.progress import console
+from distill.report import write_report
 from distill.teacher import LiveTeacher
 from distill.train import train
 
@@ -127,7 +129,7 @@ def generate(cfg: RunConfig) -> Path:
 def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
     """Answers from an OpenAI-compatible endpoint: api_log.jsonl (every outcome, append-only),
     then answers.jsonl (the successes in our tokenizer) and generate_summary.json."""
-    from distill.api import generate_api_answers, successes, training_answers
+    from distill.api import answer_key, generate_api_answers, price_of, successes, training_answers
 
     run = cfg.run_dir
     api = cfg.teacher.api
@@ -158,17 +160,15 @@ def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     done = successes(log)
-    expected = {f"{p.id}#{j}" if j else p.id for p in prompts for j in range(api.n)}
+    expected = {answer_key(p.id, j) for p in prompts for j in range(api.n)}
     failed_now = {}
     for rec in log:
-        key = rec["id"] if not rec.get("sample") else f"{rec['id']}#{rec['sample']}"
+        key = answer_key(rec["id"], rec.get("sample", 0))
         if "error" in rec and key not in done and key in expected:
             failed_now[key] = rec["error"]["cause"]
     usage = [r["usage"] for r in done.values()]
     total_prompt = sum(u["prompt_tokens"] or 0 for u in usage)
     total_completion = sum(u["completion_tokens"] or 0 for u in usage)
-    from distill.api import price_of
-
     signal = _api_signal(cfg, mapping)
     summary = {
         "this_run": stats.as_dict(),
@@ -474,6 +474,7 @@ def evaluate(cfg: RunConfig) -> dict:
         for o in outputs:
             f.write(json.dumps(o, ensure_ascii=False) + "\n")
     console.print(results_table({k: v for k, v in results.items() if k != "summary"}))
+    console.print(f"report with plots: {write_report(run, results)}")
     return results
 
 
