@@ -144,3 +144,22 @@ def test_llama_cpp_engine_generates_token_ids_of_our_tokenizer():
         logits = teacher(torch.tensor([ids + greedy.token_ids])).logits[0, len(ids) - 1 : len(ids) - 1 + n]
     agree = (logits.argmax(-1) == torch.tensor(greedy.token_ids)).float().mean()
     assert agree >= 0.8, agree
+
+
+def test_generate_stage_with_the_llama_cpp_engine(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS[:3]))
+    )
+    cfg = RunConfig.model_validate(
+        {"name": "engine", "runs_dir": str(tmp_path / "runs"), "data": {"path": str(data), "heldout_size": 1},
+         "teacher": {"engine": "llama_cpp"}, "generate": {"max_new_tokens": 16, "batch_size": 2}}
+    )  # fmt: skip
+    pipeline.generate(cfg)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    answers = [json.loads(x) for x in (cfg.run_dir / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["id"] for a in answers) == ["p0", "p1", "p2"]
+    for a in answers:
+        assert a["text"] == tok.decode(a["token_ids"], skip_special_tokens=True)
+        assert (a["finish_reason"] == "stop") == (a["token_ids"][-1] == tok.eos_token_id)
+        assert len(a["token_ids"]) <= 16

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import GenerateConfig
@@ -25,9 +25,10 @@ class Generation:
     finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_new_tokens)
 
 
-def eos_ids(model: PreTrainedModel, tok: Tokenizer) -> list[int]:
-    """Every token id that ends an answer (generation config and tokenizer)."""
-    ids = model.generation_config.eos_token_id
+def eos_ids(model: PreTrainedModel | GenerationConfig, tok: Tokenizer) -> list[int]:
+    """Every token id that ends an answer (a model's or a folder's generation config, and the tokenizer)."""
+    gen = model if isinstance(model, GenerationConfig) else model.generation_config
+    ids = gen.eos_token_id
     out = set([ids] if isinstance(ids, int) else (ids or []))
     if tok.eos_token_id is not None:
         out.add(tok.eos_token_id)

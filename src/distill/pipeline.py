@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import LoraConfig, RunConfig, dump_config
@@ -33,7 +33,7 @@ from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, s
 from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
-from distill.generate import LlamaCppEngine, generate_answers, read_answers, read_log
+from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log
 from distill.models import (
     evenly_spaced_layers,
     load_model,
@@ -109,10 +109,8 @@ def generate(cfg: RunConfig) -> Path:
             raise StageError(
                 f"teacher.engine=llama_cpp needs a .gguf teacher; {cfg.teacher.model} is not one"
             )
-        from distill.generate import eos_ids
-
-        stop = sorted({tok.eos_token_id, *eos_ids(load_model(cfg.teacher.model), tok)} - {None})
-        engine = LlamaCppEngine(gguf, stop, threads=cfg.threads)
+        gen_cfg = GenerationConfig.from_pretrained(resolve_model_dir(cfg.teacher.model))
+        engine = LlamaCppEngine(gguf, eos_ids(gen_cfg, tok), threads=cfg.threads)
     else:
         model = load_model(cfg.teacher.model, dtype=DTYPES[cfg.teacher.dtype],
                            trust_remote_code=cfg.teacher.trust_remote_code)  # fmt: skip
