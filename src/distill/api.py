@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import os
 import random
 import time
@@ -28,7 +27,7 @@ import openai
 
 from distill.config import ApiConfig
 from distill.data import Prompt
-from distill.generate import read_log
+from distill.generate import read_log, write_records
 from distill.progress import progress_bar
 
 
@@ -324,12 +323,6 @@ def successes(log: list[dict]) -> dict[str, dict]:
     return out
 
 
-def append_record(f, rec: dict) -> None:
-    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def estimate_tokens(prompt: Prompt) -> int:
     """Rough prompt size before the server counts it: ~4 characters a token, plus framing."""
     return sum(len(m["content"]) for m in prompt.messages) // 4 + 8 * len(prompt.messages)
@@ -370,6 +363,28 @@ def price_of(cfg: ApiConfig, prompt_tokens: int, completion_tokens: int) -> floa
     if p is None:
         return 0.0
     return (prompt_tokens * p.prompt + completion_tokens * p.completion) / 1e6
+
+
+def log_totals(log: list[dict], prompts: list[Prompt], cfg: ApiConfig) -> dict:
+    """What the whole log holds for ``prompts``: answers, what is still missing, the causes of the
+    missing ones' last failures, tokens used and their cost."""
+    done = successes(log)
+    expected = {answer_key(p.id, j) for p in prompts for j in range(cfg.n)}
+    last_failure = {}
+    for rec in log:
+        key = answer_key(rec["id"], rec.get("sample", 0))
+        if "error" in rec and key not in done and key in expected:
+            last_failure[key] = rec["error"]["cause"]
+    prompt_tokens = sum(r["usage"]["prompt_tokens"] or 0 for r in done.values())
+    completion_tokens = sum(r["usage"]["completion_tokens"] or 0 for r in done.values())
+    return {
+        "answers": len(done),
+        "missing": len(expected - done.keys()),
+        "failed_by_cause": dict(sorted(Counter(last_failure.values()).items())),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": price_of(cfg, prompt_tokens, completion_tokens),
+    }
 
 
 async def _answer_one(
@@ -435,7 +450,7 @@ async def generate_api_answers_async(
                 except asyncio.QueueEmpty:
                     return
                 rec = await _answer_one(teacher, limiter, prompt, sample, stats, rng)
-                append_record(log, rec)  # on disk before anything else happens
+                write_records(log, [rec])  # on disk before anything else happens
                 if "error" in rec:
                     stats.failed[rec["error"]["cause"]] += 1
                 else:

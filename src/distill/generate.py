@@ -111,12 +111,17 @@ def read_answers(path: Path) -> dict[str, dict]:
     return {rec.get("key", rec["id"]): rec for rec in read_log(path)}
 
 
+def write_records(f, records: list[dict]) -> None:
+    """Append JSON lines to an open file and make them durable (flush + fsync) before returning."""
+    for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _append(path: Path, records: list[dict]) -> None:
     with path.open("a") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        write_records(f, records)
 
 
 class LlamaCppEngine:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, s
 from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
-from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log
+from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log, write_records
 from distill.models import (
     evenly_spaced_layers,
     load_model,
@@ -127,7 +126,7 @@ def generate(cfg: RunConfig) -> Path:
 def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
     """Answers from an OpenAI-compatible endpoint: api_log.jsonl (every outcome, append-only),
     then answers.jsonl (the successes in our tokenizer) and generate_summary.json."""
-    from distill.api import answer_key, generate_api_answers, price_of, successes, training_answers
+    from distill.api import generate_api_answers, log_totals, training_answers
 
     run = cfg.run_dir
     api = cfg.teacher.api
@@ -154,30 +153,12 @@ def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
     out = run / "answers.jsonl"
     tmp = out.with_name("answers.jsonl.tmp")
     with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_records(f, records)
     os.replace(tmp, out)
-    done = successes(log)
-    expected = {answer_key(p.id, j) for p in prompts for j in range(api.n)}
-    failed_now = {}
-    for rec in log:
-        key = answer_key(rec["id"], rec.get("sample", 0))
-        if "error" in rec and key not in done and key in expected:
-            failed_now[key] = rec["error"]["cause"]
-    usage = [r["usage"] for r in done.values()]
-    total_prompt = sum(u["prompt_tokens"] or 0 for u in usage)
-    total_completion = sum(u["completion_tokens"] or 0 for u in usage)
     signal = _api_signal(cfg, mapping)
     summary = {
         "this_run": stats.as_dict(),
-        "total": {
-            "answers": len(done),
-            "missing": len(expected - done.keys()),
-            "failed_by_cause": dict(sorted(Counter(failed_now.values()).items())),
-            "prompt_tokens": total_prompt,
-            "completion_tokens": total_completion,
-            "cost_usd": price_of(api, total_prompt, total_completion),
-        },
+        "total": log_totals(log, prompts, api),
         "logprob_mapping": mapping,
         "teacher_signal": signal,
     }
