@@ -153,6 +153,14 @@ def split_prompts(
     return [p for p in prompts if p.id not in held], [p for p in prompts if p.id in held]
 
 
+def with_system_prompt(prompt: Prompt, system_prompt: str | None) -> Prompt:
+    """``prompt`` with ``system_prompt`` as its first turn, unless it has a system turn already."""
+    if not system_prompt or prompt.messages[0]["role"] == "system":
+        return prompt
+    messages = [{"role": "system", "content": system_prompt}, *prompt.messages]
+    return Prompt(prompt.id, messages, prompt.reference, prompt.meta)
+
+
 def prompt_token_ids(
     tok: Tokenizer, prompt: Prompt, *, system_prompt: str | None = None, max_tokens: int = 256
 ) -> list[int]:
@@ -161,9 +169,7 @@ def prompt_token_ids(
     Uses the tokenizer's chat template; a tokenizer without one (a base model)
     gets the turns' text joined by newlines. Long prompts keep their last tokens.
     """
-    messages = prompt.messages
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = with_system_prompt(prompt, system_prompt).messages
     if tok.chat_template:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -28,7 +28,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import LoraConfig, RunConfig, dump_config
-from distill.data import Prompt, make_example, prompt_token_ids, read_prompts, split_prompts
+from distill.data import (
+    Prompt,
+    make_example,
+    prompt_token_ids,
+    read_prompts,
+    split_prompts,
+    with_system_prompt,
+)
 from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
@@ -132,18 +139,10 @@ def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
     api = cfg.teacher.api
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
 
-    def render(p: Prompt) -> str:
-        ids = prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
-                               max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
-        return tok.decode(ids)
+    def render(p: Prompt) -> str:  # p already carries the system turn
+        return tok.decode(prompt_token_ids(tok, p, max_tokens=cfg.data.max_prompt_tokens))
 
-    if cfg.data.system_prompt:
-        prompts = [
-            p if p.messages[0]["role"] == "system"
-            else Prompt(p.id, [{"role": "system", "content": cfg.data.system_prompt}, *p.messages],
-                        p.reference, p.meta)
-            for p in prompts
-        ]  # fmt: skip
+    prompts = [with_system_prompt(p, cfg.data.system_prompt) for p in prompts]
     log_path = run / "api_log.jsonl"
     console.print(f"teacher: {api.model} at {api.base_url} ({api.endpoint} endpoint, "
                   f"{api.concurrency} in flight)")  # fmt: skip
