@@ -414,20 +414,15 @@ def evaluate(cfg: RunConfig) -> dict:
     }
     results, outputs, models = {}, [], {}
     for name, (model, folder) in candidates.items():
-        if name == "teacher" and model is None:
-            res, outs = evaluate_model(
-                name, None, None, tok, held, ids, answers, cfg.evaluate, weights_dir=None,
-                max_seq_len=cfg.train.max_seq_len, reference_answers=True,
-            )  # fmt: skip
-            results[name], outputs = res, outputs + outs
-            continue
-        if model is None:
+        if model is None and folder is not None:  # a student (an API-only teacher has neither)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         res, outs = evaluate_model(
             name, model, teacher, tok, held, ids, answers, cfg.evaluate, weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
         )  # fmt: skip
-        results[name], outputs, models[name] = res, outputs + outs, model
+        results[name], outputs = res, outputs + outs
+        if model is not None:
+            models[name] = model
     console.print("[dim]measuring generation speed, the models in turn...[/dim]")
     speed_prompts = [ids[p.id] for p in held[:4]]
     speeds = compare_speed(models, tok, speed_prompts, cfg.evaluate, DTYPES[cfg.evaluate.speed_dtype])
