@@ -78,24 +78,10 @@ def test_kill_and_resume_gives_identical_weights(setup, tmp_path, monkeypatch):
 
 def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
     teacher, tok, examples = setup
-    big = _student(teacher)
-    small = _student(teacher)
-    tr.train(
-        big,
-        LiveTeacher(teacher),
-        examples,
-        _cfg(max_steps=2, batch_size=6, grad_accum=1),
-        tmp_path / "a",
-        pad_id=tok.pad_token_id,
-    )
-    tr.train(
-        small,
-        LiveTeacher(teacher),
-        examples,
-        _cfg(max_steps=2, batch_size=3, grad_accum=2),
-        tmp_path / "b",
-        pad_id=tok.pad_token_id,
-    )
+    big, small = _student(teacher), _student(teacher)
+    for student, batch_size, accum in ((big, 6, 1), (small, 3, 2)):
+        cfg = _cfg(max_steps=2, batch_size=batch_size, grad_accum=accum)
+        tr.train(student, LiveTeacher(teacher), examples, cfg, tmp_path / str(accum), pad_id=tok.pad_token_id)
     # Adam divides by sqrt(v): a near-zero gradient's rounding (other micro-batch padding, other
     # loss blocks) can move one weight by ~1e-4, so single weights get atol 1e-3 and the whole
     # tensor must agree to 1e-3 relative; a step that saw other samples moves most weights by ~lr.

@@ -471,12 +471,12 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w, b = weight.detach(), None if bias is None else bias.detach()
+        fast = getattr(loss_fn, "value_and_grad", None)  # a closed form, when the loss has one
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]  # counted positions of this block
             h = hidden[idx].detach()  # (C, H)
             t = teacher[idx] if isinstance(teacher, Tensor) else teacher.take(idx)
             logits = F.linear(h, w, b)  # (C, V)
-            fast = getattr(loss_fn, "value_and_grad", None)
             got = fast(logits, t, num_tokens) if fast is not None else None
             if got is not None:  # a closed-form loss gives its value and gradient at once
                 part, g = got
