@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import EvaluateConfig
 from distill.data import Prompt, collate, make_example
+from distill.filters import NUMBER, last_number_matches
 from distill.generate import generate_batch
 from distill.losses import forward_kl, token_cross_entropy
 from distill.models import count_params, folder_bytes
@@ -44,15 +44,11 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-_NUM = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-
-
 def matches_reference(answer: str, reference: str) -> bool:
-    """A numeric reference must equal the answer's last number; text must appear in it."""
+    """A numeric reference must equal the answer's last number (as a number); text must appear in it."""
     ref = reference.strip()
-    if _NUM.fullmatch(ref):
-        nums = _NUM.findall(answer.replace(",", ""))
-        return bool(nums) and nums[-1] == ref
+    if NUMBER.fullmatch(ref):
+        return last_number_matches(answer, ref)
     return ref.lower() in answer.lower()
 
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 from distill.config import FilterConfig
 from distill.data import Prompt
 
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def _as_fraction(text: str) -> Fraction | None:
@@ -23,7 +23,7 @@ def _as_fraction(text: str) -> Fraction | None:
 def last_number_matches(answer: str, reference: str) -> bool:
     """The answer's last number equals the reference as a number (so 0.5 == 1/2 == 0.50)."""
     ref = _as_fraction(reference.strip())
-    nums = _NUMBER.findall(answer)
+    nums = NUMBER.findall(answer)
     return ref is not None and bool(nums) and _as_fraction(nums[-1]) == ref
 
 
