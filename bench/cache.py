@@ -1,17 +1,20 @@
 """Offline teacher cache vs live teacher on the default recipe.
 
-    python bench/cache.py [--steps 60]
+    python bench/cache.py [--steps 60] [--seeds 0,1,2] [--tail-samples 4]
 
 Needs the default run's teacher answers and untrained student (``make demo`` or
 ``distill generate`` + ``distill shrink``); it copies them into two bench runs,
 ``runs/bench-cache-live`` and ``runs/bench-cache-topk``, and then:
 
-1. builds the k = 32 cache and measures its bytes per scored token;
-2. trains the same student for the same steps from live dense logits and from the
-   cache, each in its own subprocess (so peak RSS is its own), recording student
-   training tokens/s and peak RSS;
-3. scores both students on the held-out prompts: per-token KL(teacher || student).
+1. builds the k = 32 cache (with ``--tail-samples`` tail samples per token) and measures
+   its bytes per scored token;
+2. for each seed, trains the same student for the same steps from live dense logits and
+   from the cache (tail as a bucket, and tail from the samples), each in its own subprocess
+   (so peak RSS is its own), in alternating turns, recording student tokens/s and peak RSS;
+3. scores every student on the held-out prompts: per-token KL(teacher || student).
 
+Seeds change the data order, which moves a 60-step student's held-out KL by a few percent,
+more than the 2% the comparison is about; so each contender's KL is its mean over the seeds.
 Figures go to bench/results/cache.json.
 """
 
@@ -23,29 +26,33 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "cache.json"
-
-
 CHUNKED = os.environ.get("BENCH_CHUNKED_LOSS", "1") == "1"
+RUNS = {"live": "bench-cache-live", "bucket": "bench-cache-topk", "sample": "bench-cache-topk"}
 
 
-def _overrides(name: str, steps: int, use_cache: bool) -> list[str]:
-    # Both contenders use the same trainer settings; the chunked loss (no (B, T, V) student
-    # logits) is the setting to use with a cache, and BENCH_CHUNKED_LOSS=0 turns it off.
-    return [f"name={name}", f"train.max_steps={steps}", f"cache.use={str(use_cache).lower()}",
-            f"train.checkpoint_every={steps}", f"train.chunked_loss={str(CHUNKED).lower()}"]  # fmt: skip
+def _overrides(contender: str, steps: int, seed: int, tail_samples: int) -> list[str]:
+    # Every contender uses the same trainer settings; only the teacher signal differs.
+    cache = contender != "live"
+    out = [f"name={RUNS[contender]}", f"train.max_steps={steps}", f"train.seed={seed}",
+           f"cache.use={str(cache).lower()}", f"cache.tail_samples={tail_samples}",
+           f"train.checkpoint_every={steps}", f"train.chunked_loss={str(CHUNKED).lower()}"]  # fmt: skip
+    if cache:
+        out.append(f"cache.tail={contender}")
+    return out
 
 
-def train_child(name: str, steps: int, use_cache: bool) -> None:
+def train_child(overrides: list[str]) -> None:
     from distill import pipeline
     from distill.config import load_config
 
-    cfg = load_config(None, _overrides(name, steps, use_cache))
+    cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     pipeline.train_student(cfg, resume=False)
     wall = time.perf_counter() - t0
@@ -56,42 +63,68 @@ def train_child(name: str, steps: int, use_cache: bool) -> None:
     print(json.dumps(out))
 
 
-def heldout_kl(run: Path, cfg) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM
+class HeldOut:
+    """The held-out teacher answers, encoded as training encodes them, and the teacher."""
 
-    from distill.evaluate import forced_metrics
-    from distill.generate import read_answers
-    from distill.models import load_model, load_tokenizer
-    from distill.pipeline import load_split, training_examples
+    def __init__(self, cfg) -> None:
+        from distill.generate import read_answers
+        from distill.models import load_model, load_tokenizer
+        from distill.pipeline import load_split, training_examples
 
-    _, held = load_split(cfg)
-    tok = load_tokenizer(cfg.teacher.model)
-    teacher = load_model(cfg.teacher.model)
-    ex = training_examples(cfg, tok, held, read_answers(run / "answers.jsonl"))  # same encoding as training
-    student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
-    return forced_metrics(student, teacher, ex, tok.pad_token_id, 8)["kl"]
+        _, held = load_split(cfg)
+        self.tok = load_tokenizer(cfg.teacher.model)
+        self.teacher = load_model(cfg.teacher.model)
+        answers = read_answers(cfg.run_dir / "answers.jsonl")
+        self.examples = training_examples(cfg, self.tok, held, answers)
+
+    def kl(self, student_dir: Path) -> float:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from distill.evaluate import forced_metrics
+
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return forced_metrics(student, self.teacher, self.examples, self.tok.pad_token_id, 8)["kl"]
+
+
+def _shard_bytes(cache_dir: Path) -> tuple[int, int, int]:
+    """(rows, bytes of the whole shards, bytes of their tail-sample tensors)."""
+    from safetensors import safe_open
+
+    rows = total = sampled = 0
+    for p in cache_dir.glob("shard-*.safetensors"):
+        total += p.stat().st_size
+        with safe_open(p, "np") as f:
+            rows += f.get_slice("tail").get_shape()[0]
+            for name in ("sample_ids", "sample_logprobs"):
+                if name in f.keys():
+                    sampled += f.get_tensor(name).nbytes
+    return rows, total, sampled
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tail-samples", type=int, default=4)
     ap.add_argument("--source", default="runs/default")
-    ap.add_argument("--child", nargs=3)
+    ap.add_argument("--child", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.child:
-        train_child(args.child[0], int(args.child[1]), args.child[2] == "1")
+        train_child(args.child)
         return
 
     from distill import pipeline
     from distill.config import load_config
 
+    seeds = [int(s) for s in args.seeds.split(",")]
+    m = args.tail_samples
     src = Path(args.source)
     for need in ("answers.jsonl", "split.json", "student_init"):
         if not (src / need).exists():
             sys.exit(f"{src / need} missing: run `make demo` (or distill generate + shrink) first")
-    runs = {"live": "bench-cache-live", "topk": "bench-cache-topk"}
-    for name in runs.values():
+    for name in set(RUNS.values()):
         dst = Path("runs") / name
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
@@ -99,51 +132,76 @@ def main() -> None:
         shutil.copy(src / "split.json", dst)
         shutil.copytree(src / "student_init", dst / "student_init")
 
-    cfg_topk = load_config(None, _overrides(runs["topk"], args.steps, True))
+    cfg_cache = load_config(None, _overrides("bucket", args.steps, 0, m))
     t0 = time.perf_counter()
-    cache_dir = pipeline.build_teacher_cache(cfg_topk)
+    cache_dir = pipeline.build_teacher_cache(cfg_cache)
     cache_seconds = time.perf_counter() - t0
     meta = json.loads((cache_dir / "meta.json").read_text())
-    shard_bytes = sum(p.stat().st_size for p in cache_dir.glob("shard-*.safetensors"))
-    from safetensors import safe_open
+    rows, shard_bytes, sample_bytes = _shard_bytes(cache_dir)
+    held = HeldOut(load_config(None, _overrides("live", args.steps, 0, m)))
 
-    rows = 0
-    for p in cache_dir.glob("shard-*.safetensors"):
-        with safe_open(p, "np") as f:
-            rows += f.get_slice("tail").get_shape()[0]
+    runs: dict[str, list[dict]] = {c: [] for c in RUNS}
+    for seed in seeds:
+        for contender in RUNS:  # alternating turns: a slow spell of the machine hits every contender
+            ov = _overrides(contender, args.steps, seed, m)
+            cmd = [sys.executable, __file__, "--child", *ov]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            fig = json.loads(out.stdout.strip().splitlines()[-1])
+            fig["seed"] = seed
+            fig["heldout_kl"] = held.kl(Path("runs") / RUNS[contender] / "student")
+            runs[contender].append(fig)
+            print(contender, fig, flush=True)
 
-    figures = {}
-    for label, name in runs.items():
-        cmd = [sys.executable, __file__, "--child", name, str(args.steps), "1" if label == "topk" else "0"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        figures[label] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(label, figures[label], flush=True)
-    for label, name in runs.items():
-        cfg = load_config(None, _overrides(name, args.steps, label == "topk"))
-        figures[label]["heldout_kl"] = heldout_kl(cfg.run_dir, cfg)
-        print(label, "held-out KL", figures[label]["heldout_kl"], flush=True)
+    def mean_kl(c: str) -> float:
+        return statistics.fmean(r["heldout_kl"] for r in runs[c])
 
-    live, topk = figures["live"], figures["topk"]
+    def median_speed(c: str) -> float:
+        return statistics.median(r["tokens_per_s"] for r in runs[c])
+
+    def peak(c: str) -> int:
+        return max(r["peak_rss_bytes"] for r in runs[c])
+
+    def rel(a: float, b: float) -> float:
+        return (a - b) / b
+
+    def paired_rel(c: str) -> list[float]:
+        return [rel(a["heldout_kl"], b["heldout_kl"]) for a, b in zip(runs[c], runs["live"], strict=True)]
+
+    shipped = "sample" if m else "bucket"  # the cache format this run measures the size of
     import torch
 
     result = {
         "bytes_per_token_k32": shard_bytes / rows,
-        "cache_vs_live_tokens_per_s_ratio": topk["tokens_per_s"] / live["tokens_per_s"],
-        "cache_vs_live_peak_rss_ratio": topk["peak_rss_bytes"] / live["peak_rss_bytes"],
-        "cache_vs_dense_heldout_kl_rel_diff": (topk["heldout_kl"] - live["heldout_kl"]) / live["heldout_kl"],
+        "cache_vs_live_tokens_per_s_ratio": median_speed(shipped) / median_speed("live"),
+        "cache_vs_live_peak_rss_ratio": peak(shipped) / peak("live"),
+        "cache_vs_dense_heldout_kl_rel_diff": rel(mean_kl(shipped), mean_kl("live")),
+        "cache_tail": shipped,
+        "summary": {
+            c: {
+                "mean_heldout_kl": mean_kl(c),
+                "median_tokens_per_s": median_speed(c),
+                "peak_rss_bytes": peak(c),
+                "kl_rel_diff_vs_live": None if c == "live" else rel(mean_kl(c), mean_kl("live")),
+                "kl_rel_diff_per_seed": None if c == "live" else paired_rel(c),
+            }  # fmt: skip
+            for c in RUNS
+        },
         "raw": {
-            "live": live,
-            "cache": topk,
+            "runs": runs,
             "cache_build_seconds": cache_seconds,
             "cached_tokens": rows,
             "shard_bytes": shard_bytes,
+            "tail_sample_bytes": sample_bytes,
+            "bytes_per_token_without_samples": (shard_bytes - sample_bytes) / rows,
             "k": meta["k"],
+            "tail_samples": meta.get("tail_samples", 0),
             "id_dtype": meta["id_dtype"],
             "train_steps": args.steps,
-        },  # fmt: skip
+            "seeds": seeds,
+        },
         "chunked_loss": CHUNKED,
         "command": ("" if CHUNKED else "BENCH_CHUNKED_LOSS=0 ")
-        + f"python bench/cache.py --steps {args.steps}",
+        + f"python bench/cache.py --steps {args.steps} --seeds {args.seeds} --tail-samples {m}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
     }

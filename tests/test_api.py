@@ -249,7 +249,7 @@ def test_pipeline_from_api_top_logprobs_trains_on_a_sparse_signal(tmp_path, tiny
     meta = json.loads((run / "teacher_cache" / "meta.json").read_text())
     assert meta["k"] == 3 and meta["teacher"] == f"openai:fake@{server.url}"
     train_summary = json.loads((run / "train_summary.json").read_text())
-    assert train_summary["teacher_signal"] == "cached top-3 teacher log-probs from the API"
+    assert train_summary["teacher_signal"] == "cached top-3 teacher log-probs from the API, tail: bucket"
     report = json.loads((run / "filter_report.json").read_text())
     q3_trains = "q3" in json.loads((run / "split.json").read_text())["train"]
     assert report["dropped_by_reason"] == ({"wrong_answer": 1} if q3_trains else {})  # q3's answer is wrong

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -32,9 +33,8 @@ def setup(tiny_teacher_dir):
 
 
 def _expected(meta):
-    return {
-        f: getattr(meta, f) for f in ("teacher_weights_hash", "tokenizer_hash", "k", "scoring_temperature")
-    }
+    fields = ("teacher_weights_hash", "tokenizer_hash", "k", "scoring_temperature", "tail_samples")
+    return {f: getattr(meta, f) for f in fields}
 
 
 def test_round_trip_matches_teacher_topk(setup, tmp_path):
@@ -61,6 +61,37 @@ def test_round_trip_matches_teacher_topk(setup, tmp_path):
     torch.testing.assert_close(torch.from_numpy(tail.astype(np.float32)), want_tail, rtol=2e-3, atol=2e-3)
 
 
+def test_tail_samples_round_trip(setup, tmp_path):
+    """The cached tail samples lie outside the top-k, carry the teacher's log-probs, and are the
+    same when the cache is built again in other batches (the draw is seeded by the sample)."""
+    teacher, tok, examples, meta = setup
+    meta = dataclasses.replace(meta, k=8, tail_samples=4)
+    C.build_cache(teacher, examples, tmp_path / "a", meta, pad_id=tok.pad_token_id, batch_size=3)
+    C.build_cache(teacher, examples[::-1], tmp_path / "b", meta, pad_id=tok.pad_token_id, batch_size=2)
+    for shard in (tmp_path / "a").glob("shard-*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+    cached = C.CachedTeacher(tmp_path / "a", _expected(meta), examples, tail="sample")
+    batch = collate(examples[:4], tok.pad_token_id)
+    sig = cached.signal(batch)
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1
+        )
+    mask = batch.answer_mask[:, 1:]
+    s_ids, s_lp = sig.sample_ids[mask], sig.sample_logprobs[mask]
+    assert s_ids.shape == (int(mask.sum()), 4)
+    assert not (s_ids[:, :, None] == sig.ids[mask][:, None, :]).any()
+    torch.testing.assert_close(s_lp, logp[mask].gather(-1, s_ids).half().float(), rtol=0, atol=0)
+    assert torch.isneginf(sig.sample_logprobs[~mask]).all()  # uncounted positions have none
+    assert C.CachedTeacher(tmp_path / "a").tail == "sample"  # auto: the samples, when there are some
+    # asking for a bucket gives the bucket signal from the same cache
+    assert C.CachedTeacher(tmp_path / "a", tail="bucket").signal(batch).sample_ids is None
+    C.build_cache(teacher, examples, tmp_path / "plain", dataclasses.replace(meta, tail_samples=0), pad_id=0)
+    with pytest.raises(C.CacheError, match="holds no tail samples"):
+        C.CachedTeacher(tmp_path / "plain", tail="sample")
+    assert C.CachedTeacher(tmp_path / "plain").tail == "bucket"
+
+
 def test_bytes_per_token_is_compact(setup, tmp_path):
     teacher, tok, _, meta = setup
     g = torch.Generator().manual_seed(2)
@@ -72,6 +103,11 @@ def test_bytes_per_token_is_compact(setup, tmp_path):
     tokens = sum(sum(m[1:]) for _, m in examples)
     size = sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*.safetensors"))
     assert size / tokens <= 150  # k = 32: 2-byte ids + 2-byte log-probs + tail, plus headers
+    meta4 = dataclasses.replace(meta, tail_samples=4)
+    C.build_cache(teacher, examples, tmp_path / "c4", meta4, pad_id=tok.pad_token_id)
+    size4 = sum(p.stat().st_size for p in (tmp_path / "c4").glob("shard-*.safetensors"))
+    assert size4 / tokens <= 150  # and 4 tail samples at 4 bytes each still fit
+    assert tokens * 16 <= size4 - size <= tokens * 16 + 512  # 2-byte id + 2-byte log-prob each, + header
 
 
 def test_resume_after_kill_mid_shard_keeps_finished_shards(setup, tmp_path, monkeypatch):
@@ -116,7 +152,13 @@ def test_corrupted_shard_is_found_and_refused(setup, tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("k", 16), ("scoring_temperature", 2.0), ("tokenizer_hash", "other"), ("teacher_weights_hash", "x")],
+    [
+        ("k", 16),
+        ("scoring_temperature", 2.0),
+        ("tokenizer_hash", "other"),
+        ("teacher_weights_hash", "x"),
+        ("tail_samples", 4),
+    ],
 )
 def test_mismatch_names_the_field(setup, tmp_path, field, value):
     teacher, tok, examples, meta = setup
@@ -159,3 +201,29 @@ def test_pipeline_trains_from_cache_without_loading_the_teacher(
     cfg2 = load_config(tmp_path / "r.yaml", ["cache.k=4"])
     with pytest.raises(C.CacheError, match="k: cache has 8, run needs 4"):
         pipeline.train_student(cfg2, resume=False)
+
+
+def test_pipeline_trains_from_tail_samples(tmp_path, tiny_teacher_dir, prompts_file):
+    cache = {"use": True, "k": 8, "tail": "sample", "tail_samples": 3}
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, cache=cache)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    pipeline.build_teacher_cache(cfg)
+    meta = json.loads((cfg.run_dir / "teacher_cache" / "meta.json").read_text())
+    assert (meta["k"], meta["tail_samples"]) == (8, 3)
+    pipeline.train_student(cfg)
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    assert "tail: sample (3 samples)" in summary["teacher_signal"]
+    assert all(np.isfinite(r["kd"]) for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").open()))
+    with pytest.raises(ValueError, match="train.loss=forward_kl"):
+        load_config(tmp_path / "r.yaml", ["train.loss=reverse_kl"])
+    with pytest.raises(ValueError, match="tail_samples > 0"):
+        load_config(tmp_path / "r.yaml", ["cache.tail_samples=0"])
+    # auto: samples for forward KL at temperature 1, else the bucket, else renormalising
+    auto = ["cache.tail=auto"]
+    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", auto)) == "auto"
+    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", [*auto, "train.loss=jsd"])) == "bucket"
+    hot = [*auto, "train.distill_temperature=2"]
+    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", hot)) == "renormalize"

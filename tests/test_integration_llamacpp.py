@@ -122,7 +122,7 @@ def test_distil_from_llama_cpp_server_with_top_logprobs(tmp_path, llama_server):
     pipeline.build_teacher_cache(cfg)
     pipeline.train_student(cfg)
     train = json.loads((run / "train_summary.json").read_text())
-    assert train["teacher_signal"] == "cached top-5 teacher log-probs from the API"
+    assert train["teacher_signal"] == "cached top-5 teacher log-probs from the API, tail: bucket"
     assert train["steps"] == 2
 
 

@@ -397,3 +397,91 @@ def test_padded_topk_entries_are_no_outcome(tail):
         a = loss(s, L.TopKTeacher(ids, lp, tail))
         b = loss(s, L.TopKTeacher(padded_ids, padded_lp, tail))
         torch.testing.assert_close(a, b)
+
+
+# --- sparse teacher with a sampled tail -----------------------------------------------------------
+
+
+def sampled(t, k, m, seed=0):
+    """Top-k of dense teacher logits ``(N, V)`` plus ``m`` tail samples per row (the cache's sampler)."""
+    from distill.cache import _tail_samples
+
+    lp = torch.log_softmax(t.double(), -1)
+    vals, ids = lp.topk(k, -1)
+    s_ids, s_lp = _tail_samples(lp, ids, m, f"{seed:015x}" + "0" * 9)  # a key: 24 hex digits
+    tail = torch.log1p(-vals.exp().sum(-1))
+    return L.TopKTeacher(ids, vals, "sample", tail, torch.from_numpy(s_ids), torch.from_numpy(s_lp))
+
+
+def test_sampled_tail_estimates_the_dense_forward_kl_without_bias():
+    """With many samples the value and gradient approach the dense forward KL's (computed here
+    from the full teacher distribution), though the top-k alone is far from it."""
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(6, 40, generator=g) * 2).double().requires_grad_(True)
+    t = torch.randn(6, 40, generator=g) * 1.5  # a flat teacher: much mass outside its top 4
+    p, q = ref_probs(t, 1.0), torch.softmax(s, -1)
+    want = ref_kl(p, q).mean()
+    (want_g,) = torch.autograd.grad(want, s)
+    got = L.forward_kl(s, sampled(t, 4, 200_000))
+    (got_g,) = torch.autograd.grad(got, s)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=0.02)
+    torch.testing.assert_close(got_g, want_g, rtol=0, atol=0.01 * float(want_g.abs().max()))
+    # the bucket with the same k misses the tail's shape: its gradient is visibly biased
+    head = sampled(t, 4, 1)
+    bucket = L.forward_kl(s, L.TopKTeacher(head.ids, head.logprobs, "bucket", head.tail_logprob))
+    (bucket_g,) = torch.autograd.grad(bucket, s)
+    assert float((bucket_g - want_g).abs().max()) > 10 * float((got_g - want_g).abs().max())
+
+
+def test_sampled_tail_draws_come_from_outside_the_top_k_and_repeat():
+    g = torch.Generator().manual_seed(12)
+    t = torch.randn(5, 30, generator=g)
+    a, b = sampled(t, 6, 50, seed=3), sampled(t, 6, 50, seed=3)
+    assert torch.equal(a.sample_ids, b.sample_ids)  # seeded by the sample's key
+    assert not torch.equal(a.sample_ids, sampled(t, 6, 50, seed=4).sample_ids)
+    assert not (a.sample_ids[:, :, None] == a.ids[:, None, :]).any()
+    lp = torch.log_softmax(t.double(), -1)
+    torch.testing.assert_close(a.sample_logprobs, lp.gather(-1, a.sample_ids))
+    # a teacher with no mass outside its top-k has no samples: -inf, and the KL is the top-k's
+    one_hot = torch.full((2, 30), -1e4)
+    one_hot[:, 0] = 0.0
+    none = sampled(one_hot, 3, 4)
+    assert torch.isneginf(none.sample_logprobs).all()
+    s = torch.randn(2, 30, generator=g)
+    want = -torch.log_softmax(s.double(), -1)[:, 0].mean()
+    assert float(L.forward_kl(s, none)) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_topk_sample_block_matches_autograd_in_float64(compile, dtype):
+    g = torch.Generator().manual_seed(13)
+    z = (torch.randn(29, 97, generator=g) * 2).to(dtype)
+    teacher = sampled(torch.randn(29, 97, generator=g) * 2, 8, 5)
+    pad = teacher.sample_logprobs.clone()
+    pad[:4, 3:] = float("-inf")  # rows with fewer samples: the tail mass is shared by the rest
+    lp = teacher.logprobs.float().clone()
+    lp[:3, 6:] = float("-inf")  # padded top-k entries
+    tail = teacher.tail_logprob.float()
+    teacher = L.TopKTeacher(teacher.ids, lp, "sample", tail, teacher.sample_ids, pad.float())
+    labels = torch.randint(0, 97, (29,), generator=g)
+    kd, ce, grad = L.topk_sample_ce_block(z, teacher, labels, alpha=0.3, num_tokens=35.0, compile=compile)
+    z64 = z.double().requires_grad_(True)
+    ref_kd = L.forward_kl(z64, teacher, num_tokens=35.0)
+    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=35.0)
+    (0.3 * ref_kd + 0.7 * ref_ce).backward()
+    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5)
+    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+
+
+def test_sampled_tail_is_forward_kl_at_temperature_one_only():
+    t = torch.randn(4, 20)
+    tk = sampled(t, 3, 2)
+    with pytest.raises(ValueError, match="forward KL only"):
+        L.reverse_kl(torch.randn(4, 20), tk)
+    with pytest.raises(ValueError, match="temperature=1"):
+        L.forward_kl(torch.randn(4, 20), tk, temperature=2.0)
+    with pytest.raises(ValueError, match="needs sample_ids"):
+        L.TopKTeacher(tk.ids, tk.logprobs, "sample", tk.tail_logprob)

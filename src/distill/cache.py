@@ -3,7 +3,8 @@
 Layout of a cache folder::
 
     meta.json                 what produced it: teacher, weights and tokenizer hashes, k, ...
-    shard-00000.safetensors   ids (M, k) uint16/int32, logprobs (M, k) float16, tail (M,) float16
+    shard-00000.safetensors   ids (M, k) uint16/int32, logprobs (M, k) float16, tail (M,) float16,
+                              with tail samples also sample_ids (M, m), sample_logprobs (M, m)
     shard-00000.sha256        checksum of the shard, written before the shard becomes visible
 
 A shard holds a fixed, deterministic group of samples, and its safetensors metadata
@@ -83,6 +84,7 @@ class CacheMeta:
     logprob_dtype: str
     samples_per_shard: int
     num_samples: int
+    tail_samples: int = 0  # ids drawn per position from the teacher's mass outside the top k
     version: str = __version__
 
     def check_against(self, expected: dict) -> None:
@@ -102,9 +104,25 @@ def _target_rows(example: Example) -> list[int]:
     return [t for t in range(len(mask) - 1) if mask[t + 1]]
 
 
+def _tail_samples(lp: torch.Tensor, ids: torch.Tensor, m: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` ids per row drawn (with replacement) from the teacher's distribution outside its
+    top-k ``ids``, and their log-probs; -inf log-probs where a row has no tail to draw from.
+    The draw is seeded by the sample's key, so a cache is the same however it is built."""
+    probs = lp.exp().scatter(-1, ids, 0.0)  # (n, V): the tail only
+    has_tail = probs.sum(-1) > 1e-12
+    s_ids = torch.zeros((lp.shape[0], m), dtype=torch.long)
+    gen = torch.Generator().manual_seed(int(key[:15], 16))
+    if has_tail.any():
+        s_ids[has_tail] = torch.multinomial(probs[has_tail], m, replacement=True, generator=gen)
+    s_lp = lp.gather(-1, s_ids).masked_fill(~has_tail[:, None], float("-inf"))
+    return s_ids.numpy(), s_lp.numpy()
+
+
 @torch.no_grad()
-def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, temperature: float):
-    """Top-k ids, log-probs and tail log-mass for the counted positions of each example."""
+def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, temperature: float,
+           tail_samples: int = 0):  # fmt: skip
+    """Top-k ids, log-probs and tail log-mass for the counted positions of each example, and
+    with ``tail_samples`` the tail samples' ids and log-probs."""
     b = collate(batch, pad_id)
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()  # (B, T, V)
     logp = torch.log_softmax(logits / temperature, -1)
@@ -114,7 +132,10 @@ def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, te
         lp = logp[i, rows]  # (n, V)
         vals, ids = lp.topk(k, -1)  # (n, k) each
         tail = torch.log((-torch.expm1(torch.logsumexp(vals, -1).clamp_max(0))).clamp_min(1e-30))
-        out.append((ids.numpy(), vals.numpy(), tail.numpy()))
+        row = (ids.numpy(), vals.numpy(), tail.numpy())
+        if tail_samples:
+            row += _tail_samples(lp, ids, tail_samples, sample_key(ex[0]))
+        out.append(row)
     return out
 
 
@@ -130,7 +151,8 @@ def build_cache(
     """Score every example with the teacher and write the shards (resumes; skips done shards).
 
     ``teacher`` is a model, or a function giving each example's rows ``(ids (n, k),
-    logprobs (n, k), tail log-mass (n,))`` (e.g. log-probs an API returned).
+    logprobs (n, k), tail log-mass (n,))`` (e.g. log-probs an API returned), followed by
+    ``(sample ids (n, m), sample log-probs (n, m))`` when ``meta.tail_samples`` is m > 0.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "meta.json"
@@ -147,7 +169,7 @@ def build_cache(
         model = teacher.eval()
 
         def teacher(batch: list[Example]) -> list[tuple]:
-            return _score(model, batch, pad_id, meta.k, meta.scoring_temperature)
+            return _score(model, batch, pad_id, meta.k, meta.scoring_temperature, meta.tail_samples)
 
     with progress_bar("shard") as bar:
         task = bar.add_task("cache", total=n_shards, info="")
@@ -157,28 +179,34 @@ def build_cache(
                 bar.update(task, advance=1, info="exists")
                 continue
             group = keys[s * meta.samples_per_shard : (s + 1) * meta.samples_per_shard]
-            ids_l, lp_l, tail_l, index = [], [], [], []
-            start = 0
+            fields = _FIELDS[: 5 if meta.tail_samples else 3]
+            parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+            index, start = [], 0
             for j in range(0, len(group), batch_size):
                 chunk = group[j : j + batch_size]
                 scored = teacher([uniq[c] for c in chunk])
-                for key, (ids, vals, tail) in zip(chunk, scored, strict=True):
-                    ids_l.append(ids.astype(id_np))
-                    lp_l.append(vals.astype(np.float16))
-                    tail_l.append(tail.astype(np.float16))
-                    index.append([key, start, len(ids)])
-                    start += len(ids)
-            _write_shard(path, ids_l, lp_l, tail_l, index, meta.k, id_np)
+                for key, row in zip(chunk, scored, strict=True):
+                    if len(row) != len(parts):
+                        got, need = len(row), len(parts)
+                        raise CacheError(f"the teacher scorer gave {got} arrays per sample, not {need}")
+                    for (name, arrays), a in zip(parts.items(), row, strict=True):
+                        arrays.append(a.astype(id_np if name.endswith("ids") else np.float16))
+                    index.append([key, start, len(row[0])])
+                    start += len(row[0])
+            _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": meta.tail_samples}, id_np)
             bar.update(task, advance=1, info=f"{start} tokens")
     return out_dir
 
 
-def _write_shard(path: Path, ids_l, lp_l, tail_l, index, k, id_np) -> None:
-    tensors = {
-        "ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), id_np),
-        "logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float16),
-        "tail": np.concatenate(tail_l) if tail_l else np.zeros((0,), np.float16),
-    }
+_FIELDS = ("ids", "logprobs", "tail", "sample_ids", "sample_logprobs")  # a shard's tensors, in row order
+
+
+def _write_shard(path: Path, parts: dict[str, list[np.ndarray]], index, widths: dict[str, int], id_np):
+    def empty(name: str) -> np.ndarray:
+        width = widths["sample_ids" if name.startswith("sample") else "ids"]
+        return np.zeros((0,) if name == "tail" else (0, width), id_np if name.endswith("ids") else np.float16)
+
+    tensors = {name: np.concatenate(arrays) if arrays else empty(name) for name, arrays in parts.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={"index": json.dumps(index)})
     with tmp.open("rb") as f:
@@ -216,25 +244,36 @@ class CachedTeacher:
         cache_dir: Path,
         expected: dict | None = None,
         examples: list[Example] | None = None,
-        tail: str = "bucket",
+        tail: str = "auto",
     ):
-        self.tail = tail
+        """``tail``: how the losses treat the mass outside the k ids (``TopKTeacher``); ``auto``
+        takes the tail samples when the cache holds them, else a bucket."""
         meta_path = cache_dir / "meta.json"
         if not meta_path.is_file():
             raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
         self.meta = CacheMeta(**json.loads(meta_path.read_text()))
         if expected:
             self.meta.check_against(expected)
+        if tail == "auto":
+            tail = "sample" if self.meta.tail_samples else "bucket"
+        self.tail = tail
+        if tail == "sample" and not self.meta.tail_samples:
+            raise CacheError(
+                f"cache.tail is 'sample' but {cache_dir} holds no tail samples (tail_samples: 0); "
+                "set cache.tail_samples (e.g. 4) and rerun `distill cache`, or use cache.tail: bucket"
+            )
         problems = verify_cache(cache_dir)
         if problems:
             raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
-        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # key -> (ids, logprobs, tail[, sample_ids, sample_logprobs]) rows of that sample
+        self.rows: dict[str, tuple[np.ndarray, ...]] = {}
+        fields = _FIELDS[: 5 if self.meta.tail_samples else 3]
         for shard in sorted(cache_dir.glob("shard-*.safetensors")):
             with safe_open(shard, "np") as f:
                 index = json.loads(f.metadata()["index"])
-                ids, lp, tail = f.get_tensor("ids"), f.get_tensor("logprobs"), f.get_tensor("tail")
+                arrays = [f.get_tensor(name) for name in fields]
             for key, start, n in index:
-                self.rows[key] = (ids[start : start + n], lp[start : start + n], tail[start : start + n])
+                self.rows[key] = tuple(a[start : start + n] for a in arrays)
         if examples is not None:
             missing = [ex for ex in examples if sample_key(ex[0]) not in self.rows]
             if missing:
@@ -247,24 +286,32 @@ class CachedTeacher:
         """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs.
 
         With ``tail="bucket"`` the losses give the mass outside the k ids its own outcome on
-        both sides, so a student is also pulled to keep little mass where the teacher has little.
+        both sides, so a student is also pulled to keep little mass where the teacher has little;
+        with ``tail="sample"`` the stored tail samples stand for that mass, id by id.
         """
         b, t = batch.input_ids.shape
-        k = self.meta.k
+        k, m = self.meta.k, self.meta.tail_samples if self.tail == "sample" else 0
         ids = torch.zeros((b, t - 1, k), dtype=torch.long)
         lps = torch.full((b, t - 1, k), float("-inf"))
         tails = torch.zeros((b, t - 1))
+        s_ids = torch.zeros((b, t - 1, m), dtype=torch.long)
+        s_lps = torch.full((b, t - 1, m), float("-inf"))
         mask = batch.answer_mask[:, 1:]
         for i, start, n_tok in batch.samples():
             key = sample_key(batch.input_ids[i, start : start + n_tok].tolist())
             if key not in self.rows:
                 raise CacheError(f"sample {key} is not in the teacher cache; rerun `distill cache`")
-            c_ids, c_lp, c_tail = self.rows[key]
+            c_ids, c_lp, c_tail, *c_samples = self.rows[key]
             pos = mask[i, start : start + n_tok - 1].nonzero().squeeze(-1) + start
             if len(pos) != len(c_ids):
                 raise CacheError(f"sample {key}: cache has {len(c_ids)} rows, batch counts {len(pos)}")
             ids[i, pos] = torch.from_numpy(c_ids.astype(np.int64))
             lps[i, pos] = torch.from_numpy(c_lp.astype(np.float32))
             tails[i, pos] = torch.from_numpy(c_tail.astype(np.float32))
+            if m:
+                s_ids[i, pos] = torch.from_numpy(c_samples[0].astype(np.int64))
+                s_lps[i, pos] = torch.from_numpy(c_samples[1].astype(np.float32))
         dev = batch.input_ids.device
-        return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev))
+        if not m:
+            return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev))
+        return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev), s_ids.to(dev), s_lps.to(dev))

@@ -223,11 +223,16 @@ class CacheConfig(_Strict):
     scoring_temperature: float = Field(1.0, gt=0, description="teacher softmax temperature when scoring")
     samples_per_shard: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
-    tail: Literal["bucket", "renormalize"] = Field(
-        "bucket",
-        description="mass outside the top-k: one extra outcome on both sides (bucket; needs "
-        "train.distill_temperature=1), or dropped and the k renormalised",
+    tail: Literal["auto", "sample", "bucket", "renormalize"] = Field(
+        "auto",
+        description="mass outside the top-k: stood for by the cached tail samples (sample; forward_kl "
+        "only), one extra outcome on both sides (bucket), or dropped and the k renormalised; sample "
+        "and bucket need train.distill_temperature=1. auto: the first of these the run allows",
     )
+    tail_samples: int = Field(
+        4, ge=0, description="ids drawn per position from the teacher's mass outside the top-k and "
+        "cached with their log-probs (4 bytes each); what cache.tail: sample trains on",
+    )  # fmt: skip
 
 
 class EvaluateConfig(_Strict):
@@ -273,6 +278,18 @@ class RunConfig(_Strict):
                 "student.model (the student's tokenizer encodes the answers), or name a local copy "
                 "of the teacher in teacher.model to shrink from"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tail_samples_fit_the_loss(self) -> RunConfig:
+        if self.cache.tail == "sample":
+            if not self.cache.tail_samples:
+                raise ValueError("cache.tail 'sample' needs cache.tail_samples > 0 (e.g. 4)")
+            if self.train.loss != "forward_kl" or self.train.distill_temperature != 1.0:
+                raise ValueError(
+                    "cache.tail 'sample' estimates the forward KL at temperature 1: set "
+                    "train.loss=forward_kl and train.distill_temperature=1, or use cache.tail=bucket"
+                )
         return self
 
     @property

@@ -27,8 +27,14 @@ Every formula lives here once. Conventions shared by all functions:
     (1 - sum of the k probabilities) on each side; k + 1 outcomes. The tail mass is
     only known at the temperature the teacher was scored at, so this mode needs
     ``temperature == 1``.
+  - ``"sample"`` (forward KL only, temperature 1): the k ids exactly, and the tail by
+    m ids drawn from the teacher's distribution outside them (``sample_ids``, with their
+    teacher log-probs ``sample_logprobs``), each standing for tail mass / m. The value
+    and the gradient are unbiased estimates of the dense forward KL's, tail shape
+    included, which the bucket cannot teach (stratified sampling, after Anshumann et
+    al. 2025, "Sparse Logit Sampling").
 
-  With k = V both modes equal the dense divergence.
+  With k = V all modes equal the dense divergence.
 * Chunked: ``chunked_divergence`` takes the student's final hidden states and the LM
   head weight and never builds the full ``(N, V)`` student logits.
 """
@@ -58,33 +64,41 @@ class TopKTeacher:
 
     ids: Tensor
     logprobs: Tensor
-    tail: Literal["renormalize", "bucket"] = "renormalize"
+    tail: Literal["renormalize", "bucket", "sample"] = "renormalize"
     tail_logprob: Tensor | None = None  # (...,) log of the mass outside the k ids, if recorded
+    sample_ids: Tensor | None = None  # (..., m) ids drawn from the teacher outside the k ("sample")
+    sample_logprobs: Tensor | None = None  # (..., m) their teacher log-probs; -inf: no sample
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape:
             raise ValueError(f"top-k ids {tuple(self.ids.shape)} != logprobs {tuple(self.logprobs.shape)}")
-        if self.tail not in ("renormalize", "bucket"):
-            raise ValueError(f"tail must be 'renormalize' or 'bucket', got {self.tail!r}")
+        if self.tail not in ("renormalize", "bucket", "sample"):
+            raise ValueError(f"tail must be 'renormalize', 'bucket' or 'sample', got {self.tail!r}")
+        if self.tail == "sample" and (
+            self.sample_ids is None or self.sample_logprobs is None or self.tail_logprob is None
+        ):
+            raise ValueError("tail='sample' needs sample_ids, sample_logprobs and tail_logprob")
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TopKTeacher:
+        def opt(x: Tensor | None) -> Tensor | None:
+            return None if x is None else fn(x)
+
+        return TopKTeacher(fn(self.ids), fn(self.logprobs), self.tail, opt(self.tail_logprob),
+                           opt(self.sample_ids), opt(self.sample_logprobs))  # fmt: skip
 
     def rows(self, keep: Tensor | None) -> TopKTeacher:
         """Flattened to ``(M, k)``, keeping the positions where ``keep`` (flat bool) is True."""
-        ids = self.ids.reshape(-1, self.ids.shape[-1])
-        lp = self.logprobs.reshape(-1, self.ids.shape[-1])
-        tail_lp = None if self.tail_logprob is None else self.tail_logprob.reshape(-1)
-        if keep is not None:
-            ids, lp = ids[keep], lp[keep]
-            tail_lp = None if tail_lp is None else tail_lp[keep]
-        return TopKTeacher(ids, lp, self.tail, tail_lp)
+        lead = self.ids.shape[:-1].numel()
+        flat = self._map(lambda x: x.reshape(lead, *x.shape[self.ids.dim() - 1 :]))
+        return flat if keep is None else flat.take(keep)
 
     def flat(self) -> TopKTeacher:
         """Flattened to ``(N, k)`` rows."""
         return self.rows(None)
 
     def take(self, rows: Tensor) -> TopKTeacher:
-        """The flat ``(M, k)`` signal's rows ``rows``."""
-        tail_lp = None if self.tail_logprob is None else self.tail_logprob[rows]
-        return TopKTeacher(self.ids[rows], self.logprobs[rows], self.tail, tail_lp)
+        """The flat ``(M, k)`` signal's rows ``rows`` (indices or a bool mask)."""
+        return self._map(lambda x: x[rows])
 
 
 TeacherInput = Tensor | TopKTeacher | tuple[Tensor, Tensor]
@@ -155,6 +169,10 @@ def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) ->
     """Student and teacher log-probabilities over the same outcomes, ``(M, V)`` or ``(M, k[+1])``."""
     if not isinstance(t, TopKTeacher):
         return F.log_softmax(_scaled(s, temperature), -1), F.log_softmax(_scaled(t, temperature), -1)
+    if t.tail == "sample":
+        raise ValueError(
+            "tail='sample' estimates the forward KL only; use tail='bucket' with this divergence"
+        )
     ids, lp = t.ids.long(), t.logprobs.float()
     absent = torch.isneginf(lp)  # padding of a row with fewer than k ids: no outcome on either side
     if t.tail == "renormalize":
@@ -196,6 +214,23 @@ def _kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     return (p_logp.exp() * diff).sum(-1)
 
 
+def _sample_weights(t: TopKTeacher) -> Tensor:
+    """``(M, m)`` weight of each tail sample: the tail mass shared out over the row's samples."""
+    there = ~torch.isneginf(t.sample_logprobs)
+    per = torch.exp(t.tail_logprob.float()) / there.sum(-1).clamp_min(1)
+    return torch.where(there, per[:, None], 0.0)
+
+
+def _sampled_kl_rows(q_logp: Tensor, t: TopKTeacher) -> Tensor:
+    """Forward KL per row ``(M,)`` with the k ids exact and the tail estimated from samples:
+    sum_k p (log p - log q) + sum_j w_j (log p_j - log q_j), w_j = tail mass / m."""
+    lp, s_lp = t.logprobs.float(), t.sample_logprobs.float()
+    head = torch.where(torch.isneginf(lp), 0.0, lp.exp() * (lp - q_logp.gather(-1, t.ids.long())))
+    w = _sample_weights(t)
+    tail = torch.where(w > 0, w * (s_lp - q_logp.gather(-1, t.sample_ids.long())), 0.0)
+    return head.sum(-1) + tail.sum(-1)
+
+
 def _log_mix(a_logp: Tensor, b_logp: Tensor, weight_a: float) -> Tensor:
     """log(w * A + (1 - w) * B) computed in log space."""
     return torch.logaddexp(a_logp + math.log(weight_a), b_logp + math.log1p(-weight_a))
@@ -227,6 +262,12 @@ def forward_kl(
     vocab_size: int | None = None,
 ) -> Tensor:
     """KL(P_T || P_S): mean-seeking; the standard distillation loss. Returns a scalar."""
+    t = as_teacher(teacher_logits)
+    if isinstance(t, TopKTeacher) and t.tail == "sample":
+        if temperature != 1.0:
+            raise ValueError("tail='sample' needs temperature=1: the samples were drawn at temperature 1")
+        s, t = _flatten_counted(student_logits, t, mask, vocab_size)
+        return _reduce(_sampled_kl_rows(F.log_softmax(s.float(), -1), t), num_tokens)
     return _divergence(
         lambda s, t: _kl_rows(t, s), student_logits, teacher_logits, mask, temperature,
         num_tokens, vocab_size,
@@ -411,6 +452,50 @@ def _topk_bucket_ce_block(
     grad = grad.scatter_add(1, ids, on_ids)
     grad = grad.scatter_add(1, labels[:, None], (-(1 - alpha)).expand(labels.shape[0], 1))
     return kd, ce, (grad * inv_n).to(z.dtype)
+
+
+def _topk_sample_ce_block(
+    z: Tensor,
+    ids: Tensor,
+    lp: Tensor,
+    s_ids: Tensor,
+    s_lp: Tensor,
+    w: Tensor,
+    labels: Tensor,
+    alpha: Tensor,
+    inv_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward KL against a top-k teacher whose tail is represented by samples (temperature 1),
+    plus token cross-entropy, on one block of rows, and the gradient of ``alpha * KD + (1 - alpha) * CE``.
+
+    ``ids``/``lp`` ``(C, k)``: teacher ids and log-probs (-inf: padding); ``s_ids``/``s_lp``/``w``
+    ``(C, m)``: tail samples, their log-probs and weights (0: no sample). With r the sparse target
+    (p on the ids, w on the samples) and W its sum, the gradient is ``W q - r``.
+    """
+    zf = z.float()
+    lse = torch.logsumexp(zf, -1, keepdim=True)
+    q = torch.exp(zf - lse)
+    p = torch.where(torch.isneginf(lp), 0.0, torch.exp(lp))
+    kd_k = torch.where(p > 0, p * (lp - (torch.gather(zf, 1, ids) - lse)), 0.0).sum(-1)
+    kd_s = torch.where(w > 0, w * (s_lp - (torch.gather(zf, 1, s_ids) - lse)), 0.0).sum(-1)
+    kd = (kd_k + kd_s).sum() * inv_n
+    ce = (lse.squeeze(-1) - zf.gather(1, labels[:, None]).squeeze(1)).sum() * inv_n
+    big_w = p.sum(-1) + w.sum(-1)
+    grad = (alpha * big_w[:, None] + (1 - alpha)) * q
+    grad = grad.scatter_add(1, ids, -alpha * p)
+    grad = grad.scatter_add(1, s_ids, -alpha * w)
+    grad = grad.scatter_add(1, labels[:, None], (-(1 - alpha)).expand(labels.shape[0], 1))
+    return kd, ce, (grad * inv_n).to(z.dtype)
+
+
+def topk_sample_ce_block(
+    z: Tensor, teacher: TopKTeacher, labels: Tensor, *, alpha: float, num_tokens: float, compile: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_topk_sample_ce_block`` for rows of a sampled-tail ``TopKTeacher``, fused by torch.compile."""
+    args = (z, teacher.ids.long(), teacher.logprobs.float(), teacher.sample_ids.long(),
+            teacher.sample_logprobs.float(), _sample_weights(teacher), labels,
+            torch.tensor(float(alpha)), torch.tensor(1.0 / float(num_tokens)))  # fmt: skip
+    return _run_compiled("sample", _topk_sample_ce_block, args, compile)
 
 
 def topk_bucket_ce_block(

@@ -243,6 +243,7 @@ def _cache_expectations(cfg: RunConfig, tok) -> dict:
             "tokenizer_hash": tokenizer_hash(tok),
             "k": api.top_logprobs,
             "scoring_temperature": 1.0,
+            "tail_samples": 0,
         }
     return {
         "teacher": cfg.teacher.model,
@@ -250,6 +251,7 @@ def _cache_expectations(cfg: RunConfig, tok) -> dict:
         "tokenizer_hash": tokenizer_hash(tok),
         "k": cfg.cache.k,
         "scoring_temperature": cfg.cache.scoring_temperature,
+        "tail_samples": cfg.cache.tail_samples,
     }
 
 
@@ -273,6 +275,16 @@ def _api_rows(example, rec: dict, k: int, eos_id: int):
     mass = np.exp(lps).sum(-1)
     tail = np.log(np.clip(1.0 - mass, 1e-30, None))
     return ids, lps, tail
+
+
+def _cache_tail(cfg: RunConfig) -> str:
+    """``cache.tail`` with ``auto`` narrowed to what the loss allows; the cache then picks tail
+    samples if it holds them, else a bucket."""
+    if cfg.cache.tail != "auto":
+        return cfg.cache.tail
+    if cfg.train.distill_temperature != 1.0:
+        return "renormalize"  # the tail mass and samples are only known at the scoring temperature
+    return "auto" if cfg.train.loss == "forward_kl" else "bucket"
 
 
 def build_teacher_cache(cfg: RunConfig) -> Path:
@@ -332,8 +344,10 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     api = cfg.teacher.kind == "openai"
     if cfg.train.alpha > 0 and (cfg.cache.use or (api and cfg.teacher.api.top_logprobs)):
         cache_dir = _need(run / "teacher_cache", "cache")
-        teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples, tail=cfg.cache.tail)
+        teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples, tail=_cache_tail(cfg))
         source = f"cached top-{teacher.meta.k} teacher log-probs" + (" from the API" if api else "")
+        samples = f" ({teacher.meta.tail_samples} samples)" if teacher.tail == "sample" else ""
+        source += f", tail: {teacher.tail}{samples}"
     elif cfg.train.alpha > 0 and api:
         tcfg = cfg.train.model_copy(update={"alpha": 0.0})
         source = "the API teacher's text only (sequence-level KD; alpha set to 0: no teacher logits)"

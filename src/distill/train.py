@@ -33,6 +33,7 @@ from distill.losses import (
     kd_ce_block,
     token_cross_entropy,
     topk_bucket_ce_block,
+    topk_sample_ce_block,
 )
 from distill.progress import console, progress_bar
 from distill.teacher import TeacherSignal
@@ -157,18 +158,17 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
 
     def value_and_grad(logits: torch.Tensor, targets: Targets, num_tokens):
         """Forward KL + CE in closed form, fused (chunked path; a dense teacher, or a top-k one with
-        a tail bucket); None: not this case, the block goes through autograd."""
+        a tail bucket or tail samples); None: not this case, the block goes through autograd."""
         sig, width = targets.signal, logits.shape[-1]
         if not (cfg.fused_loss and cfg.loss == "forward_kl" and 0 < cfg.alpha):
             return None
         if vocab_size is not None and vocab_size != width:
             return None  # padded vocabularies: the general path drops the extra columns
         if isinstance(sig, TopKTeacher):
-            if sig.tail != "bucket" or cfg.distill_temperature != 1.0:
+            if sig.tail == "renormalize" or cfg.distill_temperature != 1.0:
                 return None
-            kd, ce, grad = topk_bucket_ce_block(
-                logits, sig, targets.labels, alpha=cfg.alpha, num_tokens=float(num_tokens)
-            )
+            block = topk_sample_ce_block if sig.tail == "sample" else topk_bucket_ce_block
+            kd, ce, grad = block(logits, sig, targets.labels, alpha=cfg.alpha, num_tokens=float(num_tokens))
         elif isinstance(sig, torch.Tensor) and sig.shape[-1] == width:
             kd, ce, grad = kd_ce_block(
                 logits, sig, targets.labels, alpha=cfg.alpha, temperature=cfg.distill_temperature,
