@@ -92,6 +92,30 @@ def test_tail_samples_round_trip(setup, tmp_path):
     assert C.CachedTeacher(tmp_path / "plain").tail == "bucket"
 
 
+def test_shards_are_memory_mapped_not_read_into_memory(setup, tmp_path):
+    """The reader maps the shards and gives the rows safetensors' own reader gives, also when
+    only one shard may stay mapped at a time."""
+    from safetensors import safe_open
+
+    teacher, tok, examples, meta = setup
+    meta = dataclasses.replace(meta, tail_samples=2)
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    shards = sorted((tmp_path / "c").glob("shard-*.safetensors"))
+    rows = C._ShardRows(shards, C._FIELDS, open_shards=1)
+    want = {}
+    for shard in shards:
+        with safe_open(shard, "np") as f:
+            arrays = [f.get_tensor(name) for name in C._FIELDS]
+            for key, first, n in json.loads(f.metadata()["index"]):
+                want[key] = [a[first : first + n] for a in arrays]
+    assert sorted(rows) == sorted(want) == sorted({C.sample_key(ex[0]) for ex in examples})
+    for key in list(want)[::-1] + list(want):  # back and forth across the shards
+        got = rows[key]
+        assert all(isinstance(a, np.memmap) for a in got)
+        for a, b in zip(got, want[key], strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def test_bytes_per_token_is_compact(setup, tmp_path):
     teacher, tok, _, meta = setup
     g = torch.Generator().manual_seed(2)

@@ -16,16 +16,17 @@ a killed ``distill cache`` resumes by skipping the shards that exist.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import PreTrainedModel
 
@@ -236,6 +237,56 @@ def verify_cache(cache_dir: Path) -> list[str]:
     return problems
 
 
+_NP_DTYPES = {"U16": np.uint16, "I32": np.int32, "I64": np.int64, "F16": np.float16, "F32": np.float32}
+
+
+def _shard_header(path: Path) -> tuple[int, dict]:
+    """(where the tensor data starts, the safetensors header) of a shard, reading only the header."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
+
+
+def _map_shard(path: Path) -> dict[str, np.ndarray]:
+    """A shard's tensors as read-only views of one memory map of the file (nothing is read yet)."""
+    start, header = _shard_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+            out[name] = buf[start + begin : start + end].view(dtype).reshape(info["shape"])
+    return out
+
+
+class _ShardRows(Mapping):
+    """Sample key -> that sample's rows of each field, from memory-mapped shards. Only the shard
+    headers are read up front; the most recently used shards stay mapped (at most ``open_shards``)."""
+
+    def __init__(self, shards: list[Path], fields: tuple[str, ...], open_shards: int = 256) -> None:
+        self.shards, self.fields = shards, fields
+        self.where: dict[str, tuple[int, int, int]] = {}  # key -> (shard, first row, rows)
+        for s, path in enumerate(shards):
+            for key, first, n in json.loads(_shard_header(path)[1]["__metadata__"]["index"]):
+                self.where[key] = (s, first, n)
+        self._mapped = functools.lru_cache(maxsize=open_shards)(lambda s: _map_shard(self.shards[s]))
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, ...]:
+        s, first, n = self.where[key]
+        tensors = self._mapped(s)
+        return tuple(tensors[name][first : first + n] for name in self.fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
 class CachedTeacher:
     """The teacher signal read from a cache; the teacher model is never loaded."""
 
@@ -265,15 +316,11 @@ class CachedTeacher:
         problems = verify_cache(cache_dir)
         if problems:
             raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
-        # key -> (ids, logprobs, tail[, sample_ids, sample_logprobs]) rows of that sample
-        self.rows: dict[str, tuple[np.ndarray, ...]] = {}
-        fields = _FIELDS[: 5 if self.meta.tail_samples else 3]
-        for shard in sorted(cache_dir.glob("shard-*.safetensors")):
-            with safe_open(shard, "np") as f:
-                index = json.loads(f.metadata()["index"])
-                arrays = [f.get_tensor(name) for name in fields]
-            for key, start, n in index:
-                self.rows[key] = tuple(a[start : start + n] for a in arrays)
+        # key -> (ids, logprobs, tail[, sample_ids, sample_logprobs]) rows of that sample,
+        # read from memory-mapped shards: a cache larger than RAM trains as well as a small one
+        self.rows = _ShardRows(
+            sorted(cache_dir.glob("shard-*.safetensors")), _FIELDS[: 5 if self.meta.tail_samples else 3]
+        )
         if examples is not None:
             missing = [ex for ex in examples if sample_key(ex[0]) not in self.rows]
             if missing:
