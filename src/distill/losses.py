@@ -437,8 +437,8 @@ def _topk_bucket_ce_block(
     q = torch.exp(zf - lse)
     present = ~torch.isneginf(lp)
     p = torch.where(present, torch.exp(lp), 0.0)
-    q_k = torch.where(present, torch.gather(q, 1, ids), 0.0)
-    log_s_k = torch.gather(zf, 1, ids) - lse
+    log_s_k = torch.gather(zf, 1, ids) - lse  # from the logits, not q: q is then never stored
+    q_k = torch.where(present, torch.exp(log_s_k), 0.0)
     s_mass = (1.0 - q_k.sum(-1)).clamp_min(_TINY)
     t_mass = torch.exp(tail_lp)
     kd_k = torch.where(p > 0, p * (lp - log_s_k), 0.0).sum(-1)
@@ -449,8 +449,8 @@ def _topk_bucket_ce_block(
     ratio = t_mass / s_mass
     grad = (alpha * (w - ratio)[:, None] + (1 - alpha)) * q
     on_ids = torch.where(present, alpha * (q_k * ratio[:, None] - p), 0.0)
-    grad = grad.scatter_add(1, ids, on_ids)
-    grad = grad.scatter_add(1, labels[:, None], (-(1 - alpha)).expand(labels.shape[0], 1))
+    where = torch.cat([ids, labels[:, None]], 1)  # one scatter: each is a pass over the block
+    grad = grad.scatter_add(1, where, torch.cat([on_ids, (-(1 - alpha)).expand(labels.shape[0], 1)], 1))
     return kd, ce, (grad * inv_n).to(z.dtype)
 
 
@@ -482,9 +482,10 @@ def _topk_sample_ce_block(
     ce = (lse.squeeze(-1) - zf.gather(1, labels[:, None]).squeeze(1)).sum() * inv_n
     big_w = p.sum(-1) + w.sum(-1)
     grad = (alpha * big_w[:, None] + (1 - alpha)) * q
-    grad = grad.scatter_add(1, ids, -alpha * p)
-    grad = grad.scatter_add(1, s_ids, -alpha * w)
-    grad = grad.scatter_add(1, labels[:, None], (-(1 - alpha)).expand(labels.shape[0], 1))
+    # one scatter for the three sparse terms: each out-of-place scatter is a pass over the block
+    where = torch.cat([ids, s_ids, labels[:, None]], 1)
+    what = torch.cat([-alpha * p, -alpha * w, (-(1 - alpha)).expand(labels.shape[0], 1)], 1)
+    grad = grad.scatter_add(1, where, what)
     return kd, ce, (grad * inv_n).to(z.dtype)
 
 
