@@ -74,6 +74,9 @@ def test_kill_and_resume_gives_identical_weights(setup, tmp_path, monkeypatch):
     assert summary["steps"] == 6
     for (name, a), (_, b) in zip(student_a.state_dict().items(), student_b.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    # the optimizer that resumed is the fused AdamW (one kernel a step), its state restored
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=True)
+    assert all(g["fused"] for g in state["param_groups"]) and len(state["state"]) > 0
 
 
 def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
