@@ -485,3 +485,22 @@ def test_sampled_tail_is_forward_kl_at_temperature_one_only():
         L.forward_kl(torch.randn(4, 20), tk, temperature=2.0)
     with pytest.raises(ValueError, match="needs sample_ids"):
         L.TopKTeacher(tk.ids, tk.logprobs, "sample", tk.tail_logprob)
+
+
+def test_chunked_under_autocast_matches_plain():
+    """Under bf16 autocast (how training runs) the chunked form casts the head once and still
+    gives the plain form's loss and fp32 gradients."""
+    g = torch.Generator().manual_seed(17)
+    hidden = torch.randn(3, 31, 16, generator=g).requires_grad_(True)
+    weight = (torch.randn(123, 16, generator=g) * 0.5).requires_grad_(True)
+    teacher = torch.randn(3, 31, 123, generator=g) * 3
+    mask = torch.rand(3, 31, generator=g) > 0.25
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = L.forward_kl(torch.nn.functional.linear(hidden, weight), teacher, mask)
+        gh_p, gw_p = torch.autograd.grad(plain, [hidden, weight])
+        chunked = L.chunked_divergence(L.forward_kl, hidden, weight, teacher, mask, chunk_size=7)
+        gh_c, gw_c = torch.autograd.grad(chunked, [hidden, weight])
+    assert gw_c.dtype == torch.float32 and gh_c.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh_c, gh_p, **TOL[torch.bfloat16])
+    torch.testing.assert_close(gw_c, gw_p, **TOL[torch.bfloat16])

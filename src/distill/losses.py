@@ -557,6 +557,10 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w, b = weight.detach(), None if bias is None else bias.detach()
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # cast the head once, not once per block: a detached
+            low = torch.get_autocast_dtype(device)  # tensor is outside autocast's cast cache
+            w, b = w.to(low), None if b is None else b.to(low)
         fast = getattr(loss_fn, "value_and_grad", None)  # a closed form, when the loss has one
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]  # counted positions of this block
