@@ -97,7 +97,7 @@ class _NaNTeacher:
     def __init__(self, teacher, bad_from_call):
         self.live, self.calls, self.bad = LiveTeacher(teacher), 0, bad_from_call
 
-    def signal(self, batch):
+    def signal(self, batch, lazy=False):
         self.calls += 1
         out = self.live.signal(batch)
         return out * float("nan") if self.calls >= self.bad else out
@@ -137,7 +137,7 @@ def test_chunked_loss_path_equals_plain(setup, alpha, sparse):
     live = LiveTeacher(teacher)
 
     class TopK:  # a sparse teacher signal, as the offline cache gives
-        def signal(self, b):
+        def signal(self, b, lazy=False):
             lp = torch.log_softmax(live.signal(b).float(), -1)
             vals, ids = lp.topk(16, -1)
             return tr.TopKTeacher(ids, vals, "bucket")
@@ -158,3 +158,35 @@ def test_chunked_loss_path_equals_plain(setup, alpha, sparse):
     assert g_plain.keys() == g_chunk.keys() and g_plain
     for k in g_plain:
         torch.testing.assert_close(g_chunk[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_live_teacher_lazy_logits_are_its_logits(setup):
+    """For a chunked loss the live teacher hands over hidden states and its head (``HeadRows``),
+    whose rows make exactly its logits; a model whose logits are not its head's output (here
+    soft-capped) is caught by the first call's check and keeps giving plain logits."""
+    from distill.teacher import HeadRows
+
+    teacher, tok, examples = setup
+    batch = tr.collate(examples[:4], tok.pad_token_id)
+    live = LiveTeacher(teacher)
+    full = live.signal(batch)
+    first, later = live.signal(batch, lazy=True), live.signal(batch, lazy=True)
+    assert isinstance(first, HeadRows) and isinstance(later, HeadRows)
+    torch.testing.assert_close(later.logits(), full, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([0, 5, 9, 17])
+    want = full.reshape(-1, full.shape[-1])[rows]
+    torch.testing.assert_close(later.flat().take(rows).logits(), want, rtol=1e-5, atol=1e-5)
+
+    plain_forward = teacher.forward
+
+    def capped(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = torch.tanh(out.logits / 2) * 2
+        return out
+
+    teacher.forward = capped
+    capped_live = LiveTeacher(teacher)
+    for _ in range(2):
+        got = capped_live.signal(batch, lazy=True)
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, torch.tanh(full / 2) * 2)

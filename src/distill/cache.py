@@ -329,7 +329,7 @@ class CachedTeacher:
                     "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
                 )
 
-    def signal(self, batch: Batch) -> TopKTeacher:
+    def signal(self, batch: Batch, *, lazy: bool = False) -> TopKTeacher:
         """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs.
 
         With ``tail="bucket"`` the losses give the mass outside the k ids its own outcome on

@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from distill.data import Batch
 from distill.losses import TopKTeacher
 
 
+@dataclass(frozen=True)
+class HeadRows:
+    """Dense teacher logits kept as the teacher's final hidden states ``(..., H)`` and its LM head:
+    a chunked loss makes the logits of one block of rows at a time, so the teacher's ``(B, T, V)``
+    logits never exist (201 MB in bf16 for 8 x 256 tokens at V = 49,152; 1 GB at V = 262,144)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def flat(self) -> HeadRows:
+        return HeadRows(self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight, self.bias)
+
+    def take(self, rows: torch.Tensor) -> HeadRows:
+        return HeadRows(self.hidden[rows], self.weight, self.bias)
+
+    def logits(self) -> torch.Tensor:
+        """The rows' logits, in the teacher's own dtype (never under the student's autocast)."""
+        with torch.autocast(self.hidden.device.type, enabled=False):
+            return F.linear(self.hidden, self.weight, self.bias)
+
+
 class TeacherSignal(Protocol):
     """Something that gives the teacher's next-token distribution for a training batch."""
 
-    def signal(self, batch: Batch) -> torch.Tensor | TopKTeacher:
-        """For ``batch.input_ids`` ``(B, T)``: the teacher at the shifted positions 0..T-2,
-        as dense logits ``(B, T-1, V)`` or a top-k ``TopKTeacher`` ``(B, T-1, k)``."""
+    def signal(self, batch: Batch, *, lazy: bool = False) -> torch.Tensor | TopKTeacher | HeadRows:
+        """For ``batch.input_ids`` ``(B, T)``: the teacher at the shifted positions 0..T-2, as dense
+        logits ``(B, T-1, V)``, a top-k ``TopKTeacher`` ``(B, T-1, k)``, or with ``lazy`` (a chunked
+        loss asks for it) dense logits still to be made from ``HeadRows``."""
         ...
 
 
@@ -25,8 +50,21 @@ class LiveTeacher:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval().requires_grad_(False)
+        self._head_ok: bool | None = None  # logits == LM head(last hidden state)? checked once
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph
-    def signal(self, batch: Batch) -> torch.Tensor:
-        out = self.model(**batch.model_inputs())
-        return out.logits[:, :-1]  # (B, T-1, V)
+    def signal(self, batch: Batch, *, lazy: bool = False) -> torch.Tensor | HeadRows:
+        head = self.model.get_output_embeddings()
+        if not lazy or not isinstance(head, torch.nn.Linear) or self._head_ok is False:
+            return self.model(**batch.model_inputs()).logits[:, :-1]  # (B, T-1, V)
+        if self._head_ok is None:
+            # Some models transform the head's output (soft-capping, a logit scale): check once that
+            # this one does not, by comparing with its own logits, and else keep the plain path.
+            out = self.model(**batch.model_inputs(), output_hidden_states=True)
+            rows = HeadRows(out.hidden_states[-1][:, :-1], head.weight, head.bias)
+            self._head_ok = torch.allclose(
+                rows.logits().float(), out.logits[:, :-1].float(), rtol=1e-2, atol=1e-2
+            )
+            return rows if self._head_ok else out.logits[:, :-1]
+        hidden = self.model.base_model(**batch.model_inputs()).last_hidden_state  # (B, T, H), normed
+        return HeadRows(hidden[:, :-1], head.weight, head.bias)

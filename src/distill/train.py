@@ -36,7 +36,7 @@ from distill.losses import (
     topk_sample_ce_block,
 )
 from distill.progress import console, progress_bar
-from distill.teacher import TeacherSignal
+from distill.teacher import HeadRows, TeacherSignal
 
 Example = tuple[list[int], list[bool]]
 
@@ -120,18 +120,28 @@ class Targets:
     """What the student is scored against at each shifted position: the teacher signal
     (``(B, T-1, V')`` logits or top-k, None when alpha = 0) and the teacher's tokens ``(B, T-1)``."""
 
-    signal: torch.Tensor | TopKTeacher | None
+    signal: torch.Tensor | TopKTeacher | HeadRows | None
     labels: torch.Tensor
 
     def flat(self) -> Targets:
         s = self.signal
-        s = None if s is None else s.flat() if isinstance(s, TopKTeacher) else s.reshape(-1, s.shape[-1])
+        s = (
+            s
+            if s is None
+            else s.flat()
+            if isinstance(s, TopKTeacher | HeadRows)
+            else s.reshape(-1, s.shape[-1])
+        )
         return Targets(s, self.labels.reshape(-1))
 
     def take(self, rows: torch.Tensor) -> Targets:
         s = self.signal
-        return Targets(None if s is None else s.take(rows) if isinstance(s, TopKTeacher) else s[rows],
+        return Targets(s if s is None else s.take(rows) if isinstance(s, TopKTeacher | HeadRows) else s[rows],
                        self.labels[rows])  # fmt: skip
+
+    def made(self) -> Targets:
+        """With dense logits still to be made from the teacher's hidden states (``HeadRows``), made."""
+        return Targets(self.signal.logits(), self.labels) if isinstance(self.signal, HeadRows) else self
 
 
 def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]):
@@ -142,6 +152,7 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
     """
 
     def loss(logits: torch.Tensor, targets: Targets, mask, *, num_tokens) -> torch.Tensor:
+        targets = targets.made()
         total = logits.new_zeros((), dtype=torch.float32)
         if cfg.alpha > 0:
             kd = LOSSES[cfg.loss](
@@ -159,9 +170,10 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
     def value_and_grad(logits: torch.Tensor, targets: Targets, num_tokens):
         """Forward KL + CE in closed form, fused (chunked path; a dense teacher, or a top-k one with
         a tail bucket or tail samples); None: not this case, the block goes through autograd."""
-        sig, width = targets.signal, logits.shape[-1]
         if not (cfg.fused_loss and cfg.loss == "forward_kl" and 0 < cfg.alpha):
             return None
+        targets = targets.made()
+        sig, width = targets.signal, logits.shape[-1]
         if vocab_size is not None and vocab_size != width:
             return None  # padded vocabularies: the general path drops the extra columns
         if isinstance(sig, TopKTeacher):
@@ -201,7 +213,8 @@ def distill_loss(
     device = batch.input_ids.device.type
     autocast = torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     mask = batch.answer_mask[:, 1:]  # position t predicts token t + 1
-    targets = Targets(teacher.signal(batch) if cfg.alpha > 0 else None, batch.input_ids[:, 1:])
+    signal = teacher.signal(batch, lazy=cfg.chunked_loss) if cfg.alpha > 0 else None  # chunked: no (B, T, V)
+    targets = Targets(signal, batch.input_ids[:, 1:])
     parts = {"kd": 0.0, "ce": 0.0}
     loss_fn = kd_ce_loss(cfg, vocab_size, parts)
     with autocast:
