@@ -37,6 +37,13 @@ def _expected(meta):
     return {f: getattr(meta, f) for f in fields}
 
 
+@torch.no_grad()
+def _teacher_logprobs(teacher, batch):
+    """The teacher's log-probs at the batch's shifted positions, computed here as the reference."""
+    logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return torch.log_softmax(logits[:, :-1], -1)
+
+
 def test_round_trip_matches_teacher_topk(setup, tmp_path):
     teacher, tok, examples, meta = setup
     C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id, batch_size=3)
@@ -46,10 +53,7 @@ def test_round_trip_matches_teacher_topk(setup, tmp_path):
     cached = C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
     batch = collate(examples[:4], tok.pad_token_id)
     sig = cached.signal(batch)
-    with torch.no_grad():
-        logp = torch.log_softmax(
-            teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1
-        )
+    logp = _teacher_logprobs(teacher, batch)
     mask = batch.answer_mask[:, 1:]
     want_vals, want_ids = logp[mask].topk(32, -1)
     assert torch.equal(sig.ids[mask], want_ids)
@@ -73,10 +77,7 @@ def test_tail_samples_round_trip(setup, tmp_path):
     cached = C.CachedTeacher(tmp_path / "a", _expected(meta), examples, tail="sample")
     batch = collate(examples[:4], tok.pad_token_id)
     sig = cached.signal(batch)
-    with torch.no_grad():
-        logp = torch.log_softmax(
-            teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1
-        )
+    logp = _teacher_logprobs(teacher, batch)
     mask = batch.answer_mask[:, 1:]
     s_ids, s_lp = sig.sample_ids[mask], sig.sample_logprobs[mask]
     assert s_ids.shape == (int(mask.sum()), 4)

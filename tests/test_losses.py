@@ -364,6 +364,19 @@ def _topk_rows(g, rows, vocab, k, pad):
     return ids, lp
 
 
+def _matches_float64_autograd(got, z, teacher, labels, alpha, num_tokens):
+    """A fused block's (kd, ce, grad) against forward KL + CE and their autograd gradient in float64."""
+    kd, ce, grad = got
+    z64 = z.double().requires_grad_(True)
+    ref_kd = L.forward_kl(z64, teacher, num_tokens=num_tokens)
+    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=num_tokens)
+    (alpha * ref_kd + (1 - alpha) * ref_ce).backward()
+    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5)
+    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-7) if z.dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("recorded_tail", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -374,15 +387,8 @@ def test_fused_topk_bucket_block_matches_autograd_in_float64(compile, recorded_t
     tail = torch.log1p(-lp.exp().sum(-1)) - 0.01 if recorded_tail else None
     teacher = L.TopKTeacher(ids, lp, "bucket", tail)
     labels = torch.randint(0, 97, (29,), generator=g)
-    kd, ce, grad = L.topk_bucket_ce_block(z, teacher, labels, alpha=0.4, num_tokens=40.0, compile=compile)
-    z64 = z.double().requires_grad_(True)
-    ref_kd = L.forward_kl(z64, teacher, num_tokens=40.0)
-    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=40.0)
-    (0.4 * ref_kd + 0.6 * ref_ce).backward()
-    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5)
-    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
-    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
-    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+    got = L.topk_bucket_ce_block(z, teacher, labels, alpha=0.4, num_tokens=40.0, compile=compile)
+    _matches_float64_autograd(got, z, teacher, labels, 0.4, 40.0)
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
@@ -465,15 +471,8 @@ def test_fused_topk_sample_block_matches_autograd_in_float64(compile, dtype):
     tail = teacher.tail_logprob.float()
     teacher = L.TopKTeacher(teacher.ids, lp, "sample", tail, teacher.sample_ids, pad.float())
     labels = torch.randint(0, 97, (29,), generator=g)
-    kd, ce, grad = L.topk_sample_ce_block(z, teacher, labels, alpha=0.3, num_tokens=35.0, compile=compile)
-    z64 = z.double().requires_grad_(True)
-    ref_kd = L.forward_kl(z64, teacher, num_tokens=35.0)
-    ref_ce = L.token_cross_entropy(z64, labels, num_tokens=35.0)
-    (0.3 * ref_kd + 0.7 * ref_ce).backward()
-    assert float(kd) == pytest.approx(float(ref_kd.detach()), rel=1e-5)
-    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
-    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
-    torch.testing.assert_close(grad.double(), z64.grad, **tol)
+    got = L.topk_sample_ce_block(z, teacher, labels, alpha=0.3, num_tokens=35.0, compile=compile)
+    _matches_float64_autograd(got, z, teacher, labels, 0.3, 35.0)
 
 
 def test_sampled_tail_is_forward_kl_at_temperature_one_only():
