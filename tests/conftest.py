@@ -116,7 +116,7 @@ def tiny_recipe(run_root: Path, teacher: Path, prompts: Path, **sections) -> dic
         "generate": {"max_new_tokens": 12, "batch_size": 4},
         "student": {"init": "shrink", "num_layers": 2},
         "train": {"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2,
-                  "max_seq_len": 64, "lr": 3e-3, "bf16": False},
+                  "max_seq_len": 64, "lr": 3e-3, "dtype": "float32"},
         "evaluate": {"max_new_tokens": 8, "batch_size": 4, "speed_new_tokens": 4,
                      "speed_batch_size": 2, "speed_repeats": 1},
     }  # fmt: skip

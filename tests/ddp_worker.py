@@ -28,7 +28,7 @@ def main(teacher_dir: str, out: str, batch_size: int, grad_accum: int) -> None:
     vocab = teacher.config.vocab_size
     examples = random_examples(vocab, 12, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
     cfg = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1, lr=5e-3,
-                      checkpoint_every=100, bf16=False)  # fmt: skip
+                      checkpoint_every=100, dtype="float32")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         train(student, LiveTeacher(teacher), examples, cfg, Path(tmp), pad_id=0)
     import os

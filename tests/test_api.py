@@ -102,7 +102,18 @@ def test_backoff_doubles_with_jitter_caps_and_honours_retry_after():
     for attempt, base in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 10), (9, 10)]:
         d = api.backoff_s(attempt, cfg, None, rng)
         assert base * 0.5 <= d < base
-    assert api.backoff_s(0, cfg, 42.0, rng) == 42.0
+    # Retry-After: never sooner than asked, and spread so workers told the same delay do not all
+    # come back at once (defect 12: it used to be exactly 42.0 for every worker)
+    waits = [api.backoff_s(0, cfg, 42.0, random.Random(seed)) for seed in range(50)]
+    assert all(42.0 <= w <= 42.0 * 1.25 + 1.0 for w in waits)
+    assert len({round(w, 6) for w in waits}) == 50 and max(waits) - min(waits) > 5.0
+
+
+def test_answer_keys_never_collide_for_ids_with_hash_signs():
+    pairs = [("a", 1), ("a#1", 0), ("a%231", 0), ("a#1", 1), ("a", 11), ("a#", 11), ("a%", 0), ("a", 0)]
+    keys = [api.answer_key(i, j) for i, j in pairs]
+    assert len(set(keys)) == len(keys), keys
+    assert api.answer_key("plain-id", 0) == "plain-id"  # ids without # or % keep their old keys
 
 
 def test_api_key_comes_from_the_named_variable_only(monkeypatch):

@@ -15,7 +15,7 @@ def test_default_recipe_loads_and_round_trips(tmp_path):
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(None, ["train.lr=1e-4", "student.layers=[0, 5, 29]", "train.bf16=false"])
-    assert cfg.train.lr == 1e-4 and cfg.student.layers == [0, 5, 29] and cfg.train.bf16 is False
+    assert cfg.train.lr == 1e-4 and cfg.student.layers == [0, 5, 29] and cfg.train.dtype == "float32"
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -93,7 +93,23 @@ def test_chat_template_applied_and_truncated(tiny_teacher_dir):
     text = tok.decode(ids)
     want = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
     assert text == want + "<|im_start|>assistant\n"
-    assert prompt_token_ids(tok, p, max_tokens=5) == ids[-5:]
+
+
+def test_truncation_cuts_the_prompt_text_and_keeps_the_template_head(tiny_teacher_dir):
+    """Defect 13: left truncation of the token stream dropped BOS and the system header."""
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    words = " ".join(f"word{i}" for i in range(200))
+    p = Prompt("x", [{"role": "user", "content": words}])
+    full = prompt_token_ids(tok, p, system_prompt="be brief", max_tokens=100_000)
+    ids = prompt_token_ids(tok, p, system_prompt="be brief", max_tokens=60)
+    assert len(full) > 60 >= len(ids) >= 50  # cut, and not much more than needed
+    text = tok.decode(ids)
+    head, tail = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    assert text.startswith(head) and text.endswith(tail)
+    kept = text[len(head) : -len(tail)]
+    assert kept and words.endswith(kept.strip())  # the end of the prompt's own text is what stays
+    with pytest.raises(DataError, match="max_prompt_tokens=5"):  # not even the template fits
+        prompt_token_ids(tok, p, system_prompt="be brief", max_tokens=5)
 
 
 def test_make_example_and_collate():

@@ -82,7 +82,7 @@ def test_distil_from_llama_cpp_server_with_top_logprobs(tmp_path, llama_server):
                         "api": {"base_url": llama_server, "model": "smollm2", "api_key_env": None,
                                 "endpoint": "chat", "top_logprobs": 5, "max_tokens": 24, "concurrency": 2}},
             "student": {"init": "shrink", "num_layers": 2},
-            "train": {"max_steps": 2, "batch_size": 3, "max_seq_len": 128, "bf16": False},
+            "train": {"max_steps": 2, "batch_size": 3, "max_seq_len": 128, "dtype": "float32"},
         }
     )  # fmt: skip
     pipeline.generate(cfg)

@@ -60,7 +60,7 @@ def test_packed_loss_and_gradients_equal_unpacked(models, tmp_path, chunked, sou
                            samples_per_shard=4, num_samples=len(exs))  # fmt: skip
         C.build_cache(teacher, exs, tmp_path / "c", meta, pad_id=0)
         signal = C.CachedTeacher(tmp_path / "c", examples=exs)
-    cfg = TrainConfig(alpha=0.5, bf16=False, chunked_loss=chunked, loss="forward_kl")
+    cfg = TrainConfig(alpha=0.5, dtype="float32", chunked_loss=chunked, loss="forward_kl")
     results = []
     for batch in (collate(exs, 0), pack(exs, 0, max_len=40)):
         student.zero_grad()
@@ -78,7 +78,7 @@ def test_without_position_ids_packed_samples_would_see_each_other(models):
     """The equality above is not an accident: attending across samples changes the loss."""
     teacher, student = models
     exs = examples(6)
-    cfg = TrainConfig(alpha=0.0, bf16=False, chunked_loss=False)
+    cfg = TrainConfig(alpha=0.0, dtype="float32", chunked_loss=False)
     packed = pack(exs, 0, max_len=64)
     leaky = collate([(packed.input_ids[r].tolist(), packed.answer_mask[r].tolist()) for r in range(2)], 0)
     honest = pack(exs, 0, max_len=64)
@@ -127,7 +127,7 @@ def test_training_with_packing_follows_the_unpacked_run(models, tmp_path):
     losses = {}
     for packing in (False, True):
         student = shrink_layers(teacher, [0, 3])
-        cfg = TrainConfig(max_steps=4, batch_size=6, warmup_steps=1, lr=1e-3, bf16=False, packing=packing,
+        cfg = TrainConfig(max_steps=4, batch_size=6, warmup_steps=1, lr=1e-3, dtype="float32", packing=packing,
                           max_seq_len=64, checkpoint_every=100, tensorboard=False)  # fmt: skip
         out = tmp_path / str(packing)
         train(student, LiveTeacher(teacher), exs, cfg, out, pad_id=0, vocab_size=300)

@@ -26,7 +26,7 @@ def setup(tiny_teacher_dir):
 
 def _cfg(**kw):
     base = dict(max_steps=6, batch_size=3, grad_accum=2, warmup_steps=1, lr=5e-3,
-                checkpoint_every=2, keep_checkpoints=2, bf16=False)  # fmt: skip
+                checkpoint_every=2, keep_checkpoints=2, dtype="float32")  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 

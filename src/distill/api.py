@@ -27,7 +27,7 @@ import openai
 
 from distill.config import ApiConfig
 from distill.data import Prompt
-from distill.generate import read_log, write_records
+from distill.generate import answer_key, read_log, write_records
 from distill.progress import progress_bar
 
 
@@ -170,9 +170,12 @@ def classify(exc: BaseException) -> tuple[str, bool, float | None]:
 
 def backoff_s(attempt: int, cfg: ApiConfig, retry_after: float | None, rng: random.Random) -> float:
     """Delay before retry ``attempt`` (0-based): the server's Retry-After when it sent one,
-    else ``backoff_s * 2**attempt`` capped at ``max_backoff_s``, scaled by a jitter in [0.5, 1)."""
+    plus up to a quarter of it and up to a second, else ``backoff_s * 2**attempt`` capped at
+    ``max_backoff_s``, scaled by a jitter in [0.5, 1)."""
     if retry_after is not None:
-        return min(retry_after, 600.0)
+        # Never sooner than asked, but spread out: workers told the same Retry-After must not all
+        # come back in the same instant and be throttled together again.
+        return min(retry_after, 600.0) * (1 + rng.random() / 4) + rng.random() * min(1.0, cfg.backoff_s)
     return min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt) * (0.5 + rng.random() / 2)
 
 
@@ -307,11 +310,6 @@ class ApiTeacher:
 
 # ---------------------------------------------------------------------------------------------
 # the log and the run
-
-
-def answer_key(prompt_id: str, sample: int) -> str:
-    """Key of one answer: the prompt id, with ``#j`` for sample j > 0."""
-    return prompt_id if sample == 0 else f"{prompt_id}#{sample}"
 
 
 def successes(log: list[dict]) -> dict[str, dict]:

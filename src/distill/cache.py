@@ -124,9 +124,9 @@ def _score(model: PreTrainedModel, batch: list[Example], pad_id: int, k: int, te
            tail_samples: int = 0):  # fmt: skip
     """Top-k ids, log-probs and tail log-mass for the counted positions of each example, and
     with ``tail_samples`` the tail samples' ids and log-probs."""
-    b = collate(batch, pad_id)
+    b = collate(batch, pad_id).to(model.device)
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()  # (B, T, V)
-    logp = torch.log_softmax(logits / temperature, -1)
+    logp = torch.log_softmax(logits / temperature, -1).cpu()
     out = []
     for i, ex in enumerate(batch):
         rows = torch.tensor(_target_rows(ex), dtype=torch.long)
@@ -307,6 +307,11 @@ class CachedTeacher:
             self.meta.check_against(expected)
         if tail == "auto":
             tail = "sample" if self.meta.tail_samples else "bucket"
+        if tail != "renormalize" and self.meta.scoring_temperature != 1.0:
+            raise CacheError(
+                f"cache.tail {tail!r} needs a cache scored at temperature 1; {cache_dir} was scored at "
+                f"{self.meta.scoring_temperature}: use cache.tail: renormalize"
+            )
         self.tail = tail
         if tail == "sample" and not self.meta.tail_samples:
             raise CacheError(
@@ -359,6 +364,6 @@ class CachedTeacher:
                 s_ids[i, pos] = torch.from_numpy(c_samples[0].astype(np.int64))
                 s_lps[i, pos] = torch.from_numpy(c_samples[1].astype(np.float32))
         dev = batch.input_ids.device
-        if not m:
-            return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev))
-        return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev), s_ids.to(dev), s_lps.to(dev))
+        samples = (s_ids.to(dev), s_lps.to(dev)) if m else (None, None)
+        return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev), *samples,
+                           temperature=self.meta.scoring_temperature)  # fmt: skip

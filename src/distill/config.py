@@ -6,6 +6,7 @@ recipe fails before any work starts, with the key path named.
 
 from __future__ import annotations
 
+import difflib
 import re
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,37 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DtypeSetting = Literal["auto", "float32", "bfloat16"]
+_AUTO_DTYPE = (
+    "auto: bf16 on a GPU that supports it; on a CPU whichever of bf16 and fp32 ran the model's "
+    "matmuls faster in a short probe (bf16 pays only with AMX; elsewhere it is ~25-75x slower)"
+)
+
+
+def nearest(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest of ``choices`` to a misspelt ``word``, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def duration_seconds(text: str | float | int) -> float:
+    """Seconds in ``90``, ``90s``, ``10m``, ``1h30m`` or ``1.5h``.
+
+    Raises:
+        ValueError: any other form.
+    """
+    if isinstance(text, int | float):
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 10m or 1h30m")
+    h, mins, secs = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mins * 60 + secs
 
 
 class DataConfig(_Strict):
@@ -41,10 +73,10 @@ class ModelConfig(_Strict):
     """A model: a bundled name, a Hugging Face folder, or a .gguf file."""
 
     model: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="dtype for generating answers (bf16: ~2x faster on AMX CPUs; its greedy answers "
-        "can change with batch padding, so evaluation compares students with the stored answers)",
+    dtype: DtypeSetting = Field(
+        "auto",
+        description="dtype for generating answers and scoring the cache; " + _AUTO_DTYPE + ". bf16 "
+        "greedy answers can change with batch padding, so evaluation compares with the stored answers",
     )
     trust_remote_code: bool = False
 
@@ -110,6 +142,20 @@ class TeacherConfig(ModelConfig):
         "transformers", description="local generation engine; llama_cpp needs a .gguf model"
     )
     api: ApiConfig = ApiConfig()
+    device: str = Field(
+        "auto",
+        description="where the teacher runs: auto (the first GPU, else the CPU), cpu, cuda, cuda:1, ...",
+    )
+    device_map: Literal["auto"] | None = Field(
+        None, description="auto: spread a teacher too large for one GPU over every GPU (and the CPU)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _local_needs_model(self) -> TeacherConfig:
@@ -178,8 +224,17 @@ class TrainConfig(_Strict):
     """The training recipe: loss = alpha * KD + (1 - alpha) * CE on teacher tokens."""
 
     loss: str = Field("forward_kl", description="a key of distill.losses.LOSSES")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term")
-    distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of the KD term")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term (1 - alpha weighs the CE term)")
+    distill_temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of the KD term")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="loss jsd: the mixture weight beta of the teacher")
+    skew: float = Field(
+        0.1, ge=0, lt=1, description="loss skew_forward_kl / skew_reverse_kl: the skew coefficient"
+    )
+    time_budget: str | None = Field(
+        None,
+        description="wall time for training, e.g. 10m: the step time is measured after warm-up and "
+        "the step count set to fit (max_steps stays the upper bound); None: max_steps steps",
+    )
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -188,7 +243,11 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(384, ge=8)
     grad_clip: float | None = Field(1.0, gt=0)
-    bf16: bool = Field(True, description="bf16 autocast for forward passes (fp32 master weights)")
+    dtype: DtypeSetting = Field(
+        "auto",
+        description="bfloat16: bf16 autocast for forward passes (fp32 master weights); float32: none; "
+        + _AUTO_DTYPE,
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     chunked_loss: bool = Field(
         True, description="compute the loss from hidden states block by block: no (B, T, V) logits"
@@ -213,6 +272,48 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_alias(cls, data):
+        """``bf16: true/false`` (older recipes) means ``dtype: bfloat16/float32``."""
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            flag = data.pop("bf16")
+            if data.get("dtype", "auto") == "auto" and isinstance(flag, bool):
+                data["dtype"] = "bfloat16" if flag else "float32"
+            elif not isinstance(flag, bool):
+                data["bf16"] = flag  # let the schema report it
+        return data
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from distill.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss{nearest(v, LOSSES)}; one of {', '.join(LOSSES)}")
+        return v
+
+    @field_validator("time_budget")
+    @classmethod
+    def _a_duration(cls, v: str | None) -> str | None:
+        if v is not None and duration_seconds(v) <= 0:
+            raise ValueError("must be a positive duration, e.g. 10m")
+        return v
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 autocast on (``dtype`` must be resolved from ``auto`` first: see ``distill.hardware``)."""
+        if self.dtype == "auto":
+            raise ValueError(
+                "train.dtype is still 'auto': resolve it with distill.pipeline.resolve_precision"
+            )
+        return self.dtype == "bfloat16"
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return None if self.time_budget is None else duration_seconds(self.time_budget)
 
 
 class CacheConfig(_Strict):
@@ -243,8 +344,8 @@ class EvaluateConfig(_Strict):
     speed_new_tokens: int = Field(48, ge=1, description="tokens generated per speed measurement")
     speed_batch_size: int = Field(8, ge=1)
     speed_repeats: int = Field(3, ge=1)
-    speed_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="dtype the speed is measured in (the one you would deploy)"
+    speed_dtype: DtypeSetting = Field(
+        "auto", description="dtype the speed is measured in (the one you would deploy); " + _AUTO_DTYPE
     )
 
 
@@ -292,9 +393,35 @@ class RunConfig(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _tail_needs_temperature_one(self) -> RunConfig:
+        if self.cache.tail in ("sample", "bucket") and self.cache.scoring_temperature != 1.0:
+            raise ValueError(
+                f"cache.tail '{self.cache.tail}' needs cache.scoring_temperature=1 (the tail mass is "
+                "known only at the temperature it was scored at); use cache.tail=renormalize"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The valid keys of the config section at ``loc`` (e.g. ``("train",)``)."""
+    model: Any = RunConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -302,11 +429,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key; remove it or check the spelling")
+            hint = nearest(str(e["loc"][-1]), _keys_at(e["loc"][:-1]))
+            lines.append(f"  {path}: unknown key{hint}; remove it or check the spelling")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {path}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path}: {msg}{got_s}")
     return "\n".join(lines)
 
 

@@ -50,8 +50,24 @@ def _record_to_prompt(rec: dict, where: str) -> Prompt:
         raise DataError(f"{where}: needs a 'prompt' or a 'messages' field (has {sorted(rec)})")
     ref = rec.get("reference")
     meta = {k: rec[k] for k in ("source", "license") if k in rec}
-    pid = str(rec["id"]) if rec.get("id") not in (None, "") else _content_id(messages)
+    explicit = rec.get("id") not in (None, "")
+    pid = str(rec["id"]) if explicit else _content_id(messages)
+    if explicit:
+        meta["_where"] = where  # for the duplicate-id check; dropped there
     return Prompt(pid, messages, None if ref is None else str(ref), meta)
+
+
+def _read_text(p: Path) -> str:
+    """The file's text as UTF-8; a file in another encoding is refused with the line of the first bad byte."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{p}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _detect_format(path: Path, fmt: str) -> str:
@@ -78,16 +94,17 @@ def read_prompts(path: str | Path | None, fmt: str = "auto") -> list[Prompt]:
         raise DataError(f"prompt file {p} does not exist")
     kind = _detect_format(p, fmt)
     if kind == "jsonl":
-        prompts = _read_jsonl_lines(p.read_text().splitlines(), str(p))
+        prompts = _read_jsonl_lines(_read_text(p).splitlines(), str(p))
     elif kind == "txt":
         prompts = [
             _record_to_prompt({"prompt": line.strip()}, f"{p}:{i}")
-            for i, line in enumerate(p.read_text().splitlines(), 1)
+            for i, line in enumerate(_read_text(p).splitlines(), 1)
             if line.strip()
         ]
     elif kind == "csv":
-        with p.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(_read_text(p), newline="")))
         prompts = [_record_to_prompt(_clean_row(r), f"{p}:{i + 2}") for i, r in enumerate(rows)]
     else:
         try:
@@ -130,6 +147,15 @@ def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
 
 
 def _dedupe_ids(prompts: list[Prompt]) -> list[Prompt]:
+    """Refuse two prompts given the same ``id``; identical prompts without one get ``-1``, ``-2``."""
+    where: dict[str, str] = {}
+    for pr in prompts:
+        w = pr.meta.pop("_where", None)
+        if w is None:
+            continue
+        if pr.id in where:
+            raise DataError(f"{w}: prompt id {pr.id!r} is already used at {where[pr.id]}; ids must be unique")
+        where[pr.id] = w
     seen: dict[str, int] = {}
     for pr in prompts:
         n = seen.get(pr.id, 0)
@@ -161,22 +187,46 @@ def with_system_prompt(prompt: Prompt, system_prompt: str | None) -> Prompt:
     return Prompt(prompt.id, messages, prompt.reference, prompt.meta)
 
 
+def _render(tok: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` as the model sees them, ending where the answer starts."""
+    if tok.chat_template:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return list(tok(text)["input_ids"])
+
+
 def prompt_token_ids(
     tok: Tokenizer, prompt: Prompt, *, system_prompt: str | None = None, max_tokens: int = 256
 ) -> list[int]:
     """Token ids of the prompt as the model sees it, ending where the answer starts.
 
     Uses the tokenizer's chat template; a tokenizer without one (a base model)
-    gets the turns' text joined by newlines. Long prompts keep their last tokens.
+    gets the turns' text joined by newlines. A prompt longer than ``max_tokens`` loses the
+    start of its last user turn's text: BOS, the system turn and the template's headers stay.
+
+    Raises:
+        DataError: the prompt does not fit even with that turn's text gone.
     """
     messages = with_system_prompt(prompt, system_prompt).messages
-    if tok.chat_template:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        text = "\n".join(m["content"] for m in messages) + "\n"
-        ids = tok(text)["input_ids"]
-    return list(ids[-max_tokens:])
+    ids = _render(tok, messages)
+    if len(ids) <= max_tokens:
+        return ids
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    content = tok(messages[last]["content"], add_special_tokens=False)["input_ids"]
+    cut = len(ids) - max_tokens
+    while cut < len(content):
+        # Re-encoding the decoded tail can merge tokens differently: cut more until it fits.
+        kept = tok.decode(content[cut:])
+        trimmed = [*messages[:last], {**messages[last], "content": kept}, *messages[last + 1 :]]
+        ids = _render(tok, trimmed)
+        if len(ids) <= max_tokens:
+            return ids
+        cut += max(1, len(ids) - max_tokens)
+    raise DataError(
+        f"prompt {prompt.id}: its template, system turn and earlier turns alone take more than "
+        f"data.max_prompt_tokens={max_tokens} tokens; raise data.max_prompt_tokens or shorten them"
+    )
 
 
 @dataclass

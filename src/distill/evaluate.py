@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill.config import EvaluateConfig
 from distill.data import Prompt, collate, make_example
 from distill.filters import NUMBER, last_number_matches
-from distill.generate import generate_batch
+from distill.generate import answer_key, generate_batch
 from distill.losses import forward_kl, token_cross_entropy
 from distill.models import count_params, folder_bytes
 from distill.progress import progress_bar
@@ -59,17 +59,25 @@ def forced_metrics(
     examples: list[tuple[list[int], list[bool]]],
     pad_id: int,
     batch_size: int,
+    vocab_size: int | None = None,
 ) -> dict[str, float | None]:
     """Per-token KL(teacher || model), top-1 agreement and perplexity on teacher answers
-    (KL and agreement are None without a local teacher)."""
+    (KL and agreement are None without a local teacher).
+
+    ``vocab_size``: the tokenizer's length; LM-head columns past it (padding, e.g. 152,064 vs
+    151,936) are dropped on both sides, so a pair whose heads differ only by padding compares.
+    """
     kl_sum = agree = ce_sum = 0.0
     count = 0
     for i in range(0, len(examples), batch_size):
-        b = collate(examples[i : i + batch_size], pad_id)
+        b = collate(examples[i : i + batch_size], pad_id).to(model.device)
         s = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+        s = s[..., :vocab_size] if vocab_size else s  # (B, T-1, V)
         mask = b.answer_mask[:, 1:]
         if teacher is not None:
-            t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+            t_in = b.to(teacher.device)
+            t = teacher(input_ids=t_in.input_ids, attention_mask=t_in.attention_mask).logits[:, :-1]
+            t = (t[..., :vocab_size] if vocab_size else t).float().to(s.device)
             kl_sum += float(forward_kl(s, t, mask, num_tokens=1))
             agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
         ce_sum += float(token_cross_entropy(s, b.input_ids[:, 1:], mask, num_tokens=1))
@@ -132,6 +140,7 @@ def evaluate_model(
     ``model`` None (a teacher reached only through an API): those answer metrics alone.
     """
     pad = tok.pad_token_id
+    answers = {p.id: answers[answer_key(p.id)] for p in heldout if answer_key(p.id) in answers}  # sample 0
     scored = [p for p in heldout if p.id in answers]
     examples = [make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len) for p in scored]
     with progress_bar("prompt") as bar:
@@ -139,7 +148,7 @@ def evaluate_model(
         res: dict = {"kl": None, "top1_agreement": None, "perplexity": None}
         if model is not None:
             model = model.float()  # fidelity and answers in fp32: bf16 greedy answers vary with padding
-            res = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size)
+            res = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size, vocab_size=len(tok))
         bar.update(task, advance=len(scored), info="greedy answers")
         outputs = []
         # The teacher's stored answers are the reference: its row scores them as they are

@@ -105,10 +105,18 @@ def read_log(path: Path) -> list[dict]:
     return out
 
 
+def answer_key(prompt_id: str, sample: int = 0) -> str:
+    """Key of one answer: the prompt id, with ``#j`` for sample j > 0. ``%`` and ``#`` inside the
+    id are escaped (``%25``, ``%23``), so no two (id, sample) pairs share a key: id ``a#1`` sample 0
+    is ``a%231``, id ``a`` sample 1 is ``a#1``."""
+    escaped = prompt_id.replace("%", "%25").replace("#", "%23")
+    return escaped if sample == 0 else f"{escaped}#{sample}"
+
+
 def read_answers(path: Path) -> dict[str, dict]:
-    """Finished answers by answer key (the prompt id; ``id#j`` for an API run's sample j > 0).
+    """Finished answers by ``answer_key`` (of the prompt id and the sample, 0 for a local teacher).
     A torn last line (a killed write) is cut off the file."""
-    return {rec.get("key", rec["id"]): rec for rec in read_log(path)}
+    return {answer_key(rec["id"], rec.get("sample", 0)): rec for rec in read_log(path)}
 
 
 def write_records(f, records: list[dict]) -> None:
@@ -188,7 +196,7 @@ def generate_answers(
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_answers(out_path)
-    todo = [p for p in prompts if p.id not in done]
+    todo = [p for p in prompts if answer_key(p.id) not in done]
     encoded = {
         p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens)
         for p in todo
@@ -220,7 +228,7 @@ def generate_answers(
                 for p, g in zip(chunk, gens, strict=True)
             ]
             _append(out_path, records)
-            done.update({r["id"]: r for r in records})
+            done.update({answer_key(r["id"]): r for r in records})
             ntok += sum(len(g.token_ids) for g in gens)
             bar.update(task, advance=len(chunk), info=f"{ntok} answer tokens")
     return done

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 _TINY = torch.finfo(torch.float32).tiny
+_LOG_TINY = math.log(_TINY)
 _V_SLICE = 16384  # vocab rows per slice when accumulating a low-precision LM-head gradient
 
 
@@ -68,12 +69,18 @@ class TopKTeacher:
     tail_logprob: Tensor | None = None  # (...,) log of the mass outside the k ids, if recorded
     sample_ids: Tensor | None = None  # (..., m) ids drawn from the teacher outside the k ("sample")
     sample_logprobs: Tensor | None = None  # (..., m) their teacher log-probs; -inf: no sample
+    temperature: float = 1.0  # the softmax temperature the log-probs were scored at (a cache's)
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape:
             raise ValueError(f"top-k ids {tuple(self.ids.shape)} != logprobs {tuple(self.logprobs.shape)}")
         if self.tail not in ("renormalize", "bucket", "sample"):
             raise ValueError(f"tail must be 'renormalize', 'bucket' or 'sample', got {self.tail!r}")
+        if self.tail != "renormalize" and self.temperature != 1.0:
+            raise ValueError(
+                f"tail={self.tail!r} needs log-probs scored at temperature 1 (these are at "
+                f"{self.temperature}); use tail='renormalize'"
+            )
         if self.tail == "sample" and (
             self.sample_ids is None or self.sample_logprobs is None or self.tail_logprob is None
         ):
@@ -84,7 +91,7 @@ class TopKTeacher:
             return None if x is None else fn(x)
 
         return TopKTeacher(fn(self.ids), fn(self.logprobs), self.tail, opt(self.tail_logprob),
-                           opt(self.sample_ids), opt(self.sample_logprobs))  # fmt: skip
+                           opt(self.sample_ids), opt(self.sample_logprobs), self.temperature)  # fmt: skip
 
     def rows(self, keep: Tensor | None) -> TopKTeacher:
         """Flattened to ``(M, k)``, keeping the positions where ``keep`` (flat bool) is True."""
@@ -165,6 +172,24 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.log((-torch.expm1(x)).clamp_min(_TINY))
 
 
+def _log_mass_outside(logits: Tensor, ids: Tensor, present: Tensor) -> Tensor:
+    """log of the softmax mass outside ``ids`` per row, ``(M, V)``, ``(M, k)``, ``(M, k)`` -> ``(M,)``.
+
+    A log-sum-exp over the logits with the ids masked out, minus the full one: exact however small
+    the mass is, where ``log(1 - sum q_k)`` in fp32 rounds to log(0) once the k ids hold all but
+    ~1e-7 of it (a confident student), and its gradient ``1 / (1 - sum q_k)`` blows up.
+    ``present`` False marks padding entries of ``ids``, which mask nothing.
+    """
+    lse = torch.logsumexp(logits, -1)
+    # Padding sits after a row's ids (top-k order), so a padding entry can point at the row's first
+    # id instead (masking an id twice is harmless), and a row whose first entry is padding has no
+    # ids at all and masks nothing.
+    where = torch.where(present, ids, ids[:, :1])
+    masked = torch.where(present[:, :1], logits.scatter(-1, where, float("-inf")), logits)
+    # ids covering the whole vocabulary leave no mass at all: floor it at fp32's tiniest, as log(0)
+    return (torch.logsumexp(masked, -1) - lse).clamp_min(_LOG_TINY)
+
+
 def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over the same outcomes, ``(M, V)`` or ``(M, k[+1])``."""
     if not isinstance(t, TopKTeacher):
@@ -177,14 +202,17 @@ def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) ->
     absent = torch.isneginf(lp)  # padding of a row with fewer than k ids: no outcome on either side
     if t.tail == "renormalize":
         s_k = torch.gather(_scaled(s, temperature), -1, ids).masked_fill(absent, float("-inf"))  # (M, k)
-        return F.log_softmax(s_k, -1), F.log_softmax(lp / temperature, -1)
+        # log-probs scored at temperature t.temperature are logits / t.temperature up to a constant
+        # per row, which the renormalisation drops: rescale them to the distillation temperature
+        # instead of dividing once more (the two temperatures must not stack)
+        return F.log_softmax(s_k, -1), F.log_softmax(lp * (t.temperature / temperature), -1)
     if temperature != 1.0:
         raise ValueError(
             "tail='bucket' needs temperature=1: the teacher's tail mass is only known at the "
             "temperature it was scored at; use tail='renormalize' for other temperatures"
         )
     s_k = torch.gather(F.log_softmax(s.float(), -1), -1, ids).masked_fill(absent, float("-inf"))  # (M, k)
-    s_tail = _log1mexp(torch.logsumexp(s_k, -1, keepdim=True).clamp_max(0))
+    s_tail = _log_mass_outside(s.float(), ids, ~absent).unsqueeze(-1)
     if t.tail_logprob is not None:  # recorded before the k log-probs were rounded
         t_tail = t.tail_logprob.float().unsqueeze(-1)
     else:
@@ -430,7 +458,9 @@ def _topk_bucket_ce_block(
     ``ids``/``lp`` ``(C, k)``: distinct teacher ids and log-probs, ``-inf`` marking padding;
     ``tail_lp`` ``(C,)``: log of the teacher's mass outside them. With q the student softmax,
     S its mass outside the ids, T the teacher's and W = sum p + T, the closed-form gradient is
-    ``q_v * W - p_v`` on the ids and ``q_v * (W - T / S)`` elsewhere.
+    ``q_v * W - p_v`` on the ids and ``q_v * W - T * q_v / S`` elsewhere, where ``q_v / S`` is the
+    softmax of the logits with the ids masked out: computed so, it stays exact and bounded when S is
+    far below fp32's resolution of 1 - sum q_k (``_log_mass_outside``).
     """
     zf = z.float()
     lse = torch.logsumexp(zf, -1, keepdim=True)
@@ -438,17 +468,23 @@ def _topk_bucket_ce_block(
     present = ~torch.isneginf(lp)
     p = torch.where(present, torch.exp(lp), 0.0)
     log_s_k = torch.gather(zf, 1, ids) - lse  # from the logits, not q: q is then never stored
-    q_k = torch.where(present, torch.exp(log_s_k), 0.0)
-    s_mass = (1.0 - q_k.sum(-1)).clamp_min(_TINY)
+    where_k = torch.where(present, ids, ids[:, :1])  # padding points at an id masked anyway
+    outside = zf.scatter(1, where_k, float("-inf"))  # (C, V): the logits off the teacher's ids
+    outside = torch.where(
+        present[:, :1], outside, zf
+    )  # an all-padding row (first entry absent) masks nothing
+    # floored as in _log_mass_outside: ids covering the whole vocabulary leave no mass (then q_off = 0)
+    lse_out = torch.maximum(torch.logsumexp(outside, -1, keepdim=True), lse + _LOG_TINY)
+    log_s_mass = (lse_out - lse).squeeze(-1)  # log S, exact however small
     t_mass = torch.exp(tail_lp)
     kd_k = torch.where(p > 0, p * (lp - log_s_k), 0.0).sum(-1)
-    kd_tail = torch.where(t_mass > 0, t_mass * (tail_lp - torch.log(s_mass)), 0.0)
+    kd_tail = torch.where(t_mass > 0, t_mass * (tail_lp - log_s_mass), 0.0)
     kd = (kd_k + kd_tail).sum() * inv_n
     ce = (lse.squeeze(-1) - zf.gather(1, labels[:, None]).squeeze(1)).sum() * inv_n
     w = p.sum(-1) + t_mass
-    ratio = t_mass / s_mass
-    grad = (alpha * (w - ratio)[:, None] + (1 - alpha)) * q
-    on_ids = torch.where(present, alpha * (q_k * ratio[:, None] - p), 0.0)
+    q_off = torch.exp(outside - lse_out)  # q_v / S off the ids, 0 on them
+    grad = (alpha * w[:, None] + (1 - alpha)) * q - (alpha * t_mass)[:, None] * q_off
+    on_ids = torch.where(present, -alpha * p, 0.0)
     where = torch.cat([ids, labels[:, None]], 1)  # one scatter: each is a pass over the block
     grad = grad.scatter_add(1, where, torch.cat([on_ids, (-(1 - alpha)).expand(labels.shape[0], 1)], 1))
     return kd, ce, (grad * inv_n).to(z.dtype)
@@ -514,6 +550,12 @@ def topk_bucket_ce_block(
 
 
 _COMPILED: dict[str, Callable] = {}
+# What a failed *compilation* raises (no C++ compiler, an unsupported op or backend). Anything else,
+# an out-of-memory error above all, is a real failure of the step and propagates.
+_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    torch._inductor.exc.InductorError,
+)
 
 
 def kd_ce_block(z: Tensor, y: Tensor, labels: Tensor, *, alpha: float, temperature: float,
@@ -533,13 +575,46 @@ def _run_compiled(name: str, fn: Callable, args: tuple, compile: bool):
     if compile and _COMPILED[name] is not None:
         try:
             return _COMPILED[name](*args)
-        except Exception as exc:  # noqa: BLE001 - whatever the compiler raised
+        except _COMPILE_ERRORS as exc:
+            if isinstance(exc.__cause__, torch.OutOfMemoryError | MemoryError):
+                raise exc.__cause__ from exc  # out of memory while compiling is still out of memory
             import warnings
 
-            msg = f"torch.compile of the fused loss failed ({exc!r:.200}); using eager ops"
+            msg = f"torch.compile of the fused {name} loss failed ({exc!r:.200}); that loss runs eagerly"
             warnings.warn(msg, stacklevel=2)
             _COMPILED[name] = None
     return fn(*args)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its LM head's output before it is a logit: ``cap * tanh(scale * x / cap)``
+    with soft-capping (Gemma 2 / 3: ``final_logit_softcapping``), else ``scale * x`` (Granite divides
+    by ``logits_scaling``, Cohere multiplies by ``logit_scale``). The identity for most models."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> LogitTransform:
+        """The transform a transformers model config declares."""
+        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere
+        scale /= float(getattr(config, "logits_scaling", None) or 1.0)  # Granite
+        cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3
+        return cls(scale, float(cap) if cap else None)
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The logits of head output ``x`` ``(C, V)``, and their derivative in ``x`` (None: identity)."""
+        if self.identity:
+            return x, None
+        if self.softcap is None:
+            return x * self.scale, torch.full((), self.scale, dtype=x.dtype, device=x.device)
+        th = torch.tanh(x.float() * (self.scale / self.softcap))
+        return (th * self.softcap).to(x.dtype), ((1 - th * th) * self.scale).to(x.dtype)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -551,7 +626,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, loss_fn, teacher, rows, chunk_size, num_tokens, kwargs):
+    def forward(ctx, hidden, weight, bias, loss_fn, teacher, rows, chunk_size, num_tokens, kwargs, transform):
         grad_h = torch.zeros_like(hidden, dtype=torch.float32)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
@@ -567,6 +642,7 @@ class _ChunkedLoss(torch.autograd.Function):
             h = hidden[idx].detach()  # (C, H)
             t = teacher[idx] if isinstance(teacher, Tensor) else teacher.take(idx)
             logits = F.linear(h, w, b)  # (C, V)
+            logits, dlogits = transform.apply(logits)
             got = fast(logits, t, num_tokens) if fast is not None else None
             if got is not None:  # a closed-form loss gives its value and gradient at once
                 part, g = got
@@ -575,6 +651,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     part = loss_fn(logits, t, None, num_tokens=num_tokens, **kwargs)
                     (g,) = torch.autograd.grad(part, [logits])  # (C, V), in the logits' dtype
+            if dlogits is not None:  # back through the model's logit transform: d(out)/d(head output)
+                g = (g * dlogits).to(g.dtype)
             # d/dh = g W, d/dW += g^T h, d/db += sum g; matmuls in the input dtype as in the plain
             # form's backward, accumulated in fp32 (in place where the dtypes allow).
             grad_h[idx] = (g @ w).float()
@@ -600,7 +678,7 @@ class _ChunkedLoss(torch.autograd.Function):
         saved, ctx.grads = ctx.grads, None
         grads = [g if scale is None else g * scale for g in saved]
         gh, gw, *gb = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=False))
-        return gh, gw, (gb[0] if gb else None), None, None, None, None, None, None
+        return gh, gw, (gb[0] if gb else None), None, None, None, None, None, None, None
 
 
 def chunked_divergence(
@@ -613,6 +691,7 @@ def chunked_divergence(
     lm_head_bias: Tensor | None = None,
     chunk_size: int | None = None,
     num_tokens: int | float | Tensor | None = None,
+    transform: LogitTransform | None = None,
     **kwargs,
 ) -> Tensor:
     """``loss_fn`` of student logits ``hidden @ lm_head_weight.T`` without materialising them.
@@ -629,6 +708,8 @@ def chunked_divergence(
             (64 positions at V = 262,144, 341 at V = 49,152), still enough rows that the
             matmuls stay compute-bound.
         num_tokens: global count of counted positions (default: the local count).
+        transform: what the model does to the head's output (``LogitTransform.of(model.config)``:
+            soft-capping, a logit scale); the default is none.
         **kwargs: the loss's own options (temperature, beta, alpha, vocab_size).
 
     ``loss_fn`` may carry ``value_and_grad(logits, target_rows, num_tokens)`` returning the
@@ -650,7 +731,16 @@ def chunked_divergence(
     count = rows.shape[0] if num_tokens is None else num_tokens
     chunk_size = chunk_size or max(1, (1 << 24) // lm_head_weight.shape[0])
     return _ChunkedLoss.apply(
-        flat_h, lm_head_weight, lm_head_bias, loss_fn, t, rows, chunk_size, count, kwargs
+        flat_h,
+        lm_head_weight,
+        lm_head_bias,
+        loss_fn,
+        t,
+        rows,
+        chunk_size,
+        count,
+        kwargs,
+        transform or LogitTransform(),
     )
 
 

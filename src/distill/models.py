@@ -83,6 +83,78 @@ def resolve_gguf(ref: str) -> Path | None:
     )
 
 
+class ModelError(ValueError):
+    """A model file that cannot be used: corrupt, truncated, or of an architecture we cannot load."""
+
+
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The key/value metadata of a GGUF file, read from its header alone (arrays as their length,
+    except short ones), without loading a tensor. Checks the magic first.
+
+    Raises:
+        ModelError: not a GGUF file, or a header cut short.
+    """
+    import struct
+
+    def read(f, fmt: str):
+        size = struct.calcsize(fmt)
+        raw = f.read(size)
+        if len(raw) < size:
+            raise ModelError(
+                f"{path}: the GGUF header is cut short (truncated or corrupt file); re-download it"
+            )
+        return struct.unpack(fmt, raw)[0]
+
+    def string(f) -> str:
+        n = read(f, "<Q")
+        if n > 1 << 24:
+            raise ModelError(f"{path}: corrupt GGUF header (a {n}-byte string); re-download the file")
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def value(f, kind: int):
+        if kind in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[kind])
+        if kind == 8:
+            return string(f)
+        if kind == 9:
+            item, count = read(f, "<I"), read(f, "<Q")
+            if count > 1 << 26:
+                raise ModelError(f"{path}: corrupt GGUF header (an array of {count} items)")
+            if item in _GGUF_SCALARS and count > 16:  # skip long numeric arrays (scores, token types)
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                return count
+            items = [value(f, item) for _ in range(count)]
+            return items if count <= 16 else count
+        raise ModelError(f"{path}: corrupt GGUF header (unknown value type {kind}); re-download the file")
+
+    with Path(path).open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (wrong magic bytes); is it corrupt or another format?")
+        version, _tensors, n_kv = read(f, "<I"), read(f, "<Q"), read(f, "<Q")
+        if version not in (2, 3) or n_kv > 1 << 20:
+            raise ModelError(f"{path}: unsupported or corrupt GGUF header (version {version}, {n_kv} keys)")
+        meta = {}
+        for _ in range(n_kv):
+            key = string(f)
+            meta[key] = value(f, read(f, "<I"))
+    return meta
+
+
 def _file_fingerprint(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -142,11 +214,25 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> Tokenizer:
 
 
 def load_model(
-    ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    ref: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode from a bundled name, HF folder or GGUF file."""
+    """Load a causal LM in eval mode from a bundled name, HF folder or GGUF file.
+
+    ``device``: where the weights go (default: the CPU). ``device_map="auto"``: accelerate spreads a
+    model too large for one GPU over all of them (and the CPU); ``device`` is then ignored.
+    """
     path = resolve_model_dir(ref)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = {"device_map": device_map} if device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if not device_map and device is not None and torch.device(device) != model.device:
+        model = model.to(device)
     return model.eval()
 
 

@@ -40,6 +40,7 @@ from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
 from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log, write_records
+from distill.hardware import DTYPES, Precision, choose_precision, resolve_device
 from distill.models import (
     evenly_spaced_layers,
     load_model,
@@ -48,25 +49,71 @@ from distill.models import (
     resolve_model_dir,
     shrink_layers,
 )
+from distill.preflight import ModelFacts, check_run
 from distill.progress import console
 from distill.report import write_report
 from distill.teacher import LiveTeacher
 from distill.train import train
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class StageError(RuntimeError):
     """A stage cannot start: an earlier stage's output is missing."""
 
 
-def _setup(cfg: RunConfig) -> Path:
+_CHECKED: dict[str, tuple[RunConfig, dict[str, Precision]]] = {}  # config JSON -> resolved, this process
+
+
+def prepare(cfg: RunConfig) -> tuple[RunConfig, dict[str, Precision]]:
+    """Check ``cfg`` against its files (``check_run``) and resolve every ``dtype: auto``.
+
+    Returns the config with concrete dtypes, and the precision chosen for each purpose (teacher,
+    train, speed) with its reason, printed once per process. Nothing is written.
+    """
+    key = cfg.model_dump_json()
+    if key in _CHECKED:
+        return _CHECKED[key]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    facts = check_run(cfg)
+    resolved, precision = resolve_precision(cfg, facts.get("teacher") or facts.get("student"))
+    _CHECKED[key] = _CHECKED[resolved.model_dump_json()] = (resolved, precision)
+    reasons = {p.reason for p in precision.values()}
+    names = ", ".join(f"{k} {p.dtype}" for k, p in precision.items())
+    console.print(f"precision: {names}" + (f" ({reasons.pop()})" if len(reasons) == 1 else ""))
+    for k, p in precision.items() if len(reasons) > 1 else ():
+        console.print(f"  {k}: {p.reason}")
+    return resolved, precision
+
+
+def resolve_precision(cfg: RunConfig, shape: ModelFacts | None) -> tuple[RunConfig, dict[str, Precision]]:
+    """``cfg`` with ``teacher.dtype``, ``train.dtype`` and ``evaluate.speed_dtype`` made concrete.
+
+    An explicit dtype stays; ``auto`` is decided by ``distill.hardware.choose_precision`` on the
+    device each runs on, with a matmul probe at the model's shapes (``shape``) on a CPU.
+    """
+    hidden, inter = (shape.hidden_size, shape.intermediate_size) if shape else (1024, 4096)
+    train_dev = resolve_device("auto")
+    precision = {
+        "teacher": choose_precision(cfg.teacher.dtype, resolve_device(cfg.teacher.device), hidden, inter),
+        "train": choose_precision(cfg.train.dtype, train_dev, hidden, inter),
+        "speed": choose_precision(cfg.evaluate.speed_dtype, train_dev, hidden, inter),
+    }
+    resolved = cfg.model_copy(deep=True)
+    resolved.teacher.dtype = precision["teacher"].dtype
+    resolved.train.dtype = precision["train"].dtype
+    resolved.evaluate.speed_dtype = precision["speed"].dtype
+    return resolved, precision
+
+
+def _setup(cfg: RunConfig) -> tuple[Path, RunConfig]:
+    """Check the run, resolve its precision, then make the run folder (never before: a run that
+    cannot start leaves nothing behind) with the resolved config.yaml and precision.json."""
+    cfg, precision = prepare(cfg)
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
-    return run
+    (run / "precision.json").write_text(json.dumps({k: p.as_dict() for k, p in precision.items()}, indent=1))
+    return run, cfg
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -96,6 +143,17 @@ def load_split(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train_p, held
 
 
+def _teacher_device(cfg: RunConfig) -> torch.device:
+    return resolve_device(cfg.teacher.device)
+
+
+def _load_teacher(cfg: RunConfig, dtype: torch.dtype, device: torch.device | None = None):
+    """The local teacher in ``dtype`` on ``teacher.device`` (or ``device``), spread by ``device_map``."""
+    t = cfg.teacher
+    return load_model(t.model, dtype=dtype, device=device or _teacher_device(cfg), device_map=t.device_map,
+                      trust_remote_code=t.trust_remote_code)  # fmt: skip
+
+
 def tokenizer_ref(cfg: RunConfig) -> str:
     """The model whose tokenizer encodes prompts and answers: the teacher's local copy, else the student."""
     return cfg.teacher.model or cfg.student.model  # the config guarantees one of them
@@ -103,7 +161,7 @@ def tokenizer_ref(cfg: RunConfig) -> str:
 
 def generate(cfg: RunConfig) -> Path:
     """Teacher answers for every prompt (train and held-out) -> answers.jsonl."""
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     train_p, held = load_split(cfg)
     if cfg.teacher.kind == "openai":
         return _generate_api(cfg, train_p + held)
@@ -118,8 +176,7 @@ def generate(cfg: RunConfig) -> Path:
         gen_cfg = GenerationConfig.from_pretrained(resolve_model_dir(cfg.teacher.model))
         engine = LlamaCppEngine(gguf, eos_ids(gen_cfg, tok), threads=cfg.threads)
     else:
-        model = load_model(cfg.teacher.model, dtype=DTYPES[cfg.teacher.dtype],
-                           trust_remote_code=cfg.teacher.trust_remote_code)  # fmt: skip
+        model = _load_teacher(cfg, DTYPES[cfg.teacher.dtype])
     out = run / "answers.jsonl"
     answers = generate_answers(
         model, tok, train_p + held, out, cfg.generate, engine=engine,
@@ -191,7 +248,7 @@ def _api_signal(cfg: RunConfig, mapping: dict) -> str:
 
 def shrink(cfg: RunConfig) -> Path:
     """The untrained student -> student_init/ (shrunk teacher, or a given model)."""
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     out = run / "student_init"
     if (out / "config.json").is_file():
         return out
@@ -282,7 +339,7 @@ def _cache_tail(cfg: RunConfig) -> str:
     samples if it holds them, else a bucket."""
     if cfg.cache.tail != "auto":
         return cfg.cache.tail
-    if cfg.train.distill_temperature != 1.0:
+    if cfg.train.distill_temperature != 1.0 or cfg.cache.scoring_temperature != 1.0:
         return "renormalize"  # the tail mass and samples are only known at the scoring temperature
     return "auto" if cfg.train.loss == "forward_kl" else "bucket"
 
@@ -293,7 +350,7 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     For an API teacher the scores are the top log-probs the server returned with each
     answer (no new requests); the cache then has k = ``teacher.api.top_logprobs``.
     """
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
@@ -310,8 +367,8 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
 
         def teacher(batch):
             return [rows[sample_key(ex[0])] for ex in batch]
-    else:
-        teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    else:  # scored in fp32 whatever the generation dtype: these log-probs are stored and reused
+        teacher = _load_teacher(cfg, torch.float32)
     meta = CacheMeta(
         **expected, vocab_size=len(tok), id_dtype="uint16" if len(tok) <= 65536 else "int32",
         logprob_dtype="float16", samples_per_shard=cfg.cache.samples_per_shard, num_samples=len(examples),
@@ -329,7 +386,7 @@ def verify_teacher_cache(cfg: RunConfig) -> list[str]:
 
 def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     """Distil the teacher into student_init -> student/ (checkpoints let a rerun resume)."""
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     init = _need(run / "student_init", "shrink")
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
@@ -353,8 +410,10 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         source = "the API teacher's text only (sequence-level KD; alpha set to 0: no teacher logits)"
     elif cfg.train.alpha > 0:
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-        teacher = LiveTeacher(load_model(cfg.teacher.model, dtype=tdtype,
-                                         trust_remote_code=cfg.teacher.trust_remote_code))  # fmt: skip
+        # the teacher goes where teacher.device says; auto: beside the student (moved below, once
+        # accelerate has said which device this process trains on)
+        place = torch.device("cpu") if cfg.teacher.device == "auto" else None
+        teacher = LiveTeacher(_load_teacher(cfg, tdtype, device=place))
         source = "live teacher logits"
     else:
         source = "the teacher's text only (alpha = 0)"
@@ -369,7 +428,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
             f"{acc.num_processes} process(es)"
         )
         (run / "filter_report.json").write_text(json.dumps(filter_report, indent=1))
-    if teacher is not None and isinstance(teacher, LiveTeacher):
+    if isinstance(teacher, LiveTeacher) and cfg.teacher.device == "auto" and not cfg.teacher.device_map:
         teacher.model.to(acc.device)
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -412,15 +471,16 @@ def evaluate(cfg: RunConfig) -> dict:
     An API teacher with no local copy (``teacher.model: null``) is scored by its stored
     answers only: no KL or top-1 agreement, and speed-ups are not measured.
     """
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     _, held = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     ids = {p.id: prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
                                   max_tokens=cfg.data.max_prompt_tokens) for p in held}  # fmt: skip
     teacher = None
-    if cfg.teacher.model:
-        teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    if cfg.teacher.model:  # fp32: the reference the students' KL is measured against
+        teacher = _load_teacher(cfg, torch.float32)
+    student_device = resolve_device("auto")
     candidates = {
         "teacher": (teacher, resolve_model_dir(cfg.teacher.model) if teacher is not None else None),
         "untrained_student": (None, _need(run / "student_init", "shrink")),
@@ -429,7 +489,9 @@ def evaluate(cfg: RunConfig) -> dict:
     results, outputs, models = {}, [], {}
     for name, (model, folder) in candidates.items():
         if model is None and folder is not None:  # a student (an API-only teacher has neither)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            model = (
+                AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(student_device).eval()
+            )
         res, outs = evaluate_model(
             name, model, teacher, tok, held, ids, answers, cfg.evaluate, weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
@@ -467,7 +529,7 @@ def evaluate(cfg: RunConfig) -> dict:
 
 def export(cfg: RunConfig) -> Path:
     """The trained student as a plain Hugging Face folder with a model card -> export/."""
-    run = _setup(cfg)
+    run, cfg = _setup(cfg)
     eval_path = run / "eval.json"
     results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     out = export_student(_need(run / "student", "train"), run / "export", cfg, results)

@@ -46,25 +46,39 @@ class TeacherSignal(Protocol):
 
 
 class LiveTeacher:
-    """A teacher model run alongside the student: inference only, no gradients."""
+    """A teacher model run alongside the student: inference only, no gradients.
+
+    The teacher may sit on another device than the student (``teacher.device``, e.g. a second GPU,
+    or spread by ``device_map``): each batch goes to the teacher's device and its signal comes back
+    to the batch's; the LM head is copied over once.
+    """
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval().requires_grad_(False)
         self._head_ok: bool | None = None  # logits == LM head(last hidden state)? checked once
+        self._head: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _head_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if device not in self._head:
+            head = self.model.get_output_embeddings()
+            bias = None if head.bias is None else head.bias.to(device)
+            self._head[device] = (head.weight.to(device), bias)
+        return self._head[device]
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph
     def signal(self, batch: Batch, *, lazy: bool = False) -> torch.Tensor | HeadRows:
+        home = batch.input_ids.device
+        inputs = batch.to(self.model.device).model_inputs()
         head = self.model.get_output_embeddings()
         if not lazy or not isinstance(head, torch.nn.Linear) or self._head_ok is False:
-            return self.model(**batch.model_inputs()).logits[:, :-1]  # (B, T-1, V)
+            return self.model(**inputs).logits[:, :-1].to(home)  # (B, T-1, V)
         if self._head_ok is None:
             # Some models transform the head's output (soft-capping, a logit scale): check once that
             # this one does not, by comparing with its own logits, and else keep the plain path.
-            out = self.model(**batch.model_inputs(), output_hidden_states=True)
-            rows = HeadRows(out.hidden_states[-1][:, :-1], head.weight, head.bias)
-            self._head_ok = torch.allclose(
-                rows.logits().float(), out.logits[:, :-1].float(), rtol=1e-2, atol=1e-2
-            )
-            return rows if self._head_ok else out.logits[:, :-1]
-        hidden = self.model.base_model(**batch.model_inputs()).last_hidden_state  # (B, T, H), normed
-        return HeadRows(hidden[:, :-1], head.weight, head.bias)
+            out = self.model(**inputs, output_hidden_states=True)
+            rows = HeadRows(out.hidden_states[-1][:, :-1].to(home), *self._head_on(home))
+            logits = out.logits[:, :-1].to(home)
+            self._head_ok = torch.allclose(rows.logits().float(), logits.float(), rtol=1e-2, atol=1e-2)
+            return rows if self._head_ok else logits
+        hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H), normed
+        return HeadRows(hidden[:, :-1].to(home), *self._head_on(home))

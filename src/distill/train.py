@@ -28,6 +28,7 @@ from distill.config import TrainConfig
 from distill.data import Batch, collate, pack
 from distill.losses import (
     LOSSES,
+    LogitTransform,
     TopKTeacher,
     chunked_divergence,
     kd_ce_block,
@@ -144,6 +145,15 @@ class Targets:
         return Targets(self.signal.logits(), self.labels) if isinstance(self.signal, HeadRows) else self
 
 
+def loss_options(cfg: TrainConfig) -> dict[str, float]:
+    """The chosen divergence's own coefficient, from the config: JSD's beta, the skew KLs' alpha."""
+    if cfg.loss == "jsd":
+        return {"beta": cfg.jsd_beta}
+    if cfg.loss.startswith("skew_"):
+        return {"alpha": cfg.skew}
+    return {}
+
+
 def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]):
     """``loss(logits, targets, mask, *, num_tokens)`` = alpha * KD + (1 - alpha) * CE.
 
@@ -157,7 +167,7 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
         if cfg.alpha > 0:
             kd = LOSSES[cfg.loss](
                 logits, targets.signal, mask, temperature=cfg.distill_temperature,
-                num_tokens=num_tokens, vocab_size=vocab_size,
+                num_tokens=num_tokens, vocab_size=vocab_size, **loss_options(cfg),
             )  # fmt: skip
             parts["kd"] += float(kd.detach())
             total = total + cfg.alpha * kd
@@ -220,14 +230,41 @@ def distill_loss(
     with autocast:
         if cfg.chunked_loss:
             out = student(**batch.model_inputs(), logits_to_keep=1, output_hidden_states=True)
-            head = getattr(student, "module", student).get_output_embeddings()
+            model = getattr(student, "module", student)
+            head = model.get_output_embeddings()
             hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
-            loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask,
-                                      lm_head_bias=head.bias, num_tokens=num_tokens)  # fmt: skip
+            transform = LogitTransform.of(model.config)  # soft-capping, a logit scale: what the head omits
+            loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask, lm_head_bias=head.bias,
+                                      num_tokens=num_tokens, transform=transform)  # fmt: skip
         else:
             logits = student(**batch.model_inputs()).logits
             loss = loss_fn(logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
     return StepLoss(loss, parts["kd"], parts["ce"])
+
+
+@torch.no_grad()
+def check_chunked_head(student: torch.nn.Module, batch: Batch) -> None:
+    """Check once that the chunked loss rebuilds the student's own logits from its last hidden
+    state, head and declared logit transform; a model that transforms its logits some other way
+    would otherwise train against the wrong ones, silently.
+
+    Raises:
+        TrainingError: the two differ; the message says to set ``train.chunked_loss=false``.
+    """
+    model = getattr(student, "module", student)
+    head = model.get_output_embeddings()
+    rows = batch.input_ids[:1, :64]  # one short row is enough to see a transform
+    with torch.autocast(rows.device.type, enabled=False):
+        out = model(input_ids=rows, output_hidden_states=True)
+        ours, _ = LogitTransform.of(model.config).apply(
+            torch.nn.functional.linear(out.hidden_states[-1], head.weight, head.bias)
+        )
+    if not torch.allclose(ours.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
+        diff = float((ours.float() - out.logits.float()).abs().max())
+        raise TrainingError(
+            f"{type(model).__name__} transforms its logits in a way the chunked loss does not know "
+            f"(max difference {diff:.3g}); set train.chunked_loss=false for this model"
+        )
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -279,6 +316,61 @@ def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optim
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
+def _keep_metrics_upto(path: Path, step: int) -> None:
+    """Drop the records after ``step`` from ``metrics.jsonl`` (atomic rewrite), so each step is there once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+# --- time budget -----------------------------------------------------------------------------
+
+PLAN_WARMUP = 1  # steps not timed: the first compiles the fused loss and warms the allocator
+PLAN_MEASURE = (
+    2  # steps timed to plan the rest (inside the LR warmup, so no step so far depended on the plan)
+)
+
+
+@dataclass
+class TimePlan:
+    """The step count ``train.time_budget`` allows, measured once and kept (a resumed run reuses it,
+    so its LR schedule is the one the run started with)."""
+
+    max_steps: int
+    step_seconds: float
+    budget_seconds: float
+    spent_seconds: float  # wall time before the plan: warm-up and the measured steps
+    capped: bool  # max_steps was the smaller bound
+
+    @classmethod
+    def fit(cls, cfg: TrainConfig, done: int, measured: list[float], spent: float) -> TimePlan:
+        step_s = sum(measured) / len(measured)
+        fits = done + int(max(0.0, cfg.time_budget_s - spent) // step_s)
+        return cls(
+            max(done, min(fits, cfg.max_steps)), step_s, cfg.time_budget_s, spent, fits >= cfg.max_steps
+        )
+
+    def describe(self, budget: str) -> str:
+        eta = self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
+        bound = " (train.max_steps, the upper bound)" if self.capped else ""
+        return (f"time budget {budget}: {self.step_seconds:.2f} s/step after warm-up -> {self.max_steps} "
+                f"steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TimePlan | None:
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -321,20 +413,31 @@ def train(
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    metrics_path, plan_path = out_dir / "metrics.jsonl", out_dir / "train_plan.json"
+    if not resume and main:  # a fresh start: nothing of an earlier run may be rotated in or resumed
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
+        plan_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     step = 0
-    last = latest_checkpoint(ckpt_dir) if resume else None
+    last = latest_checkpoint(ckpt_dir)
     if last is not None:
         step = load_checkpoint(last, student, opt)
         if main:
             console.print(f"resuming from {last} (step {step})")
+    if main:  # steps logged after the checkpoint were undone by the kill: they are run again
+        _keep_metrics_upto(metrics_path, step)
+    plan = TimePlan.load(plan_path) if cfg.time_budget_s else None
+    if plan is not None:
+        cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
     model, opt = acc.prepare(student, opt)
     if acc.log_with:
         acc.init_trackers("tensorboard")
-    metrics_path = out_dir / "metrics.jsonl"
-    if step == 0 and metrics_path.exists() and main:
-        metrics_path.unlink()
+    if cfg.chunked_loss:
+        check_chunked_head(model, micro_batches(examples, step, cfg, pad_id, rank, world)[0].to(acc.device))
     history: list[dict] = []
     t_start, tokens = time.perf_counter(), 0
+    step_times: list[float] = []
     with progress_bar("step", disable=not main) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
@@ -351,17 +454,20 @@ def train(
                 sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
                 with sync:
                     part = distill_loss(model, teacher, batch, cfg, n_tok, vocab_size)
-                    if not torch.isfinite(part.loss):
-                        kept = latest_checkpoint(ckpt_dir)
-                        raise TrainingError(
-                            f"non-finite loss at step {step + 1} (kd={part.kd}, ce={part.ce}); "
-                            f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
-                        )
                     acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
                 parts += torch.tensor([float(part.loss.detach()), part.kd, part.ce], dtype=torch.float64)
             if world > 1:
                 parts = acc.reduce(parts.to(acc.device), "sum").cpu()
             grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            # Both figures are global (summed over processes; the norm of all-reduced gradients), so
+            # every process stops here together, and a bad step never reaches the weights.
+            if not (math.isfinite(parts[0]) and math.isfinite(grad_norm)):
+                kept = latest_checkpoint(ckpt_dir)
+                raise TrainingError(
+                    f"non-finite {'loss' if not math.isfinite(parts[0]) else 'gradient norm'} at step "
+                    f"{step + 1} (loss={float(parts[0])}, grad norm={grad_norm}); the step was not applied; "
+                    f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
+                )
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -378,6 +484,14 @@ def train(
             if acc.log_with:
                 acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
+            step_times.append(dt)
+            if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
+                plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start)
+                cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
+                if main:
+                    plan.save(plan_path)
+                    console.print(plan.describe(cfg.time_budget))
+                bar.update(task, total=cfg.max_steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 state = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed
                 if main:
@@ -388,6 +502,7 @@ def train(
     student.eval()
     return {
         "steps": step,
+        "time_plan": None if plan is None else plan.__dict__,
         "tokens": tokens,
         "seconds": time.perf_counter() - t_start,
         "first_loss": history[0]["loss"] if history else None,

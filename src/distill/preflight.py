@@ -1,0 +1,151 @@
+"""Everything about a run that can be checked before expensive work, checked at its start.
+
+A typo found after an hour of teacher generation is a bug: loss names and value ranges are checked
+by the config schema; this module checks the config against the files it names (prompts, models)
+without loading any weights: a GGUF's header or a folder's config.json is enough to know its
+architecture, depth, width and vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.config import ConfigError, RunConfig
+from distill.data import read_prompts
+from distill.hardware import resolve_device
+from distill.models import ModelError, gguf_metadata, resolve_gguf
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model is, read from its header or config alone."""
+
+    ref: str
+    architecture: str
+    num_layers: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def _gguf_facts(ref: str, path: Path) -> ModelFacts:
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError(f"{path}: the GGUF header names no architecture (general.architecture)")
+    if arch not in GGUF_CONFIG_MAPPING or arch in ("general", "tokenizer"):
+        supported = ", ".join(a for a in GGUF_CONFIG_MAPPING if a not in ("general", "tokenizer"))
+        raise ModelError(
+            f"{path}: architecture {arch!r} cannot be loaded from GGUF by transformers (it reads "
+            f"{supported}); convert the model to a Hugging Face folder and name that folder instead"
+        )
+    try:
+        layers = int(meta[f"{arch}.block_count"])
+        hidden = int(meta[f"{arch}.embedding_length"])
+    except KeyError as exc:
+        raise ModelError(f"{path}: the GGUF header lacks {exc.args[0]}; is the file complete?") from None
+    inter = meta.get(f"{arch}.feed_forward_length", 4 * hidden)
+    inter = int(inter if isinstance(inter, int) else max(inter) if isinstance(inter, list) else 4 * hidden)
+    vocab = meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
+    return ModelFacts(ref, arch, layers, int(vocab or 0), hidden, inter)
+
+
+def _folder_facts(ref: str, folder: Path, trust_remote_code: bool) -> ModelFacts:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: no config.json; a model folder needs one (save_pretrained writes it)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{cfg_path}: not valid JSON ({exc})") from None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(
+            f"{cfg_path}: model_type {raw.get('model_type')!r} is not one this transformers knows "
+            f"({str(exc).splitlines()[0][:120]}); upgrade transformers or set trust_remote_code"
+        ) from None
+    text = getattr(config, "get_text_config", lambda: config)()
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return ModelFacts(
+        ref,
+        str(raw.get("model_type")),
+        int(getattr(text, "num_hidden_layers", 0) or 0),
+        int(getattr(text, "vocab_size", 0) or 0),
+        hidden,
+        int(getattr(text, "intermediate_size", 0) or 4 * hidden),
+    )
+
+
+def model_facts(ref: str, *, trust_remote_code: bool = False) -> ModelFacts:
+    """Architecture, depth, width and vocabulary of a model reference, without loading weights.
+
+    Raises:
+        ModelNotFoundError: the reference names nothing.
+        ModelError: the file is corrupt or its architecture cannot be loaded.
+    """
+    gguf = resolve_gguf(ref)
+    if gguf is not None:
+        return _gguf_facts(ref, gguf)
+    return _folder_facts(ref, Path(ref), trust_remote_code)
+
+
+def _check_layers(cfg: RunConfig, teacher: ModelFacts) -> None:
+    n = teacher.num_layers
+    s = cfg.student
+    if s.layers is not None:
+        bad = [i for i in s.layers if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"student.layers: {bad} out of range; teacher {teacher.ref} has layers 0..{n - 1}"
+            )
+        if sorted(set(s.layers)) != list(s.layers):
+            raise ConfigError(f"student.layers: {s.layers} must be increasing, without repeats")
+    elif s.num_layers > n:
+        raise ConfigError(
+            f"student.num_layers={s.num_layers}: teacher {teacher.ref} has only {n} layers; "
+            f"choose 1..{n} (fewer layers: a smaller, faster student)"
+        )
+
+
+def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
+    """Check ``cfg`` against the prompts and models it names; returns the models' facts by role.
+
+    Raises:
+        ConfigError / DataError / ModelError / ModelNotFoundError: one clear message, before any
+        run folder is made or any weight is loaded.
+    """
+    prompts = read_prompts(cfg.data.path, cfg.data.format)  # encoding, fields, duplicate ids
+    n = min(len(prompts), cfg.data.max_prompts or len(prompts))
+    if cfg.data.heldout_size >= n:
+        raise ConfigError(
+            f"data.heldout_size={cfg.data.heldout_size} leaves no training prompts ({n} in all)"
+        )
+    try:
+        resolve_device(cfg.teacher.device)
+    except ValueError as exc:
+        raise ConfigError(f"teacher.device: {exc}") from None
+    facts: dict[str, ModelFacts] = {}
+    trust = cfg.teacher.trust_remote_code
+    if cfg.teacher.model:
+        facts["teacher"] = model_facts(cfg.teacher.model, trust_remote_code=trust)
+        if cfg.teacher.engine == "llama_cpp" and resolve_gguf(cfg.teacher.model) is None:
+            raise ConfigError(
+                f"teacher.engine=llama_cpp needs a .gguf teacher; {cfg.teacher.model} is not one"
+            )
+    if cfg.student.init == "model":
+        facts["student"] = model_facts(cfg.student.model, trust_remote_code=trust)
+    elif "teacher" in facts:
+        _check_layers(cfg, facts["teacher"])
+    vocab = facts.get("teacher", facts.get("student"))
+    if cfg.cache.use and vocab is not None and vocab.vocab_size and cfg.cache.k > vocab.vocab_size:
+        raise ConfigError(f"cache.k={cfg.cache.k} exceeds the vocabulary ({vocab.vocab_size} tokens)")
+    if cfg.cache.use and vocab is not None and cfg.cache.k + cfg.cache.tail_samples > vocab.vocab_size:
+        raise ConfigError("cache.k + cache.tail_samples exceeds the vocabulary")
+    return facts
