@@ -93,6 +93,24 @@ def _isolated_cache(tmp_path, monkeypatch):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback, for a torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict:
+    """The environment of a test's training subprocess: one thread, the tests folder importable,
+    no torch.distributed variables inherited."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 def random_examples(
     vocab: int, n: int, seed: int, prompt_len, answer_len
 ) -> list[tuple[list[int], list[bool]]]:

@@ -252,3 +252,26 @@ def test_pipeline_trains_from_tail_samples(tmp_path, tiny_teacher_dir, prompts_f
     assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", [*auto, "train.loss=jsd"])) == "bucket"
     hot = [*auto, "train.distill_temperature=2"]
     assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", hot)) == "renormalize"
+
+
+def test_a_training_start_hashes_only_shards_changed_since_their_last_check(setup, tmp_path, monkeypatch):
+    """Defect 9: every start re-hashed every shard, a pass over the whole cache."""
+    teacher, tok, examples, meta = setup
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    hashed = []
+    real = C.file_sha256
+    monkeypatch.setattr(C, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+    assert len(hashed) == 3  # first start: each shard once
+    hashed.clear()
+    C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+    assert hashed == []  # unchanged since: a stat per shard, no read
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(C.CacheError, match="(?s)damaged.*shard-00001"):
+        C.CachedTeacher(tmp_path / "c", _expected(meta), examples)
+    assert hashed == ["shard-00001.safetensors"]
+    hashed.clear()
+    assert len(C.verify_cache(tmp_path / "c")) == 1 and len(hashed) == 3  # --verify reads every shard

@@ -104,7 +104,10 @@ def test_truncation_cuts_the_prompt_text_and_keeps_the_template_head(tiny_teache
     ids = prompt_token_ids(tok, p, system_prompt="be brief", max_tokens=60)
     assert len(full) > 60 >= len(ids) >= 50  # cut, and not much more than needed
     text = tok.decode(ids)
-    head, tail = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    head, tail = (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n",
+        "<|im_end|>\n<|im_start|>assistant\n",
+    )
     assert text.startswith(head) and text.endswith(tail)
     kept = text[len(head) : -len(tail)]
     assert kept and words.endswith(kept.strip())  # the end of the prompt's own text is what stays

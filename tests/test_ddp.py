@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,30 +9,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port, worker_env
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 def test_two_processes_equal_one(tiny_teacher_dir, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     subprocess.run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(one), "4", "2"],
-                   check=True, env=_env(), capture_output=True)  # fmt: skip
+                   check=True, env=worker_env(), capture_output=True)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(WORKER), str(tiny_teacher_dir), str(two), "2", "2"]  # fmt: skip
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    out = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = load_file(one), load_file(two)
     assert a.keys() == b.keys()
@@ -52,6 +39,6 @@ def test_two_processes_equal_one(tiny_teacher_dir, tmp_path):
     # the two processes really split the global batch.
     half = tmp_path / "half.safetensors"
     subprocess.run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(half), "2", "2"],
-                   check=True, env=_env(), capture_output=True)  # fmt: skip
+                   check=True, env=worker_env(), capture_output=True)  # fmt: skip
     c = load_file(half)
     assert any(not torch.allclose(c[k], a[k], rtol=1e-4, atol=1e-5) for k in a)

@@ -503,3 +503,118 @@ def test_chunked_under_autocast_matches_plain():
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gh_c, gh_p, **TOL[torch.bfloat16])
     torch.testing.assert_close(gw_c, gw_p, **TOL[torch.bfloat16])
+
+
+# --- review defects ----------------------------------------------------------------------------
+
+
+def _bucket_kl_float64(z: torch.Tensor, ids, lp, tail_lp, labels, alpha, num_tokens):
+    """alpha * bucket forward KL + (1 - alpha) * CE written out in float64: the student's tail mass
+    is the sum of its probabilities off the ids (exact in float64 at any size)."""
+    logq = torch.log_softmax(z.double(), -1)
+    on = torch.zeros_like(logq, dtype=torch.bool).scatter_(1, ids, True)
+    log_s = torch.logsumexp(logq.masked_fill(on, float("-inf")), -1)
+    p = lp.double().exp()
+    kd = (p * (lp.double() - logq.gather(1, ids))).sum(-1) + tail_lp.double().exp() * (
+        tail_lp.double() - log_s
+    )
+    ce = -logq.gather(1, labels[:, None]).squeeze(1)
+    return (alpha * kd.sum() + (1 - alpha) * ce.sum()) / num_tokens, kd.sum() / num_tokens
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bucket_gradient_stays_exact_for_a_confident_student(compile):
+    """Defect 1: with the student's mass outside the teacher's top-k below fp32's resolution of
+    1 - sum(q_k) (here ~1e-11), the fused bucket gradient divided by a floored 0 and blew up."""
+    g = torch.Generator().manual_seed(11)
+    n, v, k = 13, 89, 6
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    z = torch.randn(n, v, generator=g) * 2
+    z.scatter_add_(1, ids, torch.full((n, k), 28.0))  # the k ids hold all but ~e^-28 of the mass
+    p = torch.softmax(torch.randn(n, k, generator=g), -1) * 0.95  # the teacher keeps 5% in its tail
+    lp, tail = p.log(), torch.full((n,), 0.05).log()
+    labels = ids[:, 0]
+    teacher = L.TopKTeacher(ids, lp, "bucket", tail)
+    z64 = z.double().requires_grad_(True)
+    ref, ref_kd = _bucket_kl_float64(z64, ids, lp, tail, labels, 0.5, 20.0)
+    ref.backward()
+    kd, _, grad = L.topk_bucket_ce_block(z, teacher, labels, alpha=0.5, num_tokens=20.0, compile=compile)
+    assert float(kd) == pytest.approx(float(ref_kd), rel=1e-4)
+    torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-4, atol=1e-7)
+    assert float(grad.abs().max()) < 1.0  # the exact gradient is small; it used to reach ~1e26
+    # the autograd (non-fused) bucket path agrees too
+    zf = z.clone().requires_grad_(True)
+    (
+        0.5 * L.forward_kl(zf, teacher, num_tokens=20.0)
+        + 0.5 * L.token_cross_entropy(zf, labels, num_tokens=20.0)
+    ).backward()
+    torch.testing.assert_close(zf.grad.double(), z64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("scoring_t", "distill_t"), [(2.0, 2.0), (1.0, 2.0), (0.5, 1.0)])
+def test_cached_logprobs_are_rescaled_not_divided_again(scoring_t, distill_t):
+    """Defect 7: log-probs scored at the cache's temperature were divided by the distillation
+    temperature once more. The reference renormalises teacher logits / distill_t over the k ids."""
+    g = torch.Generator().manual_seed(12)
+    y, z = torch.randn(9, 40, generator=g) * 3, torch.randn(9, 40, generator=g) * 3
+    vals, ids = torch.log_softmax(y / scoring_t, -1).topk(7, -1)
+    got = L.forward_kl(z, L.TopKTeacher(ids, vals, temperature=scoring_t), temperature=distill_t)
+    p = torch.softmax(y.gather(1, ids).double() / distill_t, -1)
+    q = torch.softmax(z.gather(1, ids).double() / distill_t, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean() * distill_t**2
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_bucket_and_samples_need_logprobs_scored_at_temperature_one():
+    ids, lp = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="scored at temperature 1"):
+        L.TopKTeacher(ids, lp, "bucket", temperature=2.0)
+
+
+@pytest.mark.parametrize(("scale", "cap"), [(1.0, 30.0), (0.25, None), (2.5, 7.0)])
+def test_chunked_loss_applies_the_models_logit_transform(scale, cap):
+    """Defect 2: the chunked loss rebuilt logits as hidden @ W.T and skipped soft-capping and
+    logit scales. Reference: the transform written out on the full logits, plain autograd."""
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(2, 11, 16, generator=g, requires_grad=True)
+    w = (torch.randn(53, 16, generator=g) * 2).requires_grad_(True)
+    t = torch.randn(2, 11, 53, generator=g) * 3
+    mask = torch.rand(2, 11, generator=g) > 0.3
+    raw = h @ w.T * scale
+    logits = cap * torch.tanh(raw / cap) if cap else raw
+    want = L.forward_kl(logits, t, mask)
+    gw_want, gh_want = torch.autograd.grad(want, [w, h])
+    got = L.chunked_divergence(L.forward_kl, h, w, t, mask, chunk_size=5,
+                               transform=L.LogitTransform(scale, cap))  # fmt: skip
+    gw, gh = torch.autograd.grad(got, [w, h])
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(gw, gw_want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gh, gh_want, rtol=1e-4, atol=1e-6)
+
+
+def test_logit_transforms_are_read_from_the_model_configs():
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+    assert L.LogitTransform.of(Gemma2Config(final_logit_softcapping=30.0)) == L.LogitTransform(1.0, 30.0)
+    assert L.LogitTransform.of(GraniteConfig(logits_scaling=8.0)) == L.LogitTransform(0.125, None)
+    assert L.LogitTransform.of(CohereConfig(logit_scale=0.0625)) == L.LogitTransform(0.0625, None)
+    assert L.LogitTransform.of(LlamaConfig()).identity
+
+
+def test_compile_fallback_is_for_compile_errors_only(monkeypatch):
+    """Defect 10: any exception, an out-of-memory error included, switched the loss to eager."""
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CPU out of memory")
+
+    def no_compiler(*_):
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+    monkeypatch.setitem(L._COMPILED, "test_oom", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        L._run_compiled("test_oom", lambda x: x + 1, (1,), True)
+    assert L._COMPILED["test_oom"] is out_of_memory  # still compiled: nothing was switched off
+    monkeypatch.setitem(L._COMPILED, "test_cc", no_compiler)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        assert L._run_compiled("test_cc", lambda x: x + 1, (1,), True) == 2
+    assert L._COMPILED["test_cc"] is None

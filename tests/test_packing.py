@@ -127,9 +127,30 @@ def test_training_with_packing_follows_the_unpacked_run(models, tmp_path):
     losses = {}
     for packing in (False, True):
         student = shrink_layers(teacher, [0, 3])
-        cfg = TrainConfig(max_steps=4, batch_size=6, warmup_steps=1, lr=1e-3, dtype="float32", packing=packing,
-                          max_seq_len=64, checkpoint_every=100, tensorboard=False)  # fmt: skip
+        cfg = TrainConfig(max_steps=4, batch_size=6, warmup_steps=1, lr=1e-3, dtype="float32",
+                          packing=packing, max_seq_len=64, checkpoint_every=100,
+                          tensorboard=False)  # fmt: skip
         out = tmp_path / str(packing)
         train(student, LiveTeacher(teacher), exs, cfg, out, pad_id=0, vocab_size=300)
         losses[packing] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_the_declared_torch_floor_is_one_packing_works_with():
+    """Defect 5: pyproject allowed torch >= 2.4 while the packed mask needs >= 2.6."""
+    import re
+    from pathlib import Path
+
+    from distill.data import PACKING_MIN_TORCH
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = tuple(int(x) for x in re.search(r'"torch>=(\d+)\.(\d+)', text).groups())
+    assert floor >= PACKING_MIN_TORCH
+
+
+def test_packing_refuses_an_older_torch(monkeypatch):
+    from distill import data
+
+    monkeypatch.setattr(data.torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(ValueError, match="needs torch >= 2.6"):
+        data.pack([([1, 2], [False, True])], 0, 8)

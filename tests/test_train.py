@@ -106,7 +106,8 @@ class _NaNTeacher:
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     teacher, tok, examples = setup
     with pytest.raises(
-        tr.TrainingError, match=r"non-finite loss at step 5 \(kd=nan.*last good checkpoint: .*step-000004"
+        tr.TrainingError,
+        match=r"non-finite loss at step 5 \(loss=nan.*not applied; last good checkpoint: .*step-000004",
     ):
         tr.train(
             _student(teacher), _NaNTeacher(teacher, 9), examples, _cfg(), tmp_path, pad_id=tok.pad_token_id
@@ -123,8 +124,8 @@ def test_lr_schedule():
 
 def test_unknown_loss_and_empty_data(setup, tmp_path):
     teacher, tok, examples = setup
-    with pytest.raises(tr.TrainingError, match="is not one of"):
-        tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(loss="kl"), tmp_path, pad_id=0)
+    with pytest.raises(ValueError, match="unknown loss"):  # refused when the config is made, before any work
+        _cfg(loss="kl")
     with pytest.raises(tr.TrainingError, match="no training examples"):
         tr.train(_student(teacher), LiveTeacher(teacher), [], _cfg(), tmp_path, pad_id=0)
 
@@ -190,3 +191,150 @@ def test_live_teacher_lazy_logits_are_its_logits(setup):
         got = capped_live.signal(batch, lazy=True)
         assert isinstance(got, torch.Tensor)
         torch.testing.assert_close(got, torch.tanh(full / 2) * 2)
+
+
+# --- review defects and the time budget --------------------------------------------------------
+
+
+def _steps_logged(folder):
+    return [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_start_removes_the_old_runs_checkpoints(setup, tmp_path):
+    """Defect 3: --no-resume left old step-* checkpoints; rotation by name then deleted the new
+    run's and a later resume loaded the old run's weights."""
+    teacher, tok, examples = setup
+    tr.train(
+        _student(teacher),
+        LiveTeacher(teacher),
+        examples,
+        _cfg(max_steps=6),
+        tmp_path,
+        pad_id=tok.pad_token_id,
+    )
+    fresh = _student(teacher)
+    tr.train(fresh, LiveTeacher(teacher), examples, _cfg(max_steps=2, lr=1e-3), tmp_path,
+             pad_id=tok.pad_token_id, resume=False)  # fmt: skip
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    assert _steps_logged(tmp_path) == [1, 2]
+    # a later resume continues the new run, not the old one
+    saved = tr.load_file(tmp_path / "checkpoints" / "step-000002" / "model.safetensors")
+    for k, v in fresh.state_dict().items():
+        if k in saved:
+            assert torch.equal(saved[k], v), k
+
+
+def test_a_resumed_run_logs_each_step_once(setup, tmp_path):
+    """Defect 8: steps between the last checkpoint and the kill were logged twice."""
+    teacher, tok, examples = setup
+    cfg = _cfg(max_steps=5, checkpoint_every=2, keep_checkpoints=5)
+    tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    import shutil
+
+    shutil.rmtree(
+        tmp_path / "checkpoints" / "step-000005"
+    )  # killed after logging step 5, before its checkpoint
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 1.0}\n{"step": 7, "lo')  # and a torn line
+    tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_a_non_finite_gradient_norm_never_reaches_the_weights(setup, tmp_path):
+    """Defect 4: only the loss was checked; a NaN gradient with a finite loss was stepped."""
+    teacher, tok, examples = setup
+    student = _student(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    student.model.layers[0].mlp.down_proj.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(tr.TrainingError, match=r"non-finite gradient norm at step 1 \(loss=\d.*not applied"):
+        tr.train(student, LiveTeacher(teacher), examples, _cfg(), tmp_path, pad_id=tok.pad_token_id)
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    ("loss", "kw", "option"),
+    [("jsd", {"jsd_beta": 0.3}, {"beta": 0.3}), ("skew_reverse_kl", {"skew": 0.2}, {"alpha": 0.2})],
+)
+def test_jsd_beta_and_skew_come_from_the_config(loss, kw, option):
+    """Defect 11: beta and the skew could not be set, and alpha meant both the KD weight and the skew."""
+    from distill import losses as L
+
+    cfg = _cfg(loss=loss, alpha=0.7, **kw)
+    assert tr.loss_options(cfg) == option
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
+    labels, mask = torch.randint(0, 30, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.bool)
+    parts = {"kd": 0.0, "ce": 0.0}
+    tr.kd_ce_loss(cfg, None, parts)(s, tr.Targets(t, labels), mask, num_tokens=10)
+    assert parts["kd"] == pytest.approx(float(L.LOSSES[loss](s, t, mask, num_tokens=10, **option)), rel=1e-6)
+
+
+def test_the_chunked_loss_refuses_a_model_with_an_unknown_logit_transform(setup):
+    teacher, tok, examples = setup
+    student = _student(teacher)
+    batch = tr.collate(examples[:2], tok.pad_token_id)
+    tr.check_chunked_head(student, batch)  # a plain Llama head: fine
+    student.lm_head.register_forward_hook(lambda _m, _i, out: out * 2)  # a transform no config declares
+    with pytest.raises(tr.TrainingError, match="chunked_loss=false"):
+        tr.check_chunked_head(student, batch)
+
+
+def test_a_softcapped_model_trains_through_the_chunked_loss(tmp_path):
+    """A Gemma 2 student (final-logit soft-capping): chunked and plain losses give the same gradients."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       final_logit_softcapping=2.0)  # fmt: skip
+    student = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(40)  # logits large enough that the cap bites
+    examples = random_examples(64, 4, 1, lambda i: 3, lambda i: 5)
+    batch = tr.collate(examples, 0)
+    tr.check_chunked_head(student, batch)
+    teacher_logits = torch.randn(4, batch.input_ids.shape[1], 64) * 3
+
+    class Fixed:
+        def signal(self, b, lazy=False):
+            return teacher_logits[:, :-1]
+
+    grads = []
+    for chunked in (False, True):
+        student.zero_grad()
+        c = _cfg(chunked_loss=chunked, fused_loss=False)
+        tr.distill_loss(student, Fixed(), batch, c, batch.num_target_tokens).loss.backward()
+        grads.append(student.lm_head.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert float(grads[0].abs().max()) > 0
+
+
+def test_time_plan_fits_the_budget_and_respects_max_steps():
+    cfg = _cfg(max_steps=100, time_budget="10s")
+    plan = tr.TimePlan.fit(cfg, 3, [0.5, 0.5], spent=2.0)  # 8 s left at 0.5 s a step
+    assert plan.max_steps == 3 + 16 and not plan.capped
+    assert tr.TimePlan.fit(_cfg(max_steps=10, time_budget="1h"), 3, [0.5], 2.0).max_steps == 10
+    assert tr.TimePlan.fit(cfg, 3, [0.5], spent=30.0).max_steps == 3  # over budget already: stop here
+    assert "19 steps" in plan.describe("10s")
+
+
+def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):
+    teacher, tok, examples = setup
+    cfg = _cfg(max_steps=40, time_budget="2h", checkpoint_every=3, warmup_steps=5)
+    summary = tr.train(
+        _student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id
+    )
+    plan = json.loads((tmp_path / "train_plan.json").read_text())
+    assert plan["max_steps"] == summary["steps"] == 40 and plan["capped"]  # 2 h: max_steps binds
+    # a resumed run reads the plan instead of measuring again, so its schedule is the one it began with
+    (tmp_path / "train_plan.json").write_text(json.dumps({**plan, "max_steps": 7}))
+    import shutil
+
+    for p in (tmp_path / "checkpoints").iterdir():
+        if p.name != "step-000003":
+            shutil.rmtree(p)
+    summary = tr.train(
+        _student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id
+    )
+    assert summary["steps"] == 7 and _steps_logged(tmp_path) == list(range(1, 8))

@@ -225,15 +225,42 @@ def _write_shard(path: Path, parts: dict[str, list[np.ndarray]], index, widths: 
         os.close(dir_fd)
 
 
-def verify_cache(cache_dir: Path) -> list[str]:
-    """Problems found (empty when every shard matches its checksum)."""
-    problems = []
+_VERIFIED = "verified.json"  # shard -> [size, mtime_ns, sha256] when last hashed and found intact
+
+
+def verify_cache(cache_dir: Path, *, quick: bool = False) -> list[str]:
+    """Problems found (empty when every shard matches its checksum).
+
+    ``quick``: a shard whose size, modification time and checksum file are those recorded when it
+    was last hashed and found intact is not read again (training starts then cost a ``stat`` per
+    shard, not a pass over the whole cache); any other shard is hashed. ``distill cache --verify``
+    hashes every shard.
+    """
+    stamp_path = cache_dir / _VERIFIED
+    try:
+        stamp = json.loads(stamp_path.read_text()) if quick and stamp_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        stamp = {}
+    problems, fresh = [], {}
     for shard in sorted(cache_dir.glob("shard-*.safetensors")):
         side = shard.with_suffix(".sha256")
         if not side.is_file():
             problems.append(f"{shard.name}: checksum file missing")
-        elif file_sha256(shard) != side.read_text().strip():
+            continue
+        want = side.read_text().strip()
+        st = shard.stat()
+        seen = [st.st_size, st.st_mtime_ns, want]
+        if stamp.get(shard.name) == seen or file_sha256(shard) == want:
+            fresh[shard.name] = seen
+        else:
             problems.append(f"{shard.name}: checksum mismatch (corrupted); delete it and rerun distill cache")
+    if fresh != stamp:
+        try:
+            tmp = stamp_path.with_name(_VERIFIED + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, stamp_path)
+        except OSError:
+            pass  # a read-only cache is only hashed again next time
     return problems
 
 
@@ -318,7 +345,7 @@ class CachedTeacher:
                 f"cache.tail is 'sample' but {cache_dir} holds no tail samples (tail_samples: 0); "
                 "set cache.tail_samples (e.g. 4) and rerun `distill cache`, or use cache.tail: bucket"
             )
-        problems = verify_cache(cache_dir)
+        problems = verify_cache(cache_dir, quick=True)
         if problems:
             raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
         # key -> (ids, logprobs, tail[, sample_ids, sample_logprobs]) rows of that sample,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
+import shutil
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +18,7 @@ from distill.api import ApiError
 from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
 from distill.data import DataError
-from distill.models import ModelNotFoundError
+from distill.models import ModelError, ModelNotFoundError, cache_root
 from distill.progress import console
 from distill.train import TrainingError
 
@@ -37,6 +42,7 @@ USER_ERRORS = (
     CacheError,
     ConfigError,
     DataError,
+    ModelError,
     ModelNotFoundError,
     pipeline.StageError,
     TrainingError,
@@ -51,13 +57,52 @@ def _config(config: Path | None, overrides: list[str] | None) -> RunConfig:
         raise typer.Exit(2) from None
 
 
-def _call(fn, *args, **kwargs):
+# What a run folder holds before any stage has finished anything: a failed start removes it.
+_START_FILES = {"config.yaml", "precision.json", "split.json"}
+
+
+def _crash_log(exc: BaseException) -> Path:
+    """Write the traceback of an unexpected error to a log file; returns its path."""
+    folder = cache_root() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"crash-{stamp}-{os.getpid()}.log"
+    path.write_text(f"distill {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)))
+    return path
+
+
+def _call(fn, cfg: RunConfig, *args, **kwargs):
+    """Run a stage: a user error prints one line and exits 2; an unexpected one prints a short
+    message and the path of a log with its traceback, and exits 1. A run folder this call made
+    is removed again if the stage failed before finishing anything in it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    made = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # folders this call may make
     try:
-        return fn(*args, **kwargs)
+        return fn(cfg, *args, **kwargs)
     except USER_ERRORS as exc:
+        _remove_unstarted(cfg.run_dir, made)
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _remove_unstarted(cfg.run_dir, made)
+        console.print("[red]interrupted[/red]: finished work is kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: keep the traceback in a file
+        _remove_unstarted(cfg.run_dir, made)
+        log = _crash_log(exc)
+        console.print(f"[red]unexpected error:[/red] {type(exc).__name__}: {str(exc)[:300]}", soft_wrap=True)
+        console.print(f"the traceback is in {log}; please include it in a bug report", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _remove_unstarted(run_dir: Path, made: list[Path]) -> None:
+    if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _START_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in made[1:]:  # runs_dir too, when this call made it and it is empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 @app.command()
@@ -95,7 +140,7 @@ def cache(
     if not verify:
         _call(pipeline.build_teacher_cache, cfg)
         return
-    problems = _call(pipeline.verify_teacher_cache, cfg)
+    problems = _call(pipeline.verify_teacher_cache, cfg)  # reads only
     for p in problems:
         console.print(f"[red]{p}[/red]")
     if problems:

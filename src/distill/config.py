@@ -424,12 +424,37 @@ def _keys_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# What other tools (transformers' TrainingArguments, TRL) call some of our keys.
+_KNOWN_AS = {
+    "learning_rate": "lr",
+    "num_train_steps": "max_steps",
+    "max_train_steps": "max_steps",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "temperature": "distill_temperature",
+    "beta": "jsd_beta",
+    "max_grad_norm": "grad_clip",
+    "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints",
+}
+
+
+def _key_hint(key: str, valid: list[str]) -> str:
+    """' (did you mean X?)' for an unknown key: a close spelling of a valid key, or the key another
+    tool's name (even misspelt) stands for."""
+    hint = nearest(key, valid)
+    if hint:
+        return hint
+    alias = difflib.get_close_matches(key, list(_KNOWN_AS), n=1, cutoff=0.75)
+    return f" (did you mean {_KNOWN_AS[alias[0]]!r}?)" if alias and _KNOWN_AS[alias[0]] in valid else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            hint = nearest(str(e["loc"][-1]), _keys_at(e["loc"][:-1]))
+            hint = _key_hint(str(e["loc"][-1]), _keys_at(e["loc"][:-1]))
             lines.append(f"  {path}: unknown key{hint}; remove it or check the spelling")
         else:
             got = e.get("input")

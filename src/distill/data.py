@@ -295,10 +295,18 @@ def collate(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> Batch:
     return Batch(input_ids, attn, amask)
 
 
+# transformers turns packed position ids into a per-sample (block-diagonal) mask only with torch >= 2.6;
+# older torch would let packed samples attend to each other, silently.
+PACKING_MIN_TORCH = (2, 6)
+
+
 def pack(examples: list[tuple[list[int], list[bool]]], pad_id: int, max_len: int) -> Batch:
     """Pack (ids, answer mask) pairs into as few rows of at most ``max_len`` tokens as first-fit
     decreasing allows; each sample keeps its own positions (0, 1, ...), so a model given
     ``position_ids`` and no attention mask attends only within each sample."""
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < PACKING_MIN_TORCH:
+        raise ValueError(f"train.packing needs torch >= {'.'.join(map(str, PACKING_MIN_TORCH))} (this is "
+                         f"{torch.__version__}): packed samples would attend to each other")  # fmt: skip
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     rows: list[list[int]] = []
     fill: list[int] = []

@@ -25,7 +25,9 @@ def export_student(student_dir: Path, out_dir: Path, cfg: RunConfig, eval_result
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(cfg, eval_results, model.config.num_hidden_layers))
+    summary = student_dir.parent / "train_summary.json"
+    steps = json.loads(summary.read_text())["steps"] if summary.is_file() else cfg.train.max_steps
+    (tmp / "README.md").write_text(model_card(cfg, eval_results, model.config.num_hidden_layers, steps))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
@@ -39,7 +41,7 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int) -> str:
+def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int, steps: int | None = None) -> str:
     """A Markdown model card: what was distilled from what, how, and how well."""
     t = cfg.train
     student = (
@@ -77,12 +79,15 @@ def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int) -> st
         f"- Loss: {t.alpha} x {t.loss} (distillation temperature {t.distill_temperature}) "
         f"+ {1 - t.alpha:g} x cross-entropy on the teacher's answer tokens",
         f"- Optimiser: AdamW, lr {t.lr}, {t.warmup_steps} warmup steps then cosine, "
-        f"{t.max_steps} steps x {t.batch_size} sequences x {t.grad_accum} accumulation, "
-        f"bf16 autocast {'on' if t.bf16 else 'off'}",
+        f"{steps or t.max_steps} steps x {t.batch_size} sequences x {t.grad_accum} accumulation, "
+        f"precision {t.dtype}" + (f" (time budget {t.time_budget})" if t.time_budget else ""),
         "",
     ]
     if eval_results:
         models = [m for m in ("teacher", "untrained_student", "student") if m in eval_results]
+        precision = eval_results.get("precision") or {}
+        if precision:
+            lines += [f"- Precision ({k}): {p['reason']}" for k, p in precision.items()] + [""]
         lines += ["## Evaluation (held-out prompts)", "", "| metric | " + " | ".join(models) + " |"]
         lines.append("|---|" + "---|" * len(models))
         for m in METRICS:

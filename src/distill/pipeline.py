@@ -518,11 +518,12 @@ def evaluate(cfg: RunConfig) -> dict:
         total = json.loads(gen_summary.read_text())["total"]
         results["summary"]["teacher_cost_usd"] = total["cost_usd"]
         results["summary"]["teacher_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    results["precision"] = json.loads((run / "precision.json").read_text())  # chosen at this stage's start
     (run / "eval.json").write_text(json.dumps(results, indent=1))
     with (run / "eval_answers.jsonl").open("w") as f:
         for o in outputs:
             f.write(json.dumps(o, ensure_ascii=False) + "\n")
-    console.print(results_table({k: v for k, v in results.items() if k != "summary"}))
+    console.print(results_table({k: v for k, v in results.items() if k not in ("summary", "precision")}))
     console.print(f"report with plots: {write_report(run, results)}")
     return results
 

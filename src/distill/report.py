@@ -76,6 +76,9 @@ def write_report(run: Path, results: dict) -> Path:
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Distillation report: {run.name}", ""]
+    for role, p in (results.get("precision") or {}).items():
+        lines.append(f"- precision, {role}: {p['reason']}")
+    lines += [""] if results.get("precision") else []
     rows = _metrics(run)
     if rows:
         _plot_loss(rows, out / "loss.png")

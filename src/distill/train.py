@@ -270,9 +270,29 @@ def check_chunked_head(student: torch.nn.Module, batch: Batch) -> None:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    ckpt_dir: Path, step: int, model_state: dict, opt: torch.optim.Optimizer, keep: int
-) -> Path:
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    """Is ``model`` sharded by FSDP2's ``fully_shard`` (its parameters DTensors)?"""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_states(acc: Accelerator, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The whole model's weights and the optimizer's state, gathered from every process's shard
+    under FSDP2 (a collective: every process calls it); plain state dicts otherwise."""
+    if not _is_fsdp2(model):
+        return acc.get_state_dict(model), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dict, keep: int) -> Path:
     """Write ``ckpt_dir/step-XXXXXX`` atomically; keep only the last ``keep`` checkpoints."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
@@ -287,7 +307,7 @@ def save_checkpoint(
             state[k] = state[k].clone()
         seen[ptr] = k
     save_file(state, tmp / "model.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt_state, tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     for f in tmp.iterdir():
@@ -306,12 +326,25 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG from ``path``; returns the step to continue from."""
+    """Restore weights, optimizer and RNG from ``path``; returns the step to continue from.
+    An FSDP2-sharded student takes its shard of the full checkpoint on every process."""
     state = load_file(path / "model.safetensors")
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise TrainingError(f"{path}: checkpoint does not fit the student ({missing or unexpected})")
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if _is_fsdp2(student):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(student, state, options=full)
+        set_optimizer_state_dict(student, opt, opt_state, options=full)
+    else:
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise TrainingError(f"{path}: checkpoint does not fit the student ({missing or unexpected})")
+        opt.load_state_dict(opt_state)
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
@@ -391,7 +424,9 @@ def train(
     Runs as one process, or as several under ``accelerate launch`` / ``torchrun`` (DDP):
     every process takes its share of each step's micro-batches, the loss is divided by
     the step's *global* count of target tokens and multiplied by the number of processes
-    (DDP averages gradients), so N processes equal one with the same global batch.
+    (DDP averages gradients), so N processes equal one with the same global batch. A student
+    already sharded with FSDP2's ``fully_shard`` is trained as it is (its gradients are
+    reduce-scattered and averaged the same way), and its checkpoints hold the full weights.
 
     Returns a summary: steps, tokens, wall seconds, first and last loss.
     """
@@ -430,7 +465,15 @@ def train(
     plan = TimePlan.load(plan_path) if cfg.time_budget_s else None
     if plan is not None:
         cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
-    model, opt = acc.prepare(student, opt)
+    if _is_fsdp2(student) and cfg.chunked_loss:
+        raise TrainingError(
+            "train.chunked_loss reads the LM head's weight outside its forward, where FSDP2 keeps it "
+            "sharded: set train.chunked_loss=false for an FSDP-sharded student"
+        )
+    if _is_fsdp2(student):  # sharded by the caller (fully_shard): accelerate must not wrap it in DDP
+        model, opt = student, acc.prepare(opt)
+    else:
+        model, opt = acc.prepare(student, opt)
     if acc.log_with:
         acc.init_trackers("tensorboard")
     if cfg.chunked_loss:
@@ -458,7 +501,10 @@ def train(
                 parts += torch.tensor([float(part.loss.detach()), part.kd, part.ce], dtype=torch.float64)
             if world > 1:
                 parts = acc.reduce(parts.to(acc.device), "sum").cpu()
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # FSDP2: a DTensor
             # Both figures are global (summed over processes; the norm of all-reduced gradients), so
             # every process stops here together, and a bad step never reaches the weights.
             if not (math.isfinite(parts[0]) and math.isfinite(grad_norm)):
@@ -493,9 +539,9 @@ def train(
                     console.print(plan.describe(cfg.time_budget))
                 bar.update(task, total=cfg.max_steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                state = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed
+                state, opt_state = full_states(acc, model, opt)  # collective under FSDP / DeepSpeed
                 if main:
-                    save_checkpoint(ckpt_dir, step, state, opt, cfg.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
     if acc.log_with:
         acc.end_training()
