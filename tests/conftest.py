@@ -91,6 +91,10 @@ def prompts_file(tmp_path) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE", os.environ.get("DISTILL_TEST_CACHE", str(tmp_path / "cache")))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    from distill import hardware, pipeline
+
+    hardware._DECIDED.clear()  # each test decides its precision afresh (probes may be faked)
+    pipeline._CHECKED.clear()
 
 
 def free_port() -> int:

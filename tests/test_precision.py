@@ -45,6 +45,8 @@ def test_probe_is_cached_per_machine_class_and_shape(monkeypatch):
     calls = []
     monkeypatch.setattr(hardware, "probe_cpu_matmul", _fake_probe(0.3, calls))
     first = choose_precision("auto", CPU, 64, 256)
+    assert choose_precision("auto", CPU, 64, 256) is first  # decided once per process
+    hardware._DECIDED.clear()  # a new process reads the probe cache instead of measuring
     again = choose_precision("auto", CPU, 64, 256)
     assert len(calls) == 1 and again.dtype == first.dtype and "cached probe" in again.reason
     choose_precision("auto", CPU, 128, 256)  # another shape is measured

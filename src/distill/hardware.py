@@ -123,10 +123,15 @@ def _probe_cache_path(hidden: int, intermediate: int) -> Path:
     return cache_root() / "probes" / f"precision-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+_DECIDED: dict[Path, Precision] = {}  # this process's decisions, by probe-cache path
+
+
 def cpu_precision(hidden: int, intermediate: int) -> Precision:
     """bf16 or fp32 on this CPU, whichever ran the model's matmuls faster (measured once per machine
-    class and shape, then read from the probe cache)."""
+    class and shape, then read from the probe cache; decided once per process)."""
     path = _probe_cache_path(hidden, intermediate)
+    if path in _DECIDED:
+        return _DECIDED[path]
     probe, cached = None, False
     if path.is_file():
         try:
@@ -153,7 +158,8 @@ def cpu_precision(hidden: int, intermediate: int) -> Precision:
         f"GFLOP/s at {big} x {hidden} x {intermediate} (bf16/fp32 time {ratio:.2f}"
         f"{', cached probe' if cached else ''})"
     )
-    return Precision(dtype, reason, "cpu", probe)
+    _DECIDED[path] = Precision(dtype, reason, "cpu", probe)
+    return _DECIDED[path]
 
 
 def choose_precision(setting: str, device: torch.device, hidden: int, intermediate: int) -> Precision:

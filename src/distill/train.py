@@ -436,6 +436,19 @@ def train(
         raise TrainingError(f"train.loss={cfg.loss!r} is not one of {sorted(LOSSES)}")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if cfg.dtype == "auto":  # called directly, not through the pipeline (which resolves it first)
+        from distill.hardware import choose_precision
+
+        text = student.config.get_text_config()
+        hidden = text.hidden_size
+        chosen = choose_precision("auto", acc.device, hidden, getattr(text, "intermediate_size", 4 * hidden))
+        cfg = cfg.model_copy(update={"dtype": chosen.dtype})
+        if main:
+            console.print(f"precision: {chosen.reason}")
+    if world > 1:  # each process measured for itself: rank 0's choice holds for all
+        bf16 = torch.tensor([float(cfg.bf16)], device=acc.device)
+        torch.distributed.broadcast(bf16, src=0)
+        cfg = cfg.model_copy(update={"dtype": "bfloat16" if bool(bf16.item()) else "float32"})
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -533,6 +546,10 @@ def train(
             step_times.append(dt)
             if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
                 plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start)
+                if world > 1:  # every process must stop at the same step: rank 0's plan holds
+                    agreed = torch.tensor([plan.max_steps], device=acc.device)
+                    torch.distributed.broadcast(agreed, src=0)
+                    plan.max_steps = int(agreed)
                 cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
                 if main:
                     plan.save(plan_path)
