@@ -112,9 +112,7 @@ def run(
     fresh: Annotated[bool, typer.Option(help="ignore training checkpoints")] = False,
 ) -> None:
     """All stages: generate -> shrink -> train -> evaluate -> export."""
-    cfg = _config(config, set_)
-    console.print(f"run folder: {cfg.run_dir}")
-    _call(pipeline.run_all, cfg, resume=not fresh)
+    _call(pipeline.run_all, _config(config, set_), resume=not fresh)
 
 
 @app.command()

@@ -540,6 +540,8 @@ def export(cfg: RunConfig) -> Path:
 
 def run_all(cfg: RunConfig, resume: bool = True) -> dict:
     """Every stage in order; returns eval results with the wall time of each stage."""
+    prepare(cfg)  # every check before the first stage: a typo never costs a generate stage
+    console.print(f"run folder: {cfg.run_dir}")
     timings = {}
     stages = [("generate", generate), ("shrink", shrink)]
     api_scores = cfg.teacher.kind == "openai" and cfg.teacher.api.top_logprobs > 0
