@@ -200,6 +200,14 @@ class StudentConfig(_Strict):
     layers: list[int] | None = Field(
         None, description="explicit teacher layer indices to keep (overrides num_layers)"
     )
+    layer_selection: Literal["even", "importance"] = Field(
+        "even",
+        description="which num_layers layers to keep: evenly spaced (first and last included), or the "
+        "most important by block importance (mean 1 - cos(input, output)) on calibration sequences",
+    )
+    calibration_samples: int = Field(
+        48, ge=1, description="teacher answers used to score layers and compare candidate students"
+    )
 
     @model_validator(mode="after")
     def _model_needed(self) -> StudentConfig:
@@ -230,6 +238,11 @@ class TrainConfig(_Strict):
     skew: float = Field(
         0.1, ge=0, lt=1, description="loss skew_forward_kl / skew_reverse_kl: the skew coefficient"
     )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="weight of a hidden-state alignment term: each student layer's output "
+        "against its teacher layer's (the shrunk layers; needs a live teacher and equal widths)",
+    )  # fmt: skip
+    hidden_loss: Literal["cosine", "mse"] = Field("cosine", description="the hidden-state alignment distance")
     time_budget: str | None = Field(
         None,
         description="wall time for training, e.g. 10m: the step time is measured after warm-up and "
@@ -391,6 +404,17 @@ class RunConfig(_Strict):
                     "cache.tail 'sample' estimates the forward KL at temperature 1: set "
                     "train.loss=forward_kl and train.distill_temperature=1, or use cache.tail=bucket"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _hidden_needs_live_shrunk(self) -> RunConfig:
+        if self.train.hidden_weight > 0:
+            if self.cache.use or self.teacher.kind == "openai":
+                raise ValueError("train.hidden_weight needs a live local teacher: a cache or an API holds no "
+                                 "hidden states; set cache.use=false, or train.hidden_weight=0")  # fmt: skip
+            if self.student.init != "shrink":
+                raise ValueError("train.hidden_weight pairs student layers with the teacher layers they were "
+                                 "shrunk from: it needs student.init=shrink")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -417,6 +417,41 @@ def token_cross_entropy(
     return _reduce(per, num_tokens)
 
 
+def hidden_alignment(
+    student_hidden: list[Tensor],
+    teacher_hidden: list[Tensor],
+    mask: Tensor | None = None,
+    *,
+    kind: Literal["cosine", "mse"] = "cosine",
+    num_tokens: int | float | Tensor | None = None,
+) -> Tensor:
+    """Hidden-state alignment (DistilBERT, TinyBERT): student layer j against its mapped teacher layer.
+
+    ``student_hidden[j]`` and ``teacher_hidden[j]`` are ``(B, T, H)`` (same H); ``mask`` ``(B, T)``.
+    Per counted position, ``cosine``: 1 - cos(s, t); ``mse``: mean over H of (s - t)^2; averaged
+    over the layer pairs, summed over positions and divided by ``num_tokens`` (the usual reduction).
+    """
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(
+            f"{len(student_hidden)} student layers paired with {len(teacher_hidden)} teacher layers"
+        )
+    total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    count = None
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        if s.shape != t.shape:
+            raise ValueError(f"student hidden {tuple(s.shape)} and teacher {tuple(t.shape)} differ")
+        sf, tf = s.float(), t.float()
+        per = (
+            1 - F.cosine_similarity(sf, tf, dim=-1) if kind == "cosine" else (sf - tf).pow(2).mean(-1)
+        )  # (B, T)
+        if mask is not None:
+            per = per[mask.to(torch.bool)]
+        total = total + per.sum()
+        count = per.numel()
+    denom = count if num_tokens is None else num_tokens
+    return _reduce(total.reshape(1), denom) / len(student_hidden)
+
+
 def _kd_ce_block(
     z: Tensor, y: Tensor, labels: Tensor, alpha: Tensor, inv_tau: Tensor, inv_n: Tensor, same_tau: bool
 ) -> tuple[Tensor, Tensor, Tensor]:

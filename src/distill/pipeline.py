@@ -256,7 +256,7 @@ def shrink(cfg: RunConfig) -> Path:
     if cfg.student.init == "shrink":
         teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
         n = teacher.config.num_hidden_layers
-        layers = cfg.student.layers or evenly_spaced_layers(n, cfg.student.num_layers)
+        layers = cfg.student.layers or _choose_layers(cfg, teacher, tok, run)
         student = shrink_layers(teacher, layers)
         console.print(f"student keeps teacher layers {layers} of {n}")
     else:
@@ -268,10 +268,44 @@ def shrink(cfg: RunConfig) -> Path:
                 f"{cfg.teacher.model}; token-level distillation needs the same vocabulary"
             )
     tmp = out.with_name("student_init.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if cfg.student.init == "shrink":  # what hidden-state alignment pairs each student layer with
+        (tmp / "layer_map.json").write_text(json.dumps({"teacher_layers": layers}))
     tmp.rename(out)
     return out
+
+
+def _choose_layers(cfg: RunConfig, teacher, tok, run: Path) -> list[int]:
+    """The layers a shrunk student keeps: evenly spaced or by block importance. When the teacher's
+    answers exist, both candidates are scored untrained (KL and top-1 agreement with the teacher on
+    calibration sequences), printed, and written to ``student_candidates.json``."""
+    from distill.evaluate import forced_metrics
+    from distill.importance import Candidate, block_importance, most_important_layers
+
+    n, keep = teacher.config.num_hidden_layers, cfg.student.num_layers
+    candidates = [Candidate("even", evenly_spaced_layers(n, keep))]
+    answers_path = run / "answers.jsonl"
+    if not answers_path.is_file():
+        if cfg.student.layer_selection == "importance":
+            raise StageError(f"student.layer_selection=importance scores layers on the teacher's answers: "
+                             f"{answers_path} is missing; run `distill generate` first")  # fmt: skip
+        return candidates[0].layers
+    train_p, _ = load_split(cfg)
+    calib = training_examples(cfg, tok, train_p, read_answers(answers_path))
+    calib = calib[: cfg.student.calibration_samples]
+    importance = block_importance(teacher, calib, tok.pad_token_id)
+    candidates.append(Candidate("importance", most_important_layers(importance, keep)))
+    for c in candidates:
+        m = forced_metrics(shrink_layers(teacher, c.layers), teacher, calib, tok.pad_token_id, 8, len(tok))
+        c.untrained_kl, c.untrained_top1 = m["kl"], m["top1_agreement"]
+        console.print(f"  candidate {c.name:<10} layers {c.layers}: untrained KL {c.untrained_kl:.2f}, "
+                      f"top-1 {c.untrained_top1:.3f} on {len(calib)} calibration answers")  # fmt: skip
+    chosen = next(c for c in candidates if c.name == cfg.student.layer_selection)
+    report = {"chosen": chosen.name, "importance": importance, "candidates": [c.__dict__ for c in candidates]}
+    (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
+    return chosen.layers
 
 
 def _kept(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> tuple[list, dict]:
@@ -408,13 +442,14 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     elif cfg.train.alpha > 0 and api:
         tcfg = cfg.train.model_copy(update={"alpha": 0.0})
         source = "the API teacher's text only (sequence-level KD; alpha set to 0: no teacher logits)"
-    elif cfg.train.alpha > 0:
+    elif cfg.train.alpha > 0 or cfg.train.hidden_weight > 0:
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         # the teacher goes where teacher.device says; auto: beside the student (moved below, once
         # accelerate has said which device this process trains on)
         place = torch.device("cpu") if cfg.teacher.device == "auto" else None
-        teacher = LiveTeacher(_load_teacher(cfg, tdtype, device=place))
-        source = "live teacher logits"
+        align = _layer_map(init, student) if cfg.train.hidden_weight > 0 else None
+        teacher = LiveTeacher(_load_teacher(cfg, tdtype, device=place), align_layers=align)
+        source = "live teacher logits" + (f", hidden states of layers {align}" if align else "")
     else:
         source = "the teacher's text only (alpha = 0)"
     # TensorBoard through accelerate's trackers when it is installed (runs/<name>/tensorboard/)
@@ -452,6 +487,19 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
     acc.wait_for_everyone()
     return out
+
+
+def _layer_map(init: Path, student) -> list[int]:
+    """The teacher layer each student layer is aligned with: the layers a shrunk student kept
+    (``student_init/layer_map.json``)."""
+    path = init / "layer_map.json"
+    if not path.is_file():
+        raise StageError(f"train.hidden_weight pairs student layers with the teacher layers they were "
+                         f"shrunk from, and {path} is missing: use student.init=shrink")  # fmt: skip
+    layers = json.loads(path.read_text())["teacher_layers"]
+    if len(layers) != student.config.num_hidden_layers:
+        raise StageError(f"{path}: {len(layers)} layers for a student of {student.config.num_hidden_layers}")
+    return layers
 
 
 def add_lora(student, lora: LoraConfig):

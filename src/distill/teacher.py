@@ -53,8 +53,11 @@ class LiveTeacher:
     to the batch's; the LM head is copied over once.
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, align_layers: list[int] | None = None) -> None:
+        """``align_layers``: the teacher layers whose outputs ``signal_and_hidden`` also returns
+        (for a hidden-state alignment loss; student layer j is paired with ``align_layers[j]``)."""
         self.model = model.eval().requires_grad_(False)
+        self.align_layers = align_layers
         self._head_ok: bool | None = None  # logits == LM head(last hidden state)? checked once
         self._head: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -64,6 +67,17 @@ class LiveTeacher:
             bias = None if head.bias is None else head.bias.to(device)
             self._head[device] = (head.weight.to(device), bias)
         return self._head[device]
+
+    @torch.no_grad()
+    def signal_and_hidden(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Dense logits ``(B, T-1, V)`` and the outputs ``(B, T-1, H)`` of ``align_layers``, from one
+        forward pass, on the batch's device."""
+        if self.align_layers is None:
+            raise ValueError("LiveTeacher(align_layers=...) names no layers to align with")
+        home = batch.input_ids.device
+        out = self.model(**batch.to(self.model.device).model_inputs(), output_hidden_states=True)
+        hidden = [out.hidden_states[i + 1][:, :-1].to(home) for i in self.align_layers]
+        return out.logits[:, :-1].to(home), hidden
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph
     def signal(self, batch: Batch, *, lazy: bool = False) -> torch.Tensor | HeadRows:

@@ -31,6 +31,7 @@ from distill.losses import (
     LogitTransform,
     TopKTeacher,
     chunked_divergence,
+    hidden_alignment,
     kd_ce_block,
     token_cross_entropy,
     topk_bucket_ce_block,
@@ -53,6 +54,7 @@ class StepLoss:
     loss: torch.Tensor
     kd: float
     ce: float
+    hidden: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -223,7 +225,18 @@ def distill_loss(
     device = batch.input_ids.device.type
     autocast = torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     mask = batch.answer_mask[:, 1:]  # position t predicts token t + 1
-    signal = teacher.signal(batch, lazy=cfg.chunked_loss) if cfg.alpha > 0 else None  # chunked: no (B, T, V)
+    teacher_hidden = None
+    if cfg.hidden_weight > 0:  # one teacher forward gives the logits and the layers to align with
+        if not hasattr(teacher, "signal_and_hidden"):
+            raise TrainingError(
+                "train.hidden_weight needs a live teacher: a cache or an API holds no hidden states"
+            )
+        signal, teacher_hidden = teacher.signal_and_hidden(batch)
+        signal = signal if cfg.alpha > 0 else None
+    else:
+        signal = (
+            teacher.signal(batch, lazy=cfg.chunked_loss) if cfg.alpha > 0 else None
+        )  # chunked: no (B, T, V)
     targets = Targets(signal, batch.input_ids[:, 1:])
     parts = {"kd": 0.0, "ce": 0.0}
     loss_fn = kd_ce_loss(cfg, vocab_size, parts)
@@ -237,9 +250,15 @@ def distill_loss(
             loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask, lm_head_bias=head.bias,
                                       num_tokens=num_tokens, transform=transform)  # fmt: skip
         else:
-            logits = student(**batch.model_inputs()).logits
-            loss = loss_fn(logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
-    return StepLoss(loss, parts["kd"], parts["ce"])
+            out = student(**batch.model_inputs(), output_hidden_states=teacher_hidden is not None)
+            loss = loss_fn(out.logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
+        hidden = 0.0
+        if teacher_hidden is not None:
+            mine = [h[:, :-1] for h in out.hidden_states[1:]]  # every student layer's output
+            h_loss = hidden_alignment(mine, teacher_hidden, mask, kind=cfg.hidden_loss, num_tokens=num_tokens)
+            hidden = float(h_loss.detach())
+            loss = loss + cfg.hidden_weight * h_loss
+    return StepLoss(loss, parts["kd"], parts["ce"], hidden)
 
 
 @torch.no_grad()
@@ -504,14 +523,16 @@ def train(
             batches = [b.to(acc.device) for b in micro_batches(examples, step, cfg, pad_id, rank, world)]
             n_local = sum(b.num_target_tokens for b in batches)
             n_tok = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if world > 1 else n_local
-            parts = torch.zeros(3, dtype=torch.float64)  # loss, kd, ce of this process
+            parts = torch.zeros(4, dtype=torch.float64)  # loss, kd, ce, hidden of this process
             for i, batch in enumerate(batches):
                 # Gradients are all-reduced once, on the step's last micro-batch.
                 sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
                 with sync:
                     part = distill_loss(model, teacher, batch, cfg, n_tok, vocab_size)
                     acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
-                parts += torch.tensor([float(part.loss.detach()), part.kd, part.ce], dtype=torch.float64)
+                parts += torch.tensor(
+                    [float(part.loss.detach()), part.kd, part.ce, part.hidden], dtype=torch.float64
+                )
             if world > 1:
                 parts = acc.reduce(parts.to(acc.device), "sum").cpu()
             norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -533,9 +554,10 @@ def train(
             dt = time.perf_counter() - t0
             step_tokens = sum(int(b.attention_mask.sum()) for b in batches) * world
             tokens += step_tokens
-            total, kd, ce = parts.tolist()
-            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": lr, "grad_norm": grad_norm,
-                   "target_tokens": n_tok, "tokens_per_s": step_tokens / dt}  # fmt: skip
+            total, kd, ce, hidden = parts.tolist()
+            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "lr": lr,
+                   "grad_norm": grad_norm, "target_tokens": n_tok,
+                   "tokens_per_s": step_tokens / dt}  # fmt: skip
             history.append(rec)
             if main:
                 with metrics_path.open("a") as f:
