@@ -27,3 +27,22 @@ def test_padded_lm_head_pair_is_compared_on_the_real_vocabulary(tiny_teacher_dir
     assert got["perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
     with pytest.raises(ValueError, match="vocab_size=len\\(tokenizer\\)"):  # without it: the clear error
         forced_metrics(student, teacher, examples, tok.pad_token_id, 4)
+
+
+def test_teacher_logprob_of_answers_matches_a_hand_sum(tiny_teacher_dir):
+    import torch
+
+    from distill.evaluate import teacher_logprob
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    examples = random_examples(300, 5, 4, lambda i: 2 + i, lambda i: 3 + i % 2)
+    got = teacher_logprob(teacher, examples, 0, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            logp = torch.log_softmax(teacher(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            for t in range(1, len(ids)):
+                if mask[t]:
+                    total += float(logp[t - 1, ids[t]])
+                    count += 1
+    assert got == pytest.approx(total / count, rel=1e-5) and got < 0

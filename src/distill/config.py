@@ -243,6 +243,16 @@ class TrainConfig(_Strict):
         "against its teacher layer's (the shrunk layers; needs a live teacher and equal widths)",
     )  # fmt: skip
     hidden_loss: Literal["cosine", "mse"] = Field("cosine", description="the hidden-state alignment distance")
+    onpolicy_fraction: float = Field(
+        0.0, ge=0, le=1, description="lambda: share of sequences whose answer the student samples itself "
+        "and the teacher grades token by token (on-policy distillation, GKD); 0: off-policy only",
+    )  # fmt: skip
+    onpolicy_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="lambda constant, or rising linearly from 0 to onpolicy_fraction"
+    )
+    onpolicy_loss: str = Field("jsd", description="the divergence on the student's own tokens (no CE term)")
+    onpolicy_temperature: float = Field(1.0, gt=0, le=10, description="the student's sampling temperature")
+    onpolicy_max_new_tokens: int = Field(64, ge=1, description="longest answer the student samples")
     time_budget: str | None = Field(
         None,
         description="wall time for training, e.g. 10m: the step time is measured after warm-up and "
@@ -299,7 +309,7 @@ class TrainConfig(_Strict):
                 data["bf16"] = flag  # let the schema report it
         return data
 
-    @field_validator("loss")
+    @field_validator("loss", "onpolicy_loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
         from distill.losses import LOSSES
@@ -404,6 +414,15 @@ class RunConfig(_Strict):
                     "cache.tail 'sample' estimates the forward KL at temperature 1: set "
                     "train.loss=forward_kl and train.distill_temperature=1, or use cache.tail=bucket"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _onpolicy_needs_live_teacher(self) -> RunConfig:
+        if self.train.onpolicy_fraction > 0 and (self.cache.use or self.teacher.kind == "openai"):
+            raise ValueError(
+                "train.onpolicy_fraction needs a live local teacher to grade the student's samples: set "
+                "cache.use=false (an API teacher cannot score given tokens here)"
+            )
         return self
 
     @model_validator(mode="after")

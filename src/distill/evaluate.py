@@ -21,7 +21,7 @@ from distill.models import count_params, folder_bytes
 from distill.progress import progress_bar
 
 METRICS = [
-    "kl", "top1_agreement", "perplexity", "exact_match", "rouge_l", "reference_accuracy",
+    "kl", "top1_agreement", "perplexity", "teacher_logprob", "exact_match", "rouge_l", "reference_accuracy",
     "tokens_per_s_batch1", "tokens_per_s_batched", "params", "bytes",
 ]  # fmt: skip
 
@@ -91,6 +91,22 @@ def forced_metrics(
     }
 
 
+@torch.no_grad()
+def teacher_logprob(
+    teacher: PreTrainedModel, examples: list[tuple[list[int], list[bool]]], pad_id: int, batch_size: int
+) -> float:
+    """The teacher's mean log-probability per token of answers ``examples`` (prompt + a model's own
+    answer): how good that model's text is by the teacher's judgement, in nats (0 is the best)."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i : i + batch_size], pad_id).to(teacher.device)
+        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+        mask = b.answer_mask[:, 1:]
+        total -= float(token_cross_entropy(logits, b.input_ids[:, 1:], mask, num_tokens=1))
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
 def _timed_generation(model, tok, rows: list[list[int]], new_tokens: int) -> float:
     t0 = time.perf_counter()
     generate_batch(model, tok, rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -150,12 +166,13 @@ def evaluate_model(
             model = model.float()  # fidelity and answers in fp32: bf16 greedy answers vary with padding
             res = forced_metrics(model, teacher_fp32, examples, pad, cfg.batch_size, vocab_size=len(tok))
         bar.update(task, advance=len(scored), info="greedy answers")
-        outputs = []
+        outputs, own = [], []  # own: (prompt + the model's own answer) for the teacher to judge
         # The teacher's stored answers are the reference: its row scores them as they are
         # (exact match 1 by definition) instead of re-generating with other batch padding.
         for p in scored if reference_answers else []:
             outputs.append({"id": p.id, "model": name, "text": answers[p.id]["text"],
                             "finish_reason": answers[p.id]["finish_reason"]})  # fmt: skip
+            own.append(make_example(prompt_ids[p.id], answers[p.id]["token_ids"], max_seq_len))
         bar.update(task, advance=len(outputs))
         for i in range(0, len(scored) if not reference_answers else 0, cfg.batch_size):
             chunk = scored[i : i + cfg.batch_size]
@@ -165,7 +182,12 @@ def evaluate_model(
             for p, g in zip(chunk, gens, strict=True):
                 text = tok.decode(g.token_ids, skip_special_tokens=True)
                 outputs.append({"id": p.id, "model": name, "text": text, "finish_reason": g.finish_reason})
+                own.append(make_example(prompt_ids[p.id], g.token_ids, max_seq_len))
             bar.update(task, advance=len(chunk))
+    res["teacher_logprob"] = (
+        teacher_logprob(teacher_fp32, [e for e in own if any(e[1])], pad, cfg.batch_size)
+        if teacher_fp32 is not None and own else None
+    )  # fmt: skip
     teacher_text = {p.id: answers[p.id]["text"] for p in scored}
     res["exact_match"] = sum(o["text"].strip() == teacher_text[o["id"]].strip() for o in outputs) / max(
         len(outputs), 1

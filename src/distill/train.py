@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from distill import onpolicy
 from distill.config import TrainConfig
 from distill.data import Batch, collate, pack
 from distill.losses import (
@@ -510,6 +511,8 @@ def train(
         acc.init_trackers("tensorboard")
     if cfg.chunked_loss:
         check_chunked_head(model, micro_batches(examples, step, cfg, pad_id, rank, world)[0].to(acc.device))
+    # on the student's own answers: the chosen divergence alone, no CE (its tokens are not targets)
+    on_cfg = cfg.model_copy(update={"alpha": 1.0, "loss": cfg.onpolicy_loss})
     history: list[dict] = []
     t_start, tokens = time.perf_counter(), 0
     step_times: list[float] = []
@@ -520,15 +523,25 @@ def train(
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batches = [b.to(acc.device) for b in micro_batches(examples, step, cfg, pad_id, rank, world)]
-            n_local = sum(b.num_target_tokens for b in batches)
+            batches = [
+                (b.to(acc.device), False) for b in micro_batches(examples, step, cfg, pad_id, rank, world)
+            ]
+            if cfg.onpolicy_fraction > 0:  # some answers resampled by the student itself (GKD)
+                batches = [
+                    part
+                    for m, (b, _) in enumerate(batches)
+                    for part in onpolicy.mix(b, model, cfg, pad_id, step=step, micro=m, rank=rank)
+                ]
+            n_local = sum(b.num_target_tokens for b, _ in batches)
             n_tok = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if world > 1 else n_local
             parts = torch.zeros(4, dtype=torch.float64)  # loss, kd, ce, hidden of this process
-            for i, batch in enumerate(batches):
+            on_rows = 0
+            for i, (batch, on) in enumerate(batches):
                 # Gradients are all-reduced once, on the step's last micro-batch.
                 sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
+                on_rows += len(batch.samples()) if on else 0
                 with sync:
-                    part = distill_loss(model, teacher, batch, cfg, n_tok, vocab_size)
+                    part = distill_loss(model, teacher, batch, on_cfg if on else cfg, n_tok, vocab_size)
                     acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
                 parts += torch.tensor(
                     [float(part.loss.detach()), part.kd, part.ce, part.hidden], dtype=torch.float64
@@ -552,11 +565,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            step_tokens = sum(int(b.attention_mask.sum()) for b in batches) * world
+            step_tokens = sum(int(b.attention_mask.sum()) for b, _ in batches) * world
             tokens += step_tokens
             total, kd, ce, hidden = parts.tolist()
             rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "lr": lr,
-                   "grad_norm": grad_norm, "target_tokens": n_tok,
+                   "grad_norm": grad_norm, "target_tokens": n_tok, "onpolicy_rows": on_rows,
                    "tokens_per_s": step_tokens / dt}  # fmt: skip
             history.append(rec)
             if main:

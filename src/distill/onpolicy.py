@@ -1,0 +1,99 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student writes the answers it learns from.
+
+For a share λ of each micro-batch's sequences, the teacher's answer is replaced by one the student
+samples itself (KV-cached ``generate``, its own sampling temperature). The teacher then scores every
+token of that answer in one forward pass, and the loss is a divergence (``train.onpolicy_loss``,
+JSD by default) on those positions alone. There is no cross-entropy term: the student's own tokens
+are not targets. The other sequences keep the usual off-policy loss. λ = 0 is the off-policy path,
+untouched.
+
+Which rows go on-policy and what the student samples are seeded by (seed, step, micro-batch,
+process), with the global RNG restored afterwards, so a resumed run samples what an uninterrupted
+one would have.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+
+import torch
+
+from distill.config import TrainConfig
+from distill.data import Batch, collate, make_example, pack
+from distill.generate import left_pad
+
+Example = tuple[list[int], list[bool]]
+
+
+def fraction_at(step: int, cfg: TrainConfig) -> float:
+    """λ at optimizer step ``step``: constant, or rising linearly from 0 to ``onpolicy_fraction``."""
+    if cfg.onpolicy_schedule == "linear":
+        return cfg.onpolicy_fraction * min(1.0, step / max(1, cfg.max_steps - 1))
+    return cfg.onpolicy_fraction
+
+
+def _rows(batch: Batch) -> list[Example]:
+    """The batch's sequences as (ids, answer mask) pairs, padding removed (packed rows unpacked)."""
+    ids, mask = batch.input_ids.tolist(), batch.answer_mask.tolist()
+    return [(ids[r][s : s + n], mask[r][s : s + n]) for r, s, n in batch.samples()]
+
+
+@torch.no_grad()
+def sample_answers(
+    student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int
+) -> list[list[int]]:
+    """The student's own answers to ``prompts`` (token ids, cut after the first end-of-sequence),
+    sampled at ``cfg.onpolicy_temperature``; the global RNG is restored afterwards."""
+    model = getattr(student, "module", student)
+    gen = model.generation_config
+    stop = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
+    ids, attn = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    state = torch.random.get_rng_state()
+    was_training = model.training
+    model.eval()
+    try:
+        torch.manual_seed(seed)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        with autocast:
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                temperature=cfg.onpolicy_temperature, top_k=0, top_p=1.0,
+                max_new_tokens=cfg.onpolicy_max_new_tokens, eos_token_id=stop or None, pad_token_id=pad_id,
+            )  # fmt: skip
+    finally:
+        torch.random.set_rng_state(state)
+        model.train(was_training)
+    answers = []
+    for row in out[:, ids.shape[1] :].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), None)
+        answers.append(row if cut is None else row[: cut + 1])
+    return answers
+
+
+def mix(
+    batch: Batch, student: torch.nn.Module, cfg: TrainConfig, pad_id: int, *, step: int, micro: int, rank: int
+) -> list[tuple[Batch, bool]]:
+    """The micro-batch as ``(batch, on_policy)`` parts: the rows kept off-policy, and the rows whose
+    answers the student sampled (each row independently with probability λ at this step)."""
+    lam = fraction_at(step, cfg)
+    rows = _rows(batch)
+    seed = ((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 101 + rank
+    rng = random.Random(seed)
+    chosen = [rng.random() < lam for _ in rows]
+    if not any(chosen):
+        return [(batch, False)]
+    prompts = [
+        ids[: m.index(True)] if True in m else ids for (ids, m), c in zip(rows, chosen, strict=True) if c
+    ]
+    answers = sample_answers(student, prompts, cfg, pad_id, seed % 2**63)
+    on = [make_example(p, a, cfg.max_seq_len) for p, a in zip(prompts, answers, strict=True)]
+    off = [r for r, c in zip(rows, chosen, strict=True) if not c]
+    device = batch.input_ids.device
+
+    def build(examples: list[Example]) -> Batch:
+        made = pack(examples, pad_id, cfg.max_seq_len) if cfg.packing else collate(examples, pad_id)
+        return made.to(device)
+
+    return ([(build(off), False)] if off else []) + [(build(on), True)]

@@ -1,0 +1,112 @@
+"""On-policy distillation: the student samples, the teacher grades its tokens; lambda mixes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill.train as tr
+from distill import onpolicy
+from distill.config import TrainConfig
+from distill.models import shrink_layers
+from distill.teacher import LiveTeacher
+
+from conftest import random_examples
+
+
+@pytest.fixture()
+def setup(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    examples = random_examples(len(tok), 10, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
+    return teacher, tok, examples
+
+
+def _cfg(**kw):
+    base = dict(max_steps=4, batch_size=3, grad_accum=2, warmup_steps=1, lr=5e-3, checkpoint_every=2,
+                keep_checkpoints=4, dtype="float32", onpolicy_max_new_tokens=6)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(teacher, examples, cfg, folder):
+    student = shrink_layers(teacher, [0, 3])
+    tr.train(student, LiveTeacher(teacher), examples, cfg, folder, pad_id=0)
+    return student
+
+
+def test_lambda_zero_is_exactly_the_offpolicy_path(setup, tmp_path):
+    teacher, _, examples = setup
+    plain = _train(teacher, examples, _cfg(), tmp_path / "plain")
+    other = dict(onpolicy_fraction=0.0, onpolicy_schedule="linear", onpolicy_temperature=0.5,
+                 onpolicy_loss="reverse_kl")  # every on-policy setting but lambda changed  # fmt: skip
+    zero = _train(teacher, examples, _cfg(**other), tmp_path / "zero")
+    for (k, a), b in zip(plain.state_dict().items(), zero.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    full = _train(teacher, examples, _cfg(onpolicy_fraction=1.0), tmp_path / "full")  # negative control
+    pairs = zip(plain.state_dict().values(), full.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["onpolicy_rows"] for r in rows] == [6] * 4  # every sequence of every step was the student's
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(setup):
+    teacher, _, examples = setup
+    student = shrink_layers(teacher, [0, 3])
+    prompts = [ids[: m.index(True)] for ids, m in examples[:4]]
+    cfg = _cfg()
+    state = torch.random.get_rng_state()
+    a = onpolicy.sample_answers(student, prompts, cfg, 0, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert onpolicy.sample_answers(student, prompts, cfg, 0, seed=5) == a
+    assert onpolicy.sample_answers(student, prompts, cfg, 0, seed=6) != a
+    assert all(1 <= len(x) <= 6 for x in a)
+
+
+def test_onpolicy_loss_matches_a_hand_computed_jsd(setup):
+    """The teacher grades the student's own tokens; the loss is JSD(beta) on those positions alone."""
+    teacher, _, examples = setup
+    student = shrink_layers(teacher, [0, 3])
+    cfg = _cfg(onpolicy_fraction=1.0, jsd_beta=0.3)
+    batch = tr.collate(examples[:3], 0)
+    ((on_batch, on),) = onpolicy.mix(batch, student, cfg, 0, step=0, micro=0, rank=0)
+    assert on and on_batch.input_ids.shape[0] == 3
+    for (ids, m), (new_ids, new_m) in zip(examples[:3], onpolicy._rows(on_batch), strict=True):
+        p = m.index(True)
+        assert new_ids[:p] == ids[:p] and not any(new_m[:p]) and all(new_m[p:])  # same prompt, new answer
+    n = on_batch.num_target_tokens
+    on_cfg = cfg.model_copy(update={"alpha": 1.0, "loss": "jsd", "chunked_loss": False})
+    got = tr.distill_loss(student, LiveTeacher(teacher), on_batch, on_cfg, n).loss
+    with torch.no_grad():
+        s = torch.log_softmax(student(input_ids=on_batch.input_ids, attention_mask=on_batch.attention_mask)
+                              .logits[:, :-1].double(), -1)  # fmt: skip
+        t = torch.log_softmax(teacher(input_ids=on_batch.input_ids, attention_mask=on_batch.attention_mask)
+                              .logits[:, :-1].double(), -1)  # fmt: skip
+    total = 0.0
+    for b, pos in on_batch.answer_mask[:, 1:].nonzero().tolist():
+        p, q = t[b, pos].exp(), s[b, pos].exp()
+        mix = 0.3 * p + 0.7 * q
+        total += float(0.3 * (p * (p / mix).log()).sum() + 0.7 * (q * (q / mix).log()).sum())
+    assert float(got) == pytest.approx(total / n, rel=1e-5)
+
+
+def test_a_resumed_onpolicy_run_samples_what_an_uninterrupted_one_did(setup, tmp_path):
+    teacher, _, examples = setup
+    cfg = _cfg(onpolicy_fraction=0.5)
+    whole = _train(teacher, examples, cfg, tmp_path / "a")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "a" / "checkpoints" / "step-000002", tmp_path / "b" / "checkpoints" / "step-000002"
+    )
+    resumed = _train(teacher, examples, cfg, tmp_path / "b")
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_linear_schedule_rises_to_lambda():
+    cfg = _cfg(onpolicy_fraction=0.8, onpolicy_schedule="linear", max_steps=5)
+    assert [onpolicy.fraction_at(s, cfg) for s in range(5)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
+    assert onpolicy.fraction_at(3, _cfg(onpolicy_fraction=0.8)) == 0.8
