@@ -97,6 +97,17 @@ def _isolated_cache(tmp_path, monkeypatch):
     pipeline._CHECKED.clear()
 
 
+@pytest.fixture()
+def tiny_training(tiny_teacher_dir):
+    """(teacher, tokenizer, 10 random training examples) for the training-loop tests."""
+    from transformers import AutoTokenizer
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    examples = random_examples(len(tok), 10, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
+    return teacher, tok, examples
+
+
 def free_port() -> int:
     """A free TCP port on the loopback, for a torch.distributed rendezvous."""
     import socket

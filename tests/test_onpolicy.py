@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill.train as tr
 from distill import onpolicy
@@ -15,15 +14,10 @@ from distill.config import TrainConfig
 from distill.models import shrink_layers
 from distill.teacher import LiveTeacher
 
-from conftest import random_examples
-
 
 @pytest.fixture()
-def setup(tiny_teacher_dir):
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    examples = random_examples(len(tok), 10, 0, lambda i: 3 + i % 4, lambda i: 4 + (i * 3) % 7)
-    return teacher, tok, examples
+def setup(tiny_training):
+    return tiny_training
 
 
 def _cfg(**kw):
