@@ -332,8 +332,9 @@ class CachedTeacher:
         self.meta = CacheMeta(**json.loads(meta_path.read_text()))
         if expected:
             self.meta.check_against(expected)
-        if tail == "auto":
-            tail = "sample" if self.meta.tail_samples else "bucket"
+        if tail == "auto":  # tail mass and samples are known only at temperature 1
+            tail = ("renormalize" if self.meta.scoring_temperature != 1.0
+                    else "sample" if self.meta.tail_samples else "bucket")  # fmt: skip
         if tail != "renormalize" and self.meta.scoring_temperature != 1.0:
             raise CacheError(
                 f"cache.tail {tail!r} needs a cache scored at temperature 1; {cache_dir} was scored at "

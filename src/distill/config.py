@@ -417,23 +417,23 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _onpolicy_needs_live_teacher(self) -> RunConfig:
-        if self.train.onpolicy_fraction > 0 and (self.cache.use or self.teacher.kind == "openai"):
-            raise ValueError(
-                "train.onpolicy_fraction needs a live local teacher to grade the student's samples: set "
-                "cache.use=false (an API teacher cannot score given tokens here)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _hidden_needs_live_shrunk(self) -> RunConfig:
-        if self.train.hidden_weight > 0:
-            if self.cache.use or self.teacher.kind == "openai":
-                raise ValueError("train.hidden_weight needs a live local teacher: a cache or an API holds no "
-                                 "hidden states; set cache.use=false, or train.hidden_weight=0")  # fmt: skip
-            if self.student.init != "shrink":
-                raise ValueError("train.hidden_weight pairs student layers with the teacher layers they were "
-                                 "shrunk from: it needs student.init=shrink")  # fmt: skip
+    def _live_teacher_options(self) -> RunConfig:
+        """On-policy rows need a teacher that grades given tokens, hidden-state alignment one whose
+        layers can be read: a local teacher run live, not a cache or an API."""
+        why = {
+            "onpolicy_fraction": "to grade the student's samples",
+            "hidden_weight": "for its hidden states",
+        }
+        if self.cache.use or self.teacher.kind == "openai":
+            for key, reason in why.items():
+                if getattr(self.train, key) > 0:
+                    raise ValueError(
+                        f"train.{key} needs a live local teacher {reason}; a cache or an API teacher "
+                        f"has none here: set cache.use=false, or train.{key}=0"
+                    )
+        if self.train.hidden_weight > 0 and self.student.init != "shrink":
+            raise ValueError("train.hidden_weight pairs student layers with the teacher layers they were "
+                             "shrunk from: it needs student.init=shrink")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -91,20 +91,13 @@ def forced_metrics(
     }
 
 
-@torch.no_grad()
 def teacher_logprob(
     teacher: PreTrainedModel, examples: list[tuple[list[int], list[bool]]], pad_id: int, batch_size: int
 ) -> float:
     """The teacher's mean log-probability per token of answers ``examples`` (prompt + a model's own
-    answer): how good that model's text is by the teacher's judgement, in nats (0 is the best)."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i : i + batch_size], pad_id).to(teacher.device)
-        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
-        mask = b.answer_mask[:, 1:]
-        total -= float(token_cross_entropy(logits, b.input_ids[:, 1:], mask, num_tokens=1))
-        count += int(mask.sum())
-    return total / max(count, 1)
+    answer): how good that model's text is by the teacher's judgement, in nats (0 is the best).
+    It is minus the log of the teacher's perplexity of those answers."""
+    return -math.log(forced_metrics(teacher, None, examples, pad_id, batch_size)["perplexity"])
 
 
 def _timed_generation(model, tok, rows: list[list[int]], new_tokens: int) -> float:

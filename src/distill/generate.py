@@ -30,7 +30,7 @@ def eos_ids(model: PreTrainedModel | GenerationConfig, tok: Tokenizer) -> list[i
     gen = model if isinstance(model, GenerationConfig) else model.generation_config
     ids = gen.eos_token_id
     out = set([ids] if isinstance(ids, int) else (ids or []))
-    if tok.eos_token_id is not None:
+    if tok is not None and tok.eos_token_id is not None:
         out.add(tok.eos_token_id)
     return sorted(out)
 
@@ -56,13 +56,21 @@ def generate_batch(
     do_sample: bool = False,
     generation_temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     min_new_tokens: int = 0,
+    pad_id: int | None = None,
 ) -> list[Generation]:
-    """Generate for a batch of tokenised prompts; each answer is cut after its first eos."""
+    """Generate for a batch of tokenised prompts; each answer is cut after its first eos.
+
+    ``tok`` may be None when ``pad_id`` is given (the end-of-sequence ids then come from the
+    model's generation config alone); ``top_k`` None keeps the generation config's default, 0
+    samples from the whole distribution."""
     stop = eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    pad = pad_id if pad_id is not None else tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     ids, attn = left_pad(prompts_ids, pad)
     kwargs = dict(do_sample=do_sample, temperature=generation_temperature, top_p=top_p)
+    if top_k is not None:
+        kwargs["top_k"] = top_k
     if not do_sample:
         kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(

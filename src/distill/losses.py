@@ -172,22 +172,27 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.log((-torch.expm1(x)).clamp_min(_TINY))
 
 
+def _off_ids(logits: Tensor, ids: Tensor, present: Tensor) -> Tensor:
+    """``logits`` ``(M, V)`` with the ``ids`` ``(M, k)`` of each row set to -inf; ``present`` ``(M, k)``
+    False marks padding entries, which mask nothing.
+
+    Padding sits after a row's ids (top-k order), so a padding entry can point at the row's first id
+    instead (masking an id twice is harmless), and a row whose first entry is padding has no ids.
+    """
+    where = torch.where(present, ids, ids[:, :1])
+    return torch.where(present[:, :1], logits.scatter(-1, where, float("-inf")), logits)
+
+
 def _log_mass_outside(logits: Tensor, ids: Tensor, present: Tensor) -> Tensor:
     """log of the softmax mass outside ``ids`` per row, ``(M, V)``, ``(M, k)``, ``(M, k)`` -> ``(M,)``.
 
-    A log-sum-exp over the logits with the ids masked out, minus the full one: exact however small
-    the mass is, where ``log(1 - sum q_k)`` in fp32 rounds to log(0) once the k ids hold all but
-    ~1e-7 of it (a confident student), and its gradient ``1 / (1 - sum q_k)`` blows up.
-    ``present`` False marks padding entries of ``ids``, which mask nothing.
+    A log-sum-exp over the logits with the ids masked out (``_off_ids``), minus the full one: exact
+    however small the mass is, where ``log(1 - sum q_k)`` in fp32 rounds to log(0) once the k ids
+    hold all but ~1e-7 of it (a confident student), and its gradient ``1 / (1 - sum q_k)`` blows up.
+    Ids covering the whole vocabulary leave no mass: it is floored at fp32's tiniest, as log(0) is.
     """
     lse = torch.logsumexp(logits, -1)
-    # Padding sits after a row's ids (top-k order), so a padding entry can point at the row's first
-    # id instead (masking an id twice is harmless), and a row whose first entry is padding has no
-    # ids at all and masks nothing.
-    where = torch.where(present, ids, ids[:, :1])
-    masked = torch.where(present[:, :1], logits.scatter(-1, where, float("-inf")), logits)
-    # ids covering the whole vocabulary leave no mass at all: floor it at fp32's tiniest, as log(0)
-    return (torch.logsumexp(masked, -1) - lse).clamp_min(_LOG_TINY)
+    return (torch.logsumexp(_off_ids(logits, ids, present), -1) - lse).clamp_min(_LOG_TINY)
 
 
 def _support_logprobs(s: Tensor, t: Tensor | TopKTeacher, temperature: float) -> tuple[Tensor, Tensor]:
@@ -503,11 +508,7 @@ def _topk_bucket_ce_block(
     present = ~torch.isneginf(lp)
     p = torch.where(present, torch.exp(lp), 0.0)
     log_s_k = torch.gather(zf, 1, ids) - lse  # from the logits, not q: q is then never stored
-    where_k = torch.where(present, ids, ids[:, :1])  # padding points at an id masked anyway
-    outside = zf.scatter(1, where_k, float("-inf"))  # (C, V): the logits off the teacher's ids
-    outside = torch.where(
-        present[:, :1], outside, zf
-    )  # an all-padding row (first entry absent) masks nothing
+    outside = _off_ids(zf, ids, present)  # (C, V): the logits off the teacher's ids
     # floored as in _log_mass_outside: ids covering the whole vocabulary leave no mass (then q_off = 0)
     lse_out = torch.maximum(torch.logsumexp(outside, -1, keepdim=True), lse + _LOG_TINY)
     log_s_mass = (lse_out - lse).squeeze(-1)  # log S, exact however small

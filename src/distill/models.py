@@ -106,6 +106,9 @@ def gguf_metadata(path: Path) -> dict:
     """The key/value metadata of a GGUF file, read from its header alone (arrays as their length,
     except short ones), without loading a tensor. Checks the magic first.
 
+    Not ``gguf.GGUFReader``: it maps every array item and tensor record, 2.2 s for SmolLM2-135M
+    against 0.05 s here, and a config check should take no time.
+
     Raises:
         ModelError: not a GGUF file, or a header cut short.
     """

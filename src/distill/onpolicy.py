@@ -21,7 +21,7 @@ import torch
 
 from distill.config import TrainConfig
 from distill.data import Batch, collate, make_example, pack
-from distill.generate import left_pad
+from distill.generate import generate_batch
 
 Example = tuple[list[int], list[bool]]
 
@@ -39,37 +39,28 @@ def _rows(batch: Batch) -> list[Example]:
     return [(ids[r][s : s + n], mask[r][s : s + n]) for r, s, n in batch.samples()]
 
 
-@torch.no_grad()
 def sample_answers(
     student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int
 ) -> list[list[int]]:
     """The student's own answers to ``prompts`` (token ids, cut after the first end-of-sequence),
-    sampled at ``cfg.onpolicy_temperature``; the global RNG is restored afterwards."""
+    sampled from its whole distribution at ``cfg.onpolicy_temperature``; the global RNG is restored
+    afterwards, so sampling leaves the training stream as it was."""
     model = getattr(student, "module", student)
-    gen = model.generation_config
-    stop = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
-    ids, attn = left_pad(prompts, pad_id)
-    device = next(model.parameters()).device
     state = torch.random.get_rng_state()
     was_training = model.training
     model.eval()
     try:
         torch.manual_seed(seed)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-        with autocast:
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                temperature=cfg.onpolicy_temperature, top_k=0, top_p=1.0,
-                max_new_tokens=cfg.onpolicy_max_new_tokens, eos_token_id=stop or None, pad_token_id=pad_id,
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
+            gens = generate_batch(
+                model, None, prompts, max_new_tokens=cfg.onpolicy_max_new_tokens, do_sample=True,
+                generation_temperature=cfg.onpolicy_temperature, top_p=1.0, top_k=0, pad_id=pad_id,
             )  # fmt: skip
     finally:
         torch.random.set_rng_state(state)
         model.train(was_training)
-    answers = []
-    for row in out[:, ids.shape[1] :].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop), None)
-        answers.append(row if cut is None else row[: cut + 1])
-    return answers
+    return [g.token_ids for g in gens]
 
 
 def mix(

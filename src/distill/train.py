@@ -452,8 +452,6 @@ def train(
     """
     if not examples:
         raise TrainingError("no training examples: did the teacher answer any training prompt?")
-    if cfg.loss not in LOSSES:
-        raise TrainingError(f"train.loss={cfg.loss!r} is not one of {sorted(LOSSES)}")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     if cfg.dtype == "auto":  # called directly, not through the pipeline (which resolves it first)
