@@ -315,6 +315,31 @@ def test_time_plan_fits_the_budget_and_respects_max_steps():
     assert "19 steps" in plan.describe("10s")
 
 
+def test_time_plan_counts_the_students_sampling_as_lambda_rises():
+    # constant lambda 0.5: each step 1 s + 4 rows * 0.5 (a half sampled) * 0.5 s = 2 s; 97 s left
+    cfg = _cfg(max_steps=1000, time_budget="100s", onpolicy_fraction=0.5)
+    plan = tr.TimePlan.fit(cfg, 3, [2.0, 2.0], 3.0, sampled_in_steps=2.0, per_row=0.5, rows_per_step=4)
+    assert plan.step_seconds == 1.0 and plan.max_steps == 3 + 48
+    # linear 0 -> 0.5: step s of an n-step run costs 1 + 4 * 0.5 * 0.5 * s / (n - 1); the plan is the
+    # largest n whose steps 3..n-1 fit, found here by walking n up
+    lin = _cfg(max_steps=1000, time_budget="100s", onpolicy_fraction=0.5, onpolicy_schedule="linear")
+    got = tr.TimePlan.fit(lin, 3, [1.0, 1.0], 3.0, per_row=0.5, rows_per_step=4)
+    walk = max(n for n in range(3, 1000) if sum(1 + s / (n - 1) for s in range(3, n)) <= 97)
+    assert got.max_steps == walk and 48 < walk < 97
+    assert got.planned_seconds == pytest.approx(3 + sum(1 + s / (walk - 1) for s in range(3, walk)))
+    assert "per row the student samples" in got.describe("100s")
+
+
+def test_time_budget_with_on_policy_probes_the_sampling_cost(setup, tmp_path):
+    teacher, tok, examples = setup
+    cfg = _cfg(max_steps=50, time_budget="2s", onpolicy_fraction=0.5, onpolicy_schedule="linear",
+               onpolicy_max_new_tokens=4, grad_accum=1)  # fmt: skip
+    tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    plan = json.loads((tmp_path / "train_plan.json").read_text())
+    # lambda is 0 in the timed steps, so the cost per sampled row came from the probe
+    assert plan["sample_seconds_per_row"] > 0 and plan["rows_per_step"] == 3
+
+
 def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):
     teacher, tok, examples = setup
     cfg = _cfg(max_steps=40, time_budget="2h", checkpoint_every=3, warmup_steps=5)
@@ -334,3 +359,53 @@ def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):
         _student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id
     )
     assert summary["steps"] == 7 and _steps_logged(tmp_path) == list(range(1, 8))
+
+
+# --- prompt-token distillation ------------------------------------------------------------------
+
+
+def test_prompt_targets_are_the_prompt_positions_of_each_sample():
+    from distill.data import Batch
+
+    ids = torch.arange(10).view(1, 10)
+    answer = torch.tensor([[0, 0, 1, 1, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    plain = Batch(ids, torch.tensor([[1] * 9 + [0]]), answer)
+    # position t predicts t + 1: prompt tokens 1, 4, 5, 6 are targets (9 is padding)
+    assert plain.prompt_targets()[0].nonzero().squeeze(-1).tolist() == [0, 3, 4, 5]
+    packed = Batch(ids, torch.ones(1, 10, dtype=torch.long), answer,
+                   position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), segments=[[(0, 4), (4, 6)]])  # fmt: skip
+    # the same, but position 3 (the first sample's last token) does not predict the next sample
+    assert packed.prompt_targets()[0].nonzero().squeeze(-1).tolist() == [0, 4, 5, 8]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prompt_weight_adds_a_kd_term_on_prompt_positions(setup, chunked):
+    teacher, tok, examples = setup
+    batch = tr.collate(examples[:4], tok.pad_token_id)
+    n, n_prompt = batch.num_target_tokens, int(batch.prompt_targets().sum())
+    assert 0 < n_prompt
+    student = _student(teacher)
+    out = tr.distill_loss(student, LiveTeacher(teacher), batch, _cfg(alpha=0.5, prompt_weight=0.3, chunked_loss=chunked),
+                          n, None, n_prompt)  # fmt: skip
+    # reference in float64 from plain logits: answer part as before, plus 0.3 * mean KL on prompt rows
+    with torch.no_grad():
+        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].double()
+        t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].double()
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)  # (B, T-1)
+    ce = -s.log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    ans, pr = batch.answer_mask[:, 1:], batch.prompt_targets()
+    ref = 0.5 * kl[ans].sum() / n + 0.5 * ce[ans].sum() / n + 0.3 * kl[pr].sum() / n_prompt
+    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-4)
+    assert out.prompt == pytest.approx(float(kl[pr].sum() / n_prompt), rel=1e-4)
+
+
+def test_prompt_weight_trains_and_logs_its_part(setup, tmp_path):
+    teacher, tok, examples = setup
+    tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(prompt_weight=0.5, max_steps=3), tmp_path,
+             pad_id=tok.pad_token_id)  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["prompt_kd"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="train.prompt_weight needs a live local teacher"):
+        from distill.config import load_config
+
+        load_config(None, ["train.prompt_weight=0.5", "cache.use=true"])

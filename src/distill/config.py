@@ -55,6 +55,16 @@ def duration_seconds(text: str | float | int) -> float:
     return h * 3600 + mins * 60 + secs
 
 
+def parse_count(text: str | int) -> int | None:
+    """``70M`` -> 70_000_000 (also ``1.5B``, ``500k``, ``12345``); None when not a count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
+    if not m:
+        return None
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+    value = int(float(m.group(1)) * scale)
+    return value if value > 0 else None
+
+
 class DataConfig(_Strict):
     """Where prompts come from and how they are split."""
 
@@ -208,11 +218,29 @@ class StudentConfig(_Strict):
     calibration_samples: int = Field(
         48, ge=1, description="teacher answers used to score layers and compare candidate students"
     )
+    num_heads: int | None = Field(
+        None, ge=1, description="attention (query) heads kept per layer, the most important by activation "
+        "(Minitron width pruning; a multiple of the key/value heads); None: all",
+    )  # fmt: skip
+    intermediate_size: int | None = Field(
+        None, ge=1, description="MLP channels kept per layer, the most important by activation; None: all"
+    )
+    target_params: str | None = Field(
+        None, description="search the student's shape: e.g. 70M. Every (depth, heads, MLP width) of the "
+        "grid that fits is built by importance, scored untrained (KL, top-1) and timed; the lowest KL "
+        "wins (num_layers, num_heads and intermediate_size are then chosen, not set)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _model_needed(self) -> StudentConfig:
         if self.init == "model" and not self.model:
             raise ValueError("student.model must be set when student.init is 'model'")
+        if self.target_params is not None:
+            if parse_count(self.target_params) is None:
+                raise ValueError(f"student.target_params {self.target_params!r}: a count such as 70M or 1.5B")
+            if self.layers is not None or self.num_heads or self.intermediate_size:
+                raise ValueError("student.target_params searches the shape: leave layers, num_heads and "
+                                 "intermediate_size unset")  # fmt: skip
         return self
 
 
@@ -241,6 +269,10 @@ class TrainConfig(_Strict):
     hidden_weight: float = Field(
         0.0, ge=0, description="weight of a hidden-state alignment term: each student layer's output "
         "against its teacher layer's (the shrunk layers; needs a live teacher and equal widths)",
+    )  # fmt: skip
+    prompt_weight: float = Field(
+        0.0, ge=0, description="weight of a KD term on the prompt's tokens too (the teacher's signal "
+        "there comes with the same forward pass; no CE on them; needs a live teacher)",
     )  # fmt: skip
     hidden_loss: Literal["cosine", "mse"] = Field("cosine", description="the hidden-state alignment distance")
     onpolicy_fraction: float = Field(
@@ -423,6 +455,7 @@ class RunConfig(_Strict):
         why = {
             "onpolicy_fraction": "to grade the student's samples",
             "hidden_weight": "for its hidden states",
+            "prompt_weight": "to score the prompt's tokens",
         }
         if self.cache.use or self.teacher.kind == "openai":
             for key, reason in why.items():

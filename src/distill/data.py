@@ -259,6 +259,15 @@ class Batch:
         """Positions whose next token is counted by the loss (after the shift by one)."""
         return int(self.answer_mask[:, 1:].sum())
 
+    def prompt_targets(self) -> torch.Tensor:
+        """(B, T-1) bool: positions whose next token is a prompt token of the same sample (prompt
+        distillation; a packed row's sample boundaries are not targets)."""
+        targets = self.attention_mask[:, 1:].bool() & ~self.answer_mask[:, 1:]
+        for row, start, _ in self.samples():
+            if start > 0:
+                targets[row, start - 1] = False  # predicts the next sample's first token
+        return targets
+
     def model_inputs(self) -> dict:
         """Keyword arguments for a causal LM's forward (no KV cache: a packed mask needs none)."""
         if self.position_ids is None:

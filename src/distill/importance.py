@@ -84,5 +84,85 @@ class Candidate:
 
     name: str
     layers: list[int]
+    num_heads: int | None = None  # None: all
+    intermediate_size: int | None = None
+    params: int | None = None
     untrained_kl: float | None = None
     untrained_top1: float | None = None
+    speedup: float | None = None  # batch-1 generation tokens/s over the teacher's
+
+
+@dataclass
+class WidthImportance:
+    """Minitron's activation importance of every attention head and MLP channel, per layer.
+
+    ``heads[i]``: (num_heads,) mean over tokens of the L2 norm of head ``h``'s attention output
+    (its slice of ``o_proj``'s input). ``channels[i]``: (intermediate_size,) mean over tokens of
+    ``|act(gate(x)) * up(x)|``, the input of ``down_proj``.
+    """
+
+    heads: list[torch.Tensor]
+    channels: list[torch.Tensor]
+
+
+@torch.no_grad()
+def width_importance(
+    model: PreTrainedModel, examples: list[Example], pad_id: int, batch_size: int = 8
+) -> WidthImportance:
+    """Activation importance of each head and MLP channel over the real tokens of ``examples``."""
+    layers = _decoder_layers(model)
+    n_heads = model.config.num_attention_heads
+    heads = [torch.zeros(n_heads, dtype=torch.float64) for _ in layers]
+    channels = [torch.zeros(model.config.intermediate_size, dtype=torch.float64) for _ in layers]
+    current_mask: list[torch.Tensor] = []
+
+    def on_heads(i: int):
+        def record(_module, args):
+            x = args[0].float()[current_mask[0]]  # (N, heads * head_dim)
+            heads[i] += x.view(x.shape[0], n_heads, -1).norm(dim=-1).sum(0).double()
+
+        return record
+
+    def on_channels(i: int):
+        def record(_module, args):
+            channels[i] += args[0].float()[current_mask[0]].abs().sum(0).double()  # (intermediate,)
+
+        return record
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(i)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_channels(i)))
+    count = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            b = collate(examples[start : start + batch_size], pad_id).to(model.device)
+            current_mask[:] = [b.attention_mask.bool()]
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            count += int(b.attention_mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return WidthImportance([h / max(count, 1) for h in heads], [c / max(count, 1) for c in channels])
+
+
+def top_heads(scores: torch.Tensor, num_kv_heads: int, keep: int) -> list[int]:
+    """The ``keep`` most important query heads, as many from each key/value group (GQA: query head
+    ``h`` reads group ``h // (num_heads / num_kv_heads)``, and a pruned model must keep that map)."""
+    n = scores.numel()
+    if keep % num_kv_heads or not num_kv_heads <= keep <= n:
+        raise ValueError(f"cannot keep {keep} of {n} attention heads: it must be a multiple of the "
+                         f"{num_kv_heads} key/value heads, at most {n}")  # fmt: skip
+    per_group, size = keep // num_kv_heads, n // num_kv_heads
+    kept = []
+    for g in range(num_kv_heads):
+        group = scores[g * size : (g + 1) * size]
+        kept += [g * size + int(j) for j in torch.argsort(-group, stable=True)[:per_group]]
+    return sorted(kept)
+
+
+def top_channels(scores: torch.Tensor, keep: int) -> list[int]:
+    """The ``keep`` most important MLP channels, in order."""
+    if not 1 <= keep <= scores.numel():
+        raise ValueError(f"cannot keep {keep} of {scores.numel()} MLP channels")
+    return sorted(int(j) for j in torch.argsort(-scores, stable=True)[:keep])

@@ -280,6 +280,66 @@ def shrink_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMode
     return student.eval()
 
 
+def prune_width(
+    model: PreTrainedModel, heads: list[list[int]] | None = None, channels: list[list[int]] | None = None
+) -> PreTrainedModel:
+    """A copy of ``model`` that keeps, in decoder layer ``i``, the query heads ``heads[i]`` and the
+    MLP channels ``channels[i]`` (None: all of them). Minitron-style width pruning.
+
+    Every layer keeps as many heads and channels as the others, so the result has a standard
+    config (``num_attention_heads``, ``intermediate_size``; ``head_dim`` written out) that stock
+    transformers loads. Key/value heads all stay; the kept query heads must be as many from each
+    key/value group. Its output equals ``model``'s with the dropped heads' attention outputs and the
+    dropped channels' activations set to zero.
+    """
+    cfg = model.config
+    n_layers, n_heads, n_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    for name, keep, n_total in (("heads", heads, n_heads), ("channels", channels, cfg.intermediate_size)):
+        if keep is None:
+            continue
+        if len(keep) != n_layers or len({len(k) for k in keep}) != 1:
+            raise ValueError(f"{name}: one list per layer ({n_layers}), all of one length")
+        for k in keep:
+            if sorted(set(k)) != list(k) or not k or k[0] < 0 or k[-1] >= n_total:
+                raise ValueError(f"{name} must be increasing indices in [0, {n_total}), got {k}")
+    if heads is not None:
+        new_heads = len(heads[0])
+        if new_heads % n_kv:
+            raise ValueError(f"{new_heads} heads cannot share {n_kv} key/value heads evenly")
+        for k in heads:  # kept head j reads group j // (new_heads / n_kv): it must be its old group
+            old = [h // (n_heads // n_kv) for h in k]
+            if old != [j // (new_heads // n_kv) for j in range(new_heads)]:
+                raise ValueError(
+                    f"heads {k}: keep as many query heads from each of the {n_kv} key/value groups"
+                )
+    config = cfg.__class__.from_dict(cfg.to_dict())
+    config.head_dim = head_dim
+    if heads is not None:
+        config.num_attention_heads = len(heads[0])
+    if channels is not None:
+        config.intermediate_size = len(channels[0])
+    pruned = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if "layers" in parts and parts[-1] in ("weight", "bias"):
+            i = int(parts[parts.index("layers") + 1])
+            proj = parts[-2]
+            if parts[-1] == "bias" and proj in ("o_proj", "down_proj"):
+                pass  # (hidden,): the output side keeps its size
+            elif heads is not None and proj in ("q_proj", "o_proj"):
+                rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads[i]])
+                value = value[rows] if proj == "q_proj" else value[:, rows]  # o_proj: (hidden, heads * d)
+            elif channels is not None and proj in ("gate_proj", "up_proj", "down_proj"):
+                rows = torch.tensor(channels[i])
+                value = value[rows] if proj != "down_proj" else value[:, rows]  # down_proj: (hidden, inter)
+        state[key] = value.clone()
+    pruned.load_state_dict(state, strict=True)
+    pruned.generation_config = model.generation_config
+    return pruned.eval()
+
+
 def count_params(model: PreTrainedModel) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -42,16 +42,16 @@ from distill.filters import filter_answers
 from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log, write_records
 from distill.hardware import DTYPES, Precision, choose_precision, resolve_device
 from distill.models import (
-    evenly_spaced_layers,
+    count_params,
     load_model,
     load_tokenizer,
     resolve_gguf,
     resolve_model_dir,
-    shrink_layers,
 )
 from distill.preflight import ModelFacts, check_run
 from distill.progress import console
 from distill.report import write_report
+from distill.student import choose_student
 from distill.teacher import LiveTeacher
 from distill.train import train
 
@@ -256,9 +256,12 @@ def shrink(cfg: RunConfig) -> Path:
     if cfg.student.init == "shrink":
         teacher = load_model(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
         n = teacher.config.num_hidden_layers
-        layers = cfg.student.layers or _choose_layers(cfg, teacher, tok, run)
-        student = shrink_layers(teacher, layers)
-        console.print(f"student keeps teacher layers {layers} of {n}")
+        student, layers = _choose_student(cfg, teacher, tok, run)
+        c = student.config
+        console.print(
+            f"student keeps teacher layers {layers} of {n}, {c.num_attention_heads} heads and "
+            f"{c.intermediate_size} MLP channels each ({count_params(student) / 1e6:.1f}M parameters)"
+        )
     else:
         student = load_model(cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code)
         s_tok = load_tokenizer(cfg.student.model)
@@ -277,35 +280,24 @@ def shrink(cfg: RunConfig) -> Path:
     return out
 
 
-def _choose_layers(cfg: RunConfig, teacher, tok, run: Path) -> list[int]:
-    """The layers a shrunk student keeps: evenly spaced or by block importance. When the teacher's
-    answers exist, both candidates are scored untrained (KL and top-1 agreement with the teacher on
-    calibration sequences), printed, and written to ``student_candidates.json``."""
-    from distill.evaluate import forced_metrics
-    from distill.importance import Candidate, block_importance, most_important_layers
-
-    n, keep = teacher.config.num_hidden_layers, cfg.student.num_layers
-    candidates = [Candidate("even", evenly_spaced_layers(n, keep))]
+def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
+    """The shrunk student and its layers (``distill.student``). With the teacher's answers, the
+    candidates are scored on calibration answers and recorded in ``student_candidates.json``."""
+    s = cfg.student
     answers_path = run / "answers.jsonl"
-    if not answers_path.is_file():
-        if cfg.student.layer_selection == "importance":
-            raise StageError(f"student.layer_selection=importance scores layers on the teacher's answers: "
-                             f"{answers_path} is missing; run `distill generate` first")  # fmt: skip
-        return candidates[0].layers
-    train_p, _ = load_split(cfg)
-    calib = training_examples(cfg, tok, train_p, read_answers(answers_path))
-    calib = calib[: cfg.student.calibration_samples]
-    importance = block_importance(teacher, calib, tok.pad_token_id)
-    candidates.append(Candidate("importance", most_important_layers(importance, keep)))
-    for c in candidates:
-        m = forced_metrics(shrink_layers(teacher, c.layers), teacher, calib, tok.pad_token_id, 8, len(tok))
-        c.untrained_kl, c.untrained_top1 = m["kl"], m["top1_agreement"]
-        console.print(f"  candidate {c.name:<10} layers {c.layers}: untrained KL {c.untrained_kl:.2f}, "
-                      f"top-1 {c.untrained_top1:.3f} on {len(calib)} calibration answers")  # fmt: skip
-    chosen = next(c for c in candidates if c.name == cfg.student.layer_selection)
-    report = {"chosen": chosen.name, "importance": importance, "candidates": [c.__dict__ for c in candidates]}
-    (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
-    return chosen.layers
+    calib = None
+    if answers_path.is_file():
+        train_p, _ = load_split(cfg)
+        calib = training_examples(cfg, tok, train_p, read_answers(answers_path))[: s.calibration_samples]
+    measured = s.layer_selection == "importance" or s.num_heads or s.intermediate_size or s.target_params
+    if measured and not calib:
+        raise StageError(f"student.layer_selection=importance, num_heads, intermediate_size and "
+                         f"target_params score the teacher on its answers: {answers_path} has none; "
+                         "run `distill generate` first")  # fmt: skip
+    student, chosen, report = choose_student(s, teacher, tok, calib, DTYPES[cfg.evaluate.speed_dtype], run)
+    if report:
+        (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
+    return student, chosen.layers
 
 
 def _kept(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> tuple[list, dict]:

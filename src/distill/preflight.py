@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.config import ConfigError, RunConfig
+from distill.config import ConfigError, RunConfig, parse_count
 from distill.data import read_prompts
 from distill.hardware import resolve_device
 from distill.models import ModelError, gguf_metadata, resolve_gguf
@@ -28,6 +28,8 @@ class ModelFacts:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
+    num_heads: int = 0  # 0: not known
+    num_kv_heads: int = 0
 
 
 def _gguf_facts(ref: str, path: Path) -> ModelFacts:
@@ -51,7 +53,10 @@ def _gguf_facts(ref: str, path: Path) -> ModelFacts:
     inter = meta.get(f"{arch}.feed_forward_length", 4 * hidden)
     inter = int(inter if isinstance(inter, int) else max(inter) if isinstance(inter, list) else 4 * hidden)
     vocab = meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
-    return ModelFacts(ref, arch, layers, int(vocab or 0), hidden, inter)
+    heads = meta.get(f"{arch}.attention.head_count", 0)
+    kv = meta.get(f"{arch}.attention.head_count_kv", heads)
+    heads, kv = (int(v if isinstance(v, int) else max(v) if isinstance(v, list) else 0) for v in (heads, kv))
+    return ModelFacts(ref, arch, layers, int(vocab or 0), hidden, inter, heads, kv)
 
 
 def _folder_facts(ref: str, folder: Path, trust_remote_code: bool) -> ModelFacts:
@@ -80,6 +85,8 @@ def _folder_facts(ref: str, folder: Path, trust_remote_code: bool) -> ModelFacts
         int(getattr(text, "vocab_size", 0) or 0),
         hidden,
         int(getattr(text, "intermediate_size", 0) or 4 * hidden),
+        int(getattr(text, "num_attention_heads", 0) or 0),
+        int(getattr(text, "num_key_value_heads", 0) or getattr(text, "num_attention_heads", 0) or 0),
     )
 
 
@@ -112,6 +119,19 @@ def _check_layers(cfg: RunConfig, teacher: ModelFacts) -> None:
             f"student.num_layers={s.num_layers}: teacher {teacher.ref} has only {n} layers; "
             f"choose 1..{n} (fewer layers: a smaller, faster student)"
         )
+    heads, kv = teacher.num_heads, teacher.num_kv_heads
+    if s.num_heads is not None and heads and (s.num_heads > heads or s.num_heads % kv):
+        raise ConfigError(f"student.num_heads={s.num_heads}: teacher {teacher.ref} has {heads} heads sharing "
+                          f"{kv} key/value heads; choose a multiple of {kv} up to {heads}")  # fmt: skip
+    if s.intermediate_size is not None and s.intermediate_size > teacher.intermediate_size:
+        raise ConfigError(f"student.intermediate_size={s.intermediate_size}: teacher {teacher.ref} has "
+                          f"{teacher.intermediate_size} MLP channels per layer; choose fewer")  # fmt: skip
+    if s.target_params is not None:
+        embed = teacher.vocab_size * teacher.hidden_size
+        if parse_count(s.target_params) <= embed:
+            raise ConfigError(f"student.target_params={s.target_params}: the embeddings of "
+                              f"teacher {teacher.ref} alone have {embed / 1e6:.1f}M parameters; "
+                              "aim higher")  # fmt: skip
 
 
 def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:

@@ -56,6 +56,7 @@ class StepLoss:
     kd: float
     ce: float
     hidden: float = 0.0
+    prompt: float = 0.0  # the KD term on prompt tokens, unweighted
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -217,8 +218,11 @@ def distill_loss(
     cfg: TrainConfig,
     num_tokens: int,
     vocab_size: int | None = None,
+    num_prompt_tokens: int = 0,
 ) -> StepLoss:
-    """alpha * KD(teacher || student) + (1 - alpha) * CE(teacher tokens) on answer positions.
+    """alpha * KD(teacher || student) + (1 - alpha) * CE(teacher tokens) on answer positions,
+    + ``prompt_weight`` * KD on prompt positions (normalised by ``num_prompt_tokens``, the step's
+    global count of them) + ``hidden_weight`` * hidden-state alignment.
 
     With ``cfg.chunked_loss`` the student's logits are never built for all positions at once:
     the loss runs on its final hidden states and LM head block by block (``chunked_divergence``).
@@ -241,6 +245,11 @@ def distill_loss(
     targets = Targets(signal, batch.input_ids[:, 1:])
     parts = {"kd": 0.0, "ce": 0.0}
     loss_fn = kd_ce_loss(cfg, vocab_size, parts)
+    on_prompt = cfg.prompt_weight > 0 and signal is not None and num_prompt_tokens > 0
+    if on_prompt:  # the teacher's signal already covers the prompt: KD alone there, no CE
+        prompt_parts = {"kd": 0.0, "ce": 0.0}
+        prompt_fn = kd_ce_loss(cfg.model_copy(update={"alpha": 1.0}), vocab_size, prompt_parts)
+        prompt_mask = batch.prompt_targets()  # (B, T-1)
     with autocast:
         if cfg.chunked_loss:
             out = student(**batch.model_inputs(), logits_to_keep=1, output_hidden_states=True)
@@ -250,16 +259,25 @@ def distill_loss(
             transform = LogitTransform.of(model.config)  # soft-capping, a logit scale: what the head omits
             loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask, lm_head_bias=head.bias,
                                       num_tokens=num_tokens, transform=transform)  # fmt: skip
+            if on_prompt:
+                loss = loss + cfg.prompt_weight * chunked_divergence(
+                    prompt_fn, hidden, head.weight, targets, prompt_mask, lm_head_bias=head.bias,
+                    num_tokens=num_prompt_tokens, transform=transform,
+                )  # fmt: skip
         else:
             out = student(**batch.model_inputs(), output_hidden_states=teacher_hidden is not None)
             loss = loss_fn(out.logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
+            if on_prompt:
+                loss = loss + cfg.prompt_weight * prompt_fn(
+                    out.logits[:, :-1], targets, prompt_mask, num_tokens=num_prompt_tokens
+                )
         hidden = 0.0
         if teacher_hidden is not None:
             mine = [h[:, :-1] for h in out.hidden_states[1:]]  # every student layer's output
             h_loss = hidden_alignment(mine, teacher_hidden, mask, kind=cfg.hidden_loss, num_tokens=num_tokens)
             hidden = float(h_loss.detach())
             loss = loss + cfg.hidden_weight * h_loss
-    return StepLoss(loss, parts["kd"], parts["ce"], hidden)
+    return StepLoss(loss, parts["kd"], parts["ce"], hidden, prompt_parts["kd"] if on_prompt else 0.0)
 
 
 @torch.no_grad()
@@ -392,27 +410,52 @@ PLAN_MEASURE = (
 @dataclass
 class TimePlan:
     """The step count ``train.time_budget`` allows, measured once and kept (a resumed run reuses it,
-    so its LR schedule is the one the run started with)."""
+    so its LR schedule is the one the run started with).
+
+    On-policy steps cost more as λ rises (the student samples its rows' answers): the plan counts
+    each step's base time plus λ(step) times the sampling cost of a step's rows, measured in the
+    timed steps or, while λ is still 0 there, by a probe."""
 
     max_steps: int
-    step_seconds: float
+    step_seconds: float  # base: a step without sampling
     budget_seconds: float
     spent_seconds: float  # wall time before the plan: warm-up and the measured steps
     capped: bool  # max_steps was the smaller bound
+    sample_seconds_per_row: float = 0.0
+    rows_per_step: int = 0
+    planned_seconds: float | None = None
 
     @classmethod
-    def fit(cls, cfg: TrainConfig, done: int, measured: list[float], spent: float) -> TimePlan:
-        step_s = sum(measured) / len(measured)
-        fits = done + int(max(0.0, cfg.time_budget_s - spent) // step_s)
-        return cls(
-            max(done, min(fits, cfg.max_steps)), step_s, cfg.time_budget_s, spent, fits >= cfg.max_steps
-        )
+    def fit(
+        cls, cfg: TrainConfig, done: int, measured: list[float], spent: float,
+        sampled_in_steps: float = 0.0, per_row: float = 0.0, rows_per_step: int = 0,
+    ) -> TimePlan:  # fmt: skip
+        """``measured``: seconds of each timed step, of which ``sampled_in_steps`` in all went to
+        on-policy sampling; ``per_row``: sampling seconds per row; ``rows_per_step``: rows a step."""
+        base = max(1e-6, (sum(measured) - sampled_in_steps) / len(measured))
+        left = max(0.0, cfg.time_budget_s - spent)
+
+        def cost(n: int) -> float:  # seconds of steps done..n-1 when the run has n steps
+            c = cfg.model_copy(update={"max_steps": n})
+            return sum(base + rows_per_step * per_row * onpolicy.fraction_at(s, c) for s in range(done, n))
+
+        lo, hi = done, max(done, cfg.max_steps)  # the most steps whose cost fits: cost grows with n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+        fits_cap = cost(cfg.max_steps) <= left
+        return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_row, rows_per_step, spent + cost(lo))
 
     def describe(self, budget: str) -> str:
-        eta = self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
+        eta = (
+            self.planned_seconds
+            or self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
+        )
         bound = " (train.max_steps, the upper bound)" if self.capped else ""
-        return (f"time budget {budget}: {self.step_seconds:.2f} s/step after warm-up -> {self.max_steps} "
-                f"steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
+        sampling = (f" + {self.sample_seconds_per_row:.2f} s per row the student samples"
+                    if self.sample_seconds_per_row else "")  # fmt: skip
+        return (f"time budget {budget}: {self.step_seconds:.2f} s/step after warm-up{sampling} -> "
+                f"{self.max_steps} steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -422,6 +465,15 @@ class TimePlan:
     @classmethod
     def load(cls, path: Path) -> TimePlan | None:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> float:
+    """Seconds per row for the student to sample answers, timed on one micro-batch's prompts (for
+    the time plan while λ is still 0; the samples are thrown away, the RNG left as it was)."""
+    rows = [ids[: m.index(True)] if True in m else ids for ids, m in examples[: cfg.batch_size]]
+    t0 = time.perf_counter()
+    onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step)
+    return (time.perf_counter() - t0) / len(rows)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -514,6 +566,8 @@ def train(
     history: list[dict] = []
     t_start, tokens = time.perf_counter(), 0
     step_times: list[float] = []
+    sampling: list[float] = []  # seconds each step spent in on-policy sampling
+    sampled_rows: list[int] = []
     with progress_bar("step", disable=not main) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
@@ -525,24 +579,32 @@ def train(
                 (b.to(acc.device), False) for b in micro_batches(examples, step, cfg, pad_id, rank, world)
             ]
             if cfg.onpolicy_fraction > 0:  # some answers resampled by the student itself (GKD)
+                t_sample = time.perf_counter()
                 batches = [
                     part
                     for m, (b, _) in enumerate(batches)
                     for part in onpolicy.mix(b, model, cfg, pad_id, step=step, micro=m, rank=rank)
                 ]
-            n_local = sum(b.num_target_tokens for b, _ in batches)
-            n_tok = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if world > 1 else n_local
-            parts = torch.zeros(4, dtype=torch.float64)  # loss, kd, ce, hidden of this process
+                sampling.append(time.perf_counter() - t_sample)
+            n_prompt = sum(int(b.prompt_targets().sum()) for b, _ in batches) if cfg.prompt_weight else 0
+            counts = torch.tensor([sum(b.num_target_tokens for b, _ in batches), n_prompt])
+            if world > 1:
+                counts = acc.reduce(counts.to(acc.device), "sum").cpu()
+            n_tok, n_prompt = (int(c) for c in counts)
+            parts = torch.zeros(5, dtype=torch.float64)  # loss, kd, ce, hidden, prompt kd of this process
             on_rows = 0
             for i, (batch, on) in enumerate(batches):
                 # Gradients are all-reduced once, on the step's last micro-batch.
                 sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
                 on_rows += len(batch.samples()) if on else 0
                 with sync:
-                    part = distill_loss(model, teacher, batch, on_cfg if on else cfg, n_tok, vocab_size)
+                    part = distill_loss(
+                        model, teacher, batch, on_cfg if on else cfg, n_tok, vocab_size, n_prompt
+                    )
                     acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
                 parts += torch.tensor(
-                    [float(part.loss.detach()), part.kd, part.ce, part.hidden], dtype=torch.float64
+                    [float(part.loss.detach()), part.kd, part.ce, part.hidden, part.prompt],
+                    dtype=torch.float64,
                 )
             if world > 1:
                 parts = acc.reduce(parts.to(acc.device), "sum").cpu()
@@ -565,9 +627,9 @@ def train(
             dt = time.perf_counter() - t0
             step_tokens = sum(int(b.attention_mask.sum()) for b, _ in batches) * world
             tokens += step_tokens
-            total, kd, ce, hidden = parts.tolist()
-            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "lr": lr,
-                   "grad_norm": grad_norm, "target_tokens": n_tok, "onpolicy_rows": on_rows,
+            total, kd, ce, hidden, prompt_kd = parts.tolist()
+            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "prompt_kd": prompt_kd,
+                   "lr": lr, "grad_norm": grad_norm, "target_tokens": n_tok, "onpolicy_rows": on_rows,
                    "tokens_per_s": step_tokens / dt}  # fmt: skip
             history.append(rec)
             if main:
@@ -577,8 +639,18 @@ def train(
                 acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
             step_times.append(dt)
+            sampled_rows.append(on_rows)
             if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
-                plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start)
+                in_steps, per_row, rows = 0.0, 0.0, 0
+                if cfg.onpolicy_fraction > 0:
+                    rows = cfg.batch_size * cfg.grad_accum
+                    in_steps = sum(sampling[PLAN_WARMUP:])
+                    n_rows = sum(sampled_rows[PLAN_WARMUP:])
+                    per_row = (
+                        in_steps / n_rows if n_rows else _sampling_probe(model, examples, step, cfg, pad_id)
+                    )
+                plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start,
+                                    in_steps, per_row, rows)  # fmt: skip
                 if world > 1:  # every process must stop at the same step: rank 0's plan holds
                     agreed = torch.tensor([plan.max_steps], device=acc.device)
                     torch.distributed.broadcast(agreed, src=0)

@@ -1,0 +1,166 @@
+"""Build a shrunk student from the teacher: which layers, heads and MLP channels it keeps.
+
+Depth: evenly spaced layers, or the most important by block importance. Width: the most
+important attention heads and MLP channels by activation (NVIDIA's Minitron). With a parameter
+target, a grid of shapes is searched: each is built, scored untrained against the teacher on
+calibration answers, and timed; the lowest untrained KL wins. Every candidate is printed and
+written to ``student_candidates.json``, so the choice is visible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.config import StudentConfig, parse_count
+from distill.evaluate import _timed_generation, forced_metrics
+from distill.importance import (
+    Candidate,
+    WidthImportance,
+    block_importance,
+    most_important_layers,
+    top_channels,
+    top_heads,
+    width_importance,
+)
+from distill.models import count_params, evenly_spaced_layers, prune_width, shrink_layers
+from distill.progress import console
+
+Example = tuple[list[int], list[bool]]
+MLP_FRACTIONS = (1.0, 0.75, 0.5)  # the shape search's MLP widths, of the teacher's
+SPEED_TOKENS = 16
+
+
+def build_student(
+    teacher: PreTrainedModel,
+    layers: list[int],
+    num_heads: int | None = None,
+    intermediate_size: int | None = None,
+    width: WidthImportance | None = None,
+) -> PreTrainedModel:
+    """The teacher's ``layers``, each cut to its ``num_heads`` most important heads and
+    ``intermediate_size`` most important MLP channels (None: all; ``width`` needed otherwise)."""
+    student = shrink_layers(teacher, layers)
+    cfg = teacher.config
+    if num_heads == cfg.num_attention_heads:
+        num_heads = None
+    if intermediate_size == cfg.intermediate_size:
+        intermediate_size = None
+    if num_heads is None and intermediate_size is None:
+        return student
+    if width is None:
+        raise ValueError("width pruning needs the teacher's width importance")
+    heads = (
+        [top_heads(width.heads[i], cfg.num_key_value_heads, num_heads) for i in layers] if num_heads else None
+    )
+    channels = (
+        [top_channels(width.channels[i], intermediate_size) for i in layers] if intermediate_size else None
+    )
+    return prune_width(student, heads, channels)
+
+
+def _per_layer_params(
+    teacher: PreTrainedModel, num_heads: int | None, inter: int | None, width
+) -> tuple[int, int]:
+    """(parameters outside the decoder layers, parameters per layer) of a student of this width."""
+    one, two = (count_params(build_student(teacher, list(range(k)), num_heads, inter, width)) for k in (1, 2))
+    return one - (two - one), two - one
+
+
+def search_shapes(
+    teacher: PreTrainedModel, target: int, width: WidthImportance
+) -> list[tuple[int, int, int]]:
+    """(layers, heads, MLP channels) for each width of the grid: the deepest that fits ``target``
+    parameters. Heads: every multiple of the key/value heads from all down to two thirds; MLP: the
+    fractions ``MLP_FRACTIONS``, rounded to a multiple of 64 (of 8 below 512)."""
+    cfg = teacher.config
+    n_heads, n_kv, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    head_options = [h for h in range(n_heads, 0, -n_kv) if h >= math.ceil(2 * n_heads / 3) and h % n_kv == 0]
+    step = 64 if cfg.intermediate_size >= 512 else 8  # matmul-friendly widths
+    shapes = []
+    for h in head_options or [n_heads]:
+        for frac in MLP_FRACTIONS:
+            inter = max(step, round(cfg.intermediate_size * frac / step) * step)
+            base, per_layer = _per_layer_params(teacher, h, inter, width)
+            depth = int(min(n_layers, (target - base) // per_layer))
+            if depth >= 1 and (depth, h, inter) not in shapes:
+                shapes.append((depth, h, inter))
+    return shapes
+
+
+def _speed(model: PreTrainedModel, tok, rows: list[list[int]], dtype: torch.dtype) -> float:
+    fast = model.to(dtype)
+    _timed_generation(fast, tok, rows, 4)  # warm-up
+    return max(_timed_generation(fast, tok, rows, SPEED_TOKENS) for _ in range(2))
+
+
+def choose_student(
+    s: StudentConfig,
+    teacher: PreTrainedModel,
+    tok,
+    calib: list[Example] | None,
+    speed_dtype: torch.dtype,
+    run: Path,
+) -> tuple[PreTrainedModel, Candidate, dict]:
+    """The shrunk student ``s`` asks for, the candidate it came from, and the record of every
+    candidate (``calib`` None: no teacher answers yet, so nothing can be scored: even layers only)."""
+    n = teacher.config.num_hidden_layers
+    if calib is None:
+        layers = s.layers or evenly_spaced_layers(n, s.num_layers)
+        return build_student(teacher, layers), Candidate("given" if s.layers else "even", layers), {}
+    pad = tok.pad_token_id
+    importance = block_importance(teacher, calib, pad)
+    needs_width = s.num_heads is not None or s.intermediate_size is not None or s.target_params is not None
+    width = width_importance(teacher, calib, pad) if needs_width else None
+    if s.target_params is not None:
+        shapes = search_shapes(teacher, parse_count(s.target_params), width)
+        selections = [s.layer_selection]
+    else:
+        shapes = [(len(s.layers) if s.layers else s.num_layers, s.num_heads, s.intermediate_size)]
+        selections = ["given"] if s.layers else ["even", "importance"]
+    candidates = []
+    for depth, heads, inter in shapes:
+        for sel in selections:
+            if sel == "given":
+                layers = s.layers
+            elif sel == "even":
+                layers = evenly_spaced_layers(n, depth)
+            else:
+                layers = most_important_layers(importance, depth)
+            name = sel if s.target_params is None else f"{sel}-{depth}L-{heads}h-{inter}ffn"
+            candidates.append(Candidate(name, layers, heads, inter))
+    ids, answer_mask = calib[0]
+    prompt_rows = [ids[: answer_mask.index(True)] if True in answer_mask[1:] else ids]  # its prompt part
+    teacher_speed = _speed(_copy(teacher), tok, prompt_rows, speed_dtype)
+    for c in candidates:
+        student = build_student(teacher, c.layers, c.num_heads, c.intermediate_size, width)
+        m = forced_metrics(student, teacher, calib, pad, 8, len(tok))
+        c.untrained_kl, c.untrained_top1 = m["kl"], m["top1_agreement"]
+        c.params = count_params(student)
+        c.speedup = _speed(student, tok, prompt_rows, speed_dtype) / teacher_speed
+        console.print(f"  candidate {c.name:<10} {len(c.layers)} layers, {c.params / 1e6:.1f}M params: "
+                      f"untrained KL {c.untrained_kl:.2f}, top-1 {c.untrained_top1:.3f} on {len(calib)} "
+                      f"calibration answers; {c.speedup:.2f}x the teacher's speed")  # fmt: skip
+    if s.target_params is not None:
+        chosen = min(candidates, key=lambda c: c.untrained_kl)
+    else:
+        chosen = next(c for c in candidates if c.name == ("given" if s.layers else s.layer_selection))
+    report = {
+        "chosen": chosen.name,
+        "importance": importance,
+        "target_params": s.target_params,
+        "speed_dtype": str(speed_dtype).removeprefix("torch."),
+        "candidates": [asdict(c) for c in candidates],
+    }
+    student = build_student(teacher, chosen.layers, chosen.num_heads, chosen.intermediate_size, width)
+    return student, chosen, report
+
+
+def _copy(model: PreTrainedModel) -> PreTrainedModel:
+    import copy
+
+    return copy.deepcopy(model)
