@@ -372,8 +372,10 @@ def test_prompt_targets_are_the_prompt_positions_of_each_sample():
     plain = Batch(ids, torch.tensor([[1] * 9 + [0]]), answer)
     # position t predicts t + 1: prompt tokens 1, 4, 5, 6 are targets (9 is padding)
     assert plain.prompt_targets()[0].nonzero().squeeze(-1).tolist() == [0, 3, 4, 5]
-    packed = Batch(ids, torch.ones(1, 10, dtype=torch.long), answer,
-                   position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), segments=[[(0, 4), (4, 6)]])  # fmt: skip
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    packed = Batch(
+        ids, torch.ones(1, 10, dtype=torch.long), answer, position_ids=pos, segments=[[(0, 4), (4, 6)]]
+    )
     # the same, but position 3 (the first sample's last token) does not predict the next sample
     assert packed.prompt_targets()[0].nonzero().squeeze(-1).tolist() == [0, 4, 5, 8]
 
@@ -385,8 +387,8 @@ def test_prompt_weight_adds_a_kd_term_on_prompt_positions(setup, chunked):
     n, n_prompt = batch.num_target_tokens, int(batch.prompt_targets().sum())
     assert 0 < n_prompt
     student = _student(teacher)
-    out = tr.distill_loss(student, LiveTeacher(teacher), batch, _cfg(alpha=0.5, prompt_weight=0.3, chunked_loss=chunked),
-                          n, None, n_prompt)  # fmt: skip
+    cfg = _cfg(alpha=0.5, prompt_weight=0.3, chunked_loss=chunked)
+    out = tr.distill_loss(student, LiveTeacher(teacher), batch, cfg, n, None, n_prompt)
     # reference in float64 from plain logits: answer part as before, plus 0.3 * mean KL on prompt rows
     with torch.no_grad():
         s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].double()
@@ -401,8 +403,8 @@ def test_prompt_weight_adds_a_kd_term_on_prompt_positions(setup, chunked):
 
 def test_prompt_weight_trains_and_logs_its_part(setup, tmp_path):
     teacher, tok, examples = setup
-    tr.train(_student(teacher), LiveTeacher(teacher), examples, _cfg(prompt_weight=0.5, max_steps=3), tmp_path,
-             pad_id=tok.pad_token_id)  # fmt: skip
+    cfg = _cfg(prompt_weight=0.5, max_steps=3)
+    tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["prompt_kd"] > 0 for r in rows)
     with pytest.raises(ValueError, match="train.prompt_weight needs a live local teacher"):

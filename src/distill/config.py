@@ -391,6 +391,27 @@ class CacheConfig(_Strict):
     )  # fmt: skip
 
 
+class HealConfig(_Strict):
+    """An optional first training stage on general text, before the task data: distillation (or,
+    without a live teacher, plain language modelling) on every token, to heal a pruned student."""
+
+    data: str | None = Field(
+        None, description="None: no healing stage; 'default': the bundled general text (English "
+        "conversations from chatterbot-corpus, BSD-3-Clause); or a .txt (documents separated by blank "
+        "lines) / .jsonl (a \"text\" field per line) file",
+    )  # fmt: skip
+    max_steps: int = Field(40, ge=1, description="the upper bound on healing steps")
+    time_budget: str | None = Field(None, description="wall time for healing, e.g. 2m (as train.time_budget)")
+    lr: float | None = Field(None, gt=0, description="None: train.lr")
+
+    @field_validator("time_budget")
+    @classmethod
+    def _a_duration(cls, v: str | None) -> str | None:
+        if v is not None and duration_seconds(v) <= 0:
+            raise ValueError("must be a positive duration, e.g. 2m")
+        return v
+
+
 class EvaluateConfig(_Strict):
     """Held-out evaluation and speed measurement."""
 
@@ -422,6 +443,7 @@ class RunConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
+    heal: HealConfig = HealConfig()
     cache: CacheConfig = CacheConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -352,3 +353,76 @@ def pack(examples: list[tuple[list[int], list[bool]]], pad_id: int, max_len: int
         pos[r, start:] = torch.arange(width - start)  # the padding is a sequence of its own
         segments.append(seg)
     return Batch(input_ids, attn, amask, pos, segments)
+
+
+# --- general text, for the healing stage ----------------------------------------------------------
+
+
+def read_general_text(path: str | Path) -> list[str]:
+    """The documents of a healing text: ``default`` (the bundled ``prompts/general.txt``), a
+    ``.jsonl`` file with a ``"text"`` string per line, or plain text whose documents are separated
+    by blank lines.
+
+    Raises:
+        DataError: the file is missing, not UTF-8, a JSONL line is not an object with a ``text``
+            string, or there is no text at all; the message names the file and line.
+    """
+    if str(path) == "default":
+        name, text = (
+            "embedded prompts/general.txt",
+            resources.files("distill").joinpath("prompts/general.txt").read_text(),
+        )
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{p}: no such file (heal.data: a .txt or .jsonl of text, or 'default')")
+        name, text = str(p), _read_text(p)
+    if str(path).endswith(".jsonl"):
+        docs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{name}:{i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f'{name}:{i}: each line must be an object with a "text" string')
+            docs.append(rec["text"])
+    else:
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"{name}: no text in it; the healing stage needs some")
+    return docs
+
+
+def general_text_examples(
+    tok, docs: list[str], max_len: int, exclude: list[str] = ()
+) -> tuple[list[tuple[list[int], list[bool]]], dict]:
+    """Training examples from plain text: the documents, each ended by EOS, run together and cut
+    into rows of ``max_len`` tokens, every token a target (``answer_mask`` all True).
+
+    ``exclude``: texts (the held-out prompts) whose documents are dropped, so no held-out prompt
+    is trained on; the report counts them.
+    """
+    needles = [" ".join(x.lower().split()) for x in exclude if x.strip()]
+    kept, dropped = [], 0
+    for d in docs:
+        flat = " ".join(d.lower().split())
+        if any(n in flat for n in needles):
+            dropped += 1
+            continue
+        kept.append(d)
+    stream: list[int] = []
+    for d in kept:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = [stream[i : i + max_len] for i in range(0, len(stream), max_len)]
+    rows = [r for r in rows if len(r) >= 2]
+    examples = [(r, [False] + [True] * (len(r) - 1)) for r in rows]
+    return examples, {
+        "documents": len(kept),
+        "dropped_heldout": dropped,
+        "tokens": len(stream),
+        "rows": len(rows),
+    }

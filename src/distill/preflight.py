@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, parse_count
-from distill.data import read_prompts
+from distill.data import read_general_text, read_prompts
 from distill.hardware import resolve_device
 from distill.models import ModelError, gguf_metadata, resolve_gguf
 
@@ -147,6 +147,8 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
         raise ConfigError(
             f"data.heldout_size={cfg.data.heldout_size} leaves no training prompts ({n} in all)"
         )
+    if cfg.heal.data:
+        read_general_text(cfg.heal.data)  # there, UTF-8, and with text in it
     try:
         resolve_device(cfg.teacher.device)
     except ValueError as exc:
