@@ -41,7 +41,20 @@ RECIPES: dict[str, list[str]] = {
     # on-policy once the student writes sense: importance init, lambda rising from 0 to 0.5
     "importance_onpolicy_linear": ["student.layer_selection=importance", "train.onpolicy_fraction=0.5",
                                    "train.onpolicy_schedule=linear"],
+    "importance_hidden_prompt": ["student.layer_selection=importance", "train.hidden_weight=1.0",
+                                 "train.prompt_weight=0.5"],
+    # width pruning: the shape `student.target_params=64M` picks (lowest untrained KL of six at the
+    # default student's size): 16 layers, all heads, MLP halved
+    "width": ["student.layer_selection=importance", "student.num_layers=16", "student.intermediate_size=768"],
+    "width_hidden_prompt": ["student.layer_selection=importance", "student.num_layers=16",
+                            "student.intermediate_size=768", "train.hidden_weight=1.0",
+                            "train.prompt_weight=0.5"],
+    # a third of the budget on general text first (heal.time_budget counts in the equal wall-clock)
+    "importance_hidden_heal": ["student.layer_selection=importance", "train.hidden_weight=1.0",
+                               "heal.data=default", "heal.time_budget=1m", "heal.max_steps=1000"],
 }  # fmt: skip
+# training wall-clock a recipe gives to healing instead of the task (the rest goes to the task)
+HEAL_SHARE = {"importance_hidden_heal": "1m"}
 # each on-policy recipe against the off-policy recipe with the same student init
 OFF_POLICY_TWIN = {
     "onpolicy_0.5": "default",
@@ -49,20 +62,26 @@ OFF_POLICY_TWIN = {
     "importance_onpolicy_linear": "importance",
 }
 METRICS = ("kl", "top1_agreement", "rouge_l", "teacher_logprob", "reference_accuracy")
+EXTRA = ("steps", "speedup_batch1", "speedup_batched")  # aggregated where the run has them
 
 
 def child(recipe: str, seed: int, budget: str) -> dict:
     import torch
 
     from distill import pipeline
-    from distill.config import load_config
+    from distill.config import duration_seconds, load_config
     from distill.data import prompt_token_ids
-    from distill.evaluate import evaluate_model
+    from distill.evaluate import compare_speed, evaluate_model
     from distill.generate import read_answers
+    from distill.hardware import DTYPES
     from distill.models import load_model, load_tokenizer
 
-    overrides = [f"name=bench-quality-{recipe}-s{seed}", f"train.time_budget={budget}", f"train.seed={seed}",
-                 "train.max_steps=100000", "train.checkpoint_every=100000"] + RECIPES[recipe]  # fmt: skip
+    task_budget = duration_seconds(budget) - (
+        duration_seconds(HEAL_SHARE[recipe]) if recipe in HEAL_SHARE else 0
+    )
+    overrides = [f"name=bench-quality-{recipe}-s{seed}", f"train.time_budget={task_budget:.0f}s",
+                 f"train.seed={seed}", "train.max_steps=100000", "train.checkpoint_every=100000",
+                 *RECIPES[recipe]]  # fmt: skip
     cfg, _ = pipeline.prepare(load_config(None, overrides))
     pipeline.shrink(cfg)
     t0 = time.perf_counter()
@@ -70,6 +89,7 @@ def child(recipe: str, seed: int, budget: str) -> dict:
     train_s = time.perf_counter() - t0
     run = cfg.run_dir
     summary = json.loads((run / "train_summary.json").read_text())
+    heal_steps = summary.get("heal", {}).get("steps", 0)
     tok = load_tokenizer(cfg.teacher.model)
     _, held = pipeline.load_split(cfg)
     ids = {p.id: prompt_token_ids(tok, p, max_tokens=cfg.data.max_prompt_tokens) for p in held}
@@ -81,7 +101,15 @@ def child(recipe: str, seed: int, budget: str) -> dict:
     res, _ = evaluate_model("student", student, teacher, tok, held, ids, answers, cfg.evaluate,
                             weights_dir=run / "student", max_seq_len=cfg.train.max_seq_len)  # fmt: skip
     out = {m: res.get(m) for m in METRICS}
-    out.update(steps=summary["steps"], train_seconds=train_s, layers=json.loads(
+    # generation speed-up over the teacher, in the precision the run chose, side by side
+    speed_cfg = cfg.evaluate.model_copy(update={"speed_new_tokens": 32, "speed_repeats": 2})
+    speed_rows = list(ids.values())[:8]
+    speeds = compare_speed({"teacher": teacher, "student": student}, tok, speed_rows, speed_cfg,
+                           DTYPES[cfg.evaluate.speed_dtype])  # fmt: skip
+    for key in ("tokens_per_s_batch1", "tokens_per_s_batched"):
+        out[f"speedup_{key.removeprefix('tokens_per_s_')}"] = speeds["student"][key] / speeds["teacher"][key]
+    out["params"] = sum(p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    out.update(steps=summary["steps"], heal_steps=heal_steps, train_seconds=train_s, layers=json.loads(
         (run / "student_init" / "layer_map.json").read_text())["teacher_layers"])  # fmt: skip
     return out
 
@@ -121,11 +149,11 @@ def main() -> None:
             print(recipe, seed, raw[recipe][-1], flush=True)
 
     def agg(recipe: str, m: str) -> dict:
-        vals = [r[m] for r in raw[recipe] if r[m] is not None]
+        vals = [r[m] for r in raw[recipe] if r.get(m) is not None]
         return {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else {}
 
     recipes = [r for r in RECIPES if raw.get(r)]
-    table = {r: {m: agg(r, m) for m in (*METRICS, "steps")} | {"runs": len(raw[r])} for r in recipes}
+    table = {r: {m: agg(r, m) for m in (*METRICS, *EXTRA)} | {"runs": len(raw[r])} for r in recipes}
     kl = {r: table[r]["kl"]["mean"] for r in recipes}
     best = min(kl, key=kl.get)
     gains = {

@@ -111,3 +111,65 @@ def test_training_with_hidden_alignment_pairs_the_kept_layers(tmp_path, tiny_tea
     assert "hidden states of layers [0, 3]" in summary["teacher_signal"]
     with pytest.raises(ValueError, match="needs a live local teacher"):
         load_config(tmp_path / "r.yaml", ["cache.use=true"])
+
+
+def test_hidden_alignment_through_a_projection_matches_a_reference():
+    from distill.losses import hidden_alignment
+
+    g = torch.Generator().manual_seed(8)
+    s = [torch.randn(2, 5, 6, generator=g, requires_grad=True) for _ in range(2)]  # student width 6
+    t = [torch.randn(2, 5, 8, generator=g) for _ in range(2)]  # teacher width 8
+    proj = torch.nn.Linear(6, 8, bias=False)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    got = hidden_alignment(s, t, mask, kind="cosine", num_tokens=7, projection=proj)
+    got.backward()
+    ref = (
+        sum(
+            (1 - torch.cosine_similarity(a @ proj.weight.T, b, dim=-1))[mask].sum()
+            for a, b in zip(s, t, strict=True)
+        )
+        / 7
+        / 2
+    )
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        hidden_alignment(s, t, mask)  # widths differ and no projection
+
+
+def test_a_narrower_given_student_aligns_through_a_learned_projection(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    narrow = LlamaForCausalLM(config)
+    narrow.save_pretrained(tmp_path / "narrow")
+    tok.save_pretrained(tmp_path / "narrow")
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         student={"init": "model", "model": str(tmp_path / "narrow")},
+                         train={"hidden_weight": 0.5, "max_steps": 4, "checkpoint_every": 2})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    pipeline.train_student(cfg)
+    run = cfg.run_dir
+    summary = json.loads((run / "train_summary.json").read_text())
+    # 2 student layers of a 4-layer teacher: layers 1 and 3, through a 16 -> 32 projection
+    assert "hidden states of layers [1, 3] through a learned 16 -> 32 projection" in summary["teacher_signal"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["hidden"] > 0 for r in rows)
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    keys = set()
+    for f in ckpts[-1].rglob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            keys |= set(sf.keys())
+    assert any("distill_hidden_projection" in k for k in keys)  # trained and checkpointed with the student
+    with safe_open(run / "student" / "model.safetensors", "pt") as sf:
+        assert not any("distill_hidden_projection" in k for k in sf.keys())  # not in the exported model
+    AutoModelForCausalLM.from_pretrained(run / "student")  # a stock model

@@ -268,7 +268,8 @@ class TrainConfig(_Strict):
     )
     hidden_weight: float = Field(
         0.0, ge=0, description="weight of a hidden-state alignment term: each student layer's output "
-        "against its teacher layer's (the shrunk layers; needs a live teacher and equal widths)",
+        "against its teacher layer's (the layers a shrunk student kept, else spread evenly), through a "
+        "learned projection when the widths differ; needs a live teacher",
     )  # fmt: skip
     prompt_weight: float = Field(
         0.0, ge=0, description="weight of a KD term on the prompt's tokens too (the teacher's signal "
@@ -486,9 +487,6 @@ class RunConfig(_Strict):
                         f"train.{key} needs a live local teacher {reason}; a cache or an API teacher "
                         f"has none here: set cache.use=false, or train.{key}=0"
                     )
-        if self.train.hidden_weight > 0 and self.student.init != "shrink":
-            raise ValueError("train.hidden_weight pairs student layers with the teacher layers they were "
-                             "shrunk from: it needs student.init=shrink")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -429,10 +429,13 @@ def hidden_alignment(
     *,
     kind: Literal["cosine", "mse"] = "cosine",
     num_tokens: int | float | Tensor | None = None,
+    projection: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Hidden-state alignment (DistilBERT, TinyBERT): student layer j against its mapped teacher layer.
 
-    ``student_hidden[j]`` and ``teacher_hidden[j]`` are ``(B, T, H)`` (same H); ``mask`` ``(B, T)``.
+    ``student_hidden[j]`` is ``(B, T, H_s)``, ``teacher_hidden[j]`` ``(B, T, H_t)``; ``mask`` ``(B, T)``.
+    With widths that differ, ``projection`` (a learned ``H_s -> H_t`` map, one for all layers as in
+    TinyBERT) takes each student state to the teacher's width first.
     Per counted position, ``cosine``: 1 - cos(s, t); ``mse``: mean over H of (s - t)^2; averaged
     over the layer pairs, summed over positions and divided by ``num_tokens`` (the usual reduction).
     """
@@ -443,6 +446,7 @@ def hidden_alignment(
     total = student_hidden[0].new_zeros((), dtype=torch.float32)
     count = None
     for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        s = s if projection is None else projection(s)  # (B, T, H_t)
         if s.shape != t.shape:
             raise ValueError(f"student hidden {tuple(s.shape)} and teacher {tuple(t.shape)} differ")
         sf, tf = s.float(), t.float()

@@ -53,7 +53,7 @@ from distill.progress import console
 from distill.report import write_report
 from distill.student import choose_student
 from distill.teacher import LiveTeacher
-from distill.train import train
+from distill.train import attach_hidden_projection, detach_hidden_projection, train
 
 
 class StageError(RuntimeError):
@@ -439,8 +439,11 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         # the teacher goes where teacher.device says; auto: beside the student (moved below, once
         # accelerate has said which device this process trains on)
         place = torch.device("cpu") if cfg.teacher.device == "auto" else None
-        align = _layer_map(init, student) if cfg.train.hidden_weight > 0 else None
-        teacher = LiveTeacher(_load_teacher(cfg, tdtype, device=place), align_layers=align)
+        t_model = _load_teacher(cfg, tdtype, device=place)
+        align = (
+            _layer_map(init, student, t_model.config.num_hidden_layers) if cfg.train.hidden_weight else None
+        )
+        teacher = LiveTeacher(t_model, align_layers=align)
         source = "live teacher logits" + (f", hidden states of layers {align}" if align else "")
     else:
         source = "the teacher's text only (alpha = 0)"
@@ -462,6 +465,10 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         student.config.use_cache = False
     if cfg.train.lora:
         student = add_lora(student, cfg.train.lora)
+    if isinstance(teacher, LiveTeacher) and teacher.align_layers:
+        t_width = teacher.model.config.hidden_size
+        if attach_hidden_projection(student, t_width, seed=cfg.train.seed):
+            source += f" through a learned {student.config.hidden_size} -> {t_width} projection"
     healed = None
     if cfg.heal.data:
         live = teacher if isinstance(teacher, LiveTeacher) else None
@@ -473,6 +480,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         summary["heal"] = healed
     out = run / "student"
     if acc.is_main_process:
+        detach_hidden_projection(student)  # training's own part, not the model's
         if cfg.train.lora:
             student = student.merge_and_unload()  # a plain model: the export needs no peft
         student.config.use_cache = True
@@ -532,16 +540,20 @@ def _heal(cfg: RunConfig, run: Path, student, teacher: LiveTeacher | None, tok, 
     return summary
 
 
-def _layer_map(init: Path, student) -> list[int]:
+def _layer_map(init: Path, student, teacher_layers: int) -> list[int]:
     """The teacher layer each student layer is aligned with: the layers a shrunk student kept
-    (``student_init/layer_map.json``)."""
+    (``student_init/layer_map.json``), or for a given student model, spread evenly as in TinyBERT
+    (student layer j of S with teacher layer (j + 1) * T / S - 1 of T: the last with the last)."""
     path = init / "layer_map.json"
+    n = student.config.num_hidden_layers
     if not path.is_file():
-        raise StageError(f"train.hidden_weight pairs student layers with the teacher layers they were "
-                         f"shrunk from, and {path} is missing: use student.init=shrink")  # fmt: skip
+        if n > teacher_layers:
+            raise StageError(f"train.hidden_weight: the student has {n} layers, the teacher "
+                             f"{teacher_layers}: a deeper student has no layer map")  # fmt: skip
+        return [round((j + 1) * teacher_layers / n) - 1 for j in range(n)]
     layers = json.loads(path.read_text())["teacher_layers"]
-    if len(layers) != student.config.num_hidden_layers:
-        raise StageError(f"{path}: {len(layers)} layers for a student of {student.config.num_hidden_layers}")
+    if len(layers) != n:
+        raise StageError(f"{path}: {len(layers)} layers for a student of {n}")
     return layers
 
 

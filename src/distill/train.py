@@ -211,6 +211,33 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
     return loss
 
 
+HIDDEN_PROJECTION = "distill_hidden_projection"  # the student's attribute while it trains
+
+
+def attach_hidden_projection(student: torch.nn.Module, teacher_width: int, seed: int = 0) -> bool:
+    """Give ``student`` a learned ``Linear(H_s -> H_t)`` for hidden-state alignment when its width
+    differs from the teacher's (True when attached). As a submodule it trains, is checkpointed and
+    resumed with the student; ``detach_hidden_projection`` takes it off before the student is saved,
+    so the exported model is a stock one."""
+    width = student.config.hidden_size
+    if width == teacher_width:
+        return False
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.nn.Linear(width, teacher_width, bias=False)
+    with torch.no_grad():  # a random orthogonal map: keeps the states' norms at the start
+        q, _ = torch.linalg.qr(
+            torch.randn(max(width, teacher_width), min(width, teacher_width), generator=gen)
+        )
+        proj.weight.copy_(q if teacher_width >= width else q.T)
+    setattr(student, HIDDEN_PROJECTION, proj)
+    return True
+
+
+def detach_hidden_projection(student: torch.nn.Module) -> None:
+    if hasattr(student, HIDDEN_PROJECTION):
+        delattr(student, HIDDEN_PROJECTION)
+
+
 def distill_loss(
     student: torch.nn.Module,
     teacher: TeacherSignal,
@@ -274,7 +301,9 @@ def distill_loss(
         hidden = 0.0
         if teacher_hidden is not None:
             mine = [h[:, :-1] for h in out.hidden_states[1:]]  # every student layer's output
-            h_loss = hidden_alignment(mine, teacher_hidden, mask, kind=cfg.hidden_loss, num_tokens=num_tokens)
+            proj = getattr(getattr(student, "module", student), HIDDEN_PROJECTION, None)
+            h_loss = hidden_alignment(mine, teacher_hidden, mask, kind=cfg.hidden_loss, num_tokens=num_tokens,
+                                      projection=proj)  # fmt: skip
             hidden = float(h_loss.detach())
             loss = loss + cfg.hidden_weight * h_loss
     return StepLoss(loss, parts["kd"], parts["ce"], hidden, prompt_parts["kd"] if on_prompt else 0.0)
