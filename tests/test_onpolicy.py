@@ -104,3 +104,46 @@ def test_linear_schedule_rises_to_lambda():
     cfg = _cfg(onpolicy_fraction=0.8, onpolicy_schedule="linear", max_steps=5)
     assert [onpolicy.fraction_at(s, cfg) for s in range(5)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
     assert onpolicy.fraction_at(3, _cfg(onpolicy_fraction=0.8)) == 0.8
+
+
+def test_cached_off_policy_rows_and_live_graded_samples(
+    tmp_path, tiny_teacher_dir, prompts_file, monkeypatch
+):
+    """With a cache, the off-policy rows take its top-k signal and the student's own samples are
+    graded by the live teacher, which alone knows them."""
+    import yaml
+
+    from distill import pipeline
+    from distill.cache import CachedTeacher
+    from distill.config import load_config
+
+    from conftest import tiny_recipe
+
+    train = {"onpolicy_fraction": 0.5, "onpolicy_max_new_tokens": 5, "max_steps": 3}
+    recipe = tiny_recipe(
+        tmp_path / "runs", tiny_teacher_dir, prompts_file, cache={"use": True, "k": 8}, train=train
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    pipeline.build_teacher_cache(cfg)
+    graded = {"cache": 0, "live": 0}
+    real = tr.distill_loss
+
+    def spy(model, teacher, batch, cfg_, *a, **k):
+        graded["cache" if isinstance(teacher, CachedTeacher) else "live"] += 1
+        if isinstance(teacher, CachedTeacher):
+            assert cfg_.alpha == recipe["train"].get("alpha", 0.5)  # the off-policy loss
+        else:
+            assert cfg_.alpha == 1.0 and cfg_.loss == "jsd"  # the on-policy loss, on sampled rows
+        return real(model, teacher, batch, cfg_, *a, **k)
+
+    monkeypatch.setattr(tr, "distill_loss", spy)
+    pipeline.train_student(cfg)
+    assert graded["cache"] > 0 and graded["live"] > 0
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    assert "graded by the live teacher" in summary["teacher_signal"]
+    with pytest.raises(ValueError, match="onpolicy_fraction needs a live local teacher"):
+        load_config(None, ["train.onpolicy_fraction=0.5", "teacher.kind=openai", "teacher.api.model=m",
+                           "student.init=model", "student.model=x"])  # fmt: skip

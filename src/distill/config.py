@@ -482,7 +482,11 @@ class RunConfig(_Strict):
         }
         if self.cache.use or self.teacher.kind == "openai":
             for key, reason in why.items():
-                if getattr(self.train, key) > 0:
+                # the cache serves the off-policy rows; a local teacher.model grades the samples live
+                mixed = (
+                    key == "onpolicy_fraction" and self.teacher.kind == "local" and bool(self.teacher.model)
+                )
+                if getattr(self.train, key) > 0 and not mixed:
                     raise ValueError(
                         f"train.{key} needs a live local teacher {reason}; a cache or an API teacher "
                         f"has none here: set cache.use=false, or train.{key}=0"

@@ -458,8 +458,15 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
             f"{acc.num_processes} process(es)"
         )
         (run / "filter_report.json").write_text(json.dumps(filter_report, indent=1))
-    if isinstance(teacher, LiveTeacher) and cfg.teacher.device == "auto" and not cfg.teacher.device_map:
-        teacher.model.to(acc.device)
+    grader = None  # on-policy rows with a cached teacher: the live teacher grades the samples
+    if cfg.train.onpolicy_fraction > 0 and isinstance(teacher, CachedTeacher):
+        tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        place = torch.device("cpu") if cfg.teacher.device == "auto" else None
+        grader = LiveTeacher(_load_teacher(cfg, tdtype, device=place))
+        source += "; the student's own samples graded by the live teacher"
+    for live in (teacher, grader):
+        if isinstance(live, LiveTeacher) and cfg.teacher.device == "auto" and not cfg.teacher.device_map:
+            live.model.to(acc.device)
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         student.config.use_cache = False
@@ -474,7 +481,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         live = teacher if isinstance(teacher, LiveTeacher) else None
         healed = _heal(cfg, run, student, live, tok, acc, resume)
     summary = train(student, teacher, examples, tcfg, run, pad_id=tok.pad_token_id,
-                    vocab_size=len(tok), resume=resume, accelerator=acc)  # fmt: skip
+                    vocab_size=len(tok), resume=resume, accelerator=acc, onpolicy_teacher=grader)  # fmt: skip
     summary["teacher_signal"] = source
     if healed is not None:
         summary["heal"] = healed

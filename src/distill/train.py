@@ -519,6 +519,7 @@ def train(
     vocab_size: int | None = None,
     resume: bool = True,
     accelerator: Accelerator | None = None,
+    onpolicy_teacher: TeacherSignal | None = None,
 ) -> dict:
     """Train ``student`` in place; checkpoints and ``metrics.jsonl`` go under ``out_dir``.
 
@@ -528,6 +529,9 @@ def train(
     (DDP averages gradients), so N processes equal one with the same global batch. A student
     already sharded with FSDP2's ``fully_shard`` is trained as it is (its gradients are
     reduce-scattered and averaged the same way), and its checkpoints hold the full weights.
+
+    ``onpolicy_teacher``: grades the rows the student sampled itself, where ``teacher`` cannot (a
+    cache holds the teacher's answers only); default ``teacher``.
 
     Returns a summary: steps, tokens, wall seconds, first and last loss.
     """
@@ -627,8 +631,9 @@ def train(
                 sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
                 on_rows += len(batch.samples()) if on else 0
                 with sync:
+                    grader = (onpolicy_teacher or teacher) if on else teacher  # a cache knows no samples
                     part = distill_loss(
-                        model, teacher, batch, on_cfg if on else cfg, n_tok, vocab_size, n_prompt
+                        model, grader, batch, on_cfg if on else cfg, n_tok, vocab_size, n_prompt
                     )
                     acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
                 parts += torch.tensor(
