@@ -116,10 +116,58 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up first (a timeout test)
 
+            def _echo(self, ids: list[int], body: dict) -> None:
+                """Completions with echo: log-probs of the given ids (the first has none), then one
+                generated token. Top alternatives as in ``logprobs``; the given token gets -0.1 at
+                even positions, and at odd ones sits outside the top (-5.0)."""
+                with server.lock:
+                    auth = self.headers.get("Authorization")
+                    server.requests.append(
+                        {
+                            "prompt": ids,
+                            "seed": None,
+                            "fault": "ok",
+                            "body": body,
+                            "auth": auth,
+                            "t": time.monotonic(),
+                        }
+                    )
+                k = body.get("logprobs") or 0
+                tokens, token_lps, tops = [], [], []
+                by_id = body.get("return_tokens_as_token_ids")  # as vLLM: "token_id:N" for each token
+
+                def name(i: int) -> str:
+                    return f"token_id:{i}" if by_id else server.tok.decode([i])
+
+                for t, i in enumerate([*ids, server.safe_ids[0]]):
+                    piece = name(i)
+                    alts = [a for a in server.safe_ids[:8] if a != i][:k]
+                    top = {name(a): -2.0 - j for j, a in enumerate(alts)}
+                    own = -0.1 if t % 2 == 0 else -5.0
+                    if t % 2 == 0:
+                        top = {piece: own, **dict(list(top.items())[: k - 1])}
+                    tokens.append(piece)
+                    token_lps.append(None if t == 0 else own)
+                    tops.append(None if t == 0 else top)
+                lp = {
+                    "tokens": tokens,
+                    "token_logprobs": token_lps,
+                    "top_logprobs": tops,
+                    "text_offset": [0] * len(tokens),
+                }
+                choice = {"index": 0, "finish_reason": "length", "text": "".join(tokens), "logprobs": lp}
+                usage = {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+                resp = {"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
+                        "choices": [choice], "usage": usage}  # fmt: skip
+                self._send(200, json.dumps(resp).encode())
+
             def _answer(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 chat = self.path.endswith("/chat/completions")
                 prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+                if isinstance(prompt, list):  # token ids, to be scored (echo)
+                    self._echo(prompt, body)
+                    return
                 key = (prompt, body.get("seed"))
                 with server.lock:
                     attempt = server.attempts.get(key, 0)

@@ -144,6 +144,78 @@ def test_cached_off_policy_rows_and_live_graded_samples(
     assert graded["cache"] > 0 and graded["live"] > 0
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     assert "graded by the live teacher" in summary["teacher_signal"]
-    with pytest.raises(ValueError, match="onpolicy_fraction needs a live local teacher"):
+    with pytest.raises(ValueError, match="onpolicy_fraction needs a teacher that grades"):
         load_config(None, ["train.onpolicy_fraction=0.5", "teacher.kind=openai", "teacher.api.model=m",
                            "student.init=model", "student.model=x"])  # fmt: skip
+
+
+# --- an API teacher grading the student's samples ---------------------------------------------
+
+
+def _grader(server, tok, k=3):
+    from distill.api import ApiGrader
+    from distill.config import ApiConfig
+
+    cfg = ApiConfig(base_url=server.url, model="t", endpoint="completions", top_logprobs=k, max_retries=0,
+                    api_key_env=None)  # fmt: skip
+    return ApiGrader(cfg, tok)
+
+
+def test_api_grader_reads_the_echoed_logprobs_of_given_tokens(setup):
+    from fake_openai import FakeOpenAI
+
+    _, tok, _ = setup
+    with FakeOpenAI(tok=tok) as server:
+        safe = server.safe_ids
+        ids = [safe[3], safe[9], safe[4], safe[12], safe[5]]
+        top_ids, top_lps = _grader(server, tok).score(ids)
+        body = server.requests[-1]["body"]
+    assert body["prompt"] == ids and body["echo"] is True and body["logprobs"] == 3
+    assert body["return_tokens_as_token_ids"] is True  # vLLM then names tokens by id
+    assert len(top_ids) == len(ids) - 1  # position t-1 predicts ids[t]
+    for t in range(1, len(ids)):
+        alts = [a for a in safe[:8] if a != ids[t]]
+        if t % 2 == 0:  # the given token in the top, then two alternatives
+            want = ([ids[t], alts[0], alts[1]], [-0.1, -2.0, -3.0])
+        else:  # three alternatives, and the given token's own log-prob after them
+            want = ([alts[0], alts[1], alts[2], ids[t]], [-2.0, -3.0, -4.0, -5.0])
+        assert (top_ids[t - 1], top_lps[t - 1]) == want
+
+
+def test_api_grader_signal_and_a_run_graded_by_the_api(setup, tmp_path):
+    from fake_openai import FakeOpenAI
+
+    teacher, tok, examples = setup
+    with FakeOpenAI(tok=tok) as server:
+        grader = _grader(server, tok)
+        batch = tr.collate(examples[:3], tok.pad_token_id)
+        sig = grader.signal(batch)
+        assert sig.ids.shape == (3, batch.input_ids.shape[1] - 1, 4) and sig.tail == "bucket"
+        first = batch.samples()[0]
+        row = batch.input_ids[0, : first[2]].tolist()
+        top_ids, _ = grader.score(row)
+        assert sig.ids[0, 1, : len(top_ids[1])].tolist() == top_ids[1]
+        # a whole run whose every row is on-policy: the API grades the student's samples
+        student = shrink_layers(teacher, [0, 3])
+        cfg = _cfg(alpha=0.0, onpolicy_fraction=1.0, max_steps=2, onpolicy_max_new_tokens=4)
+        tr.train(student, None, examples, cfg, tmp_path, pad_id=0, onpolicy_teacher=grader)
+        echoed = [r for r in server.requests if isinstance(r["prompt"], list)]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["onpolicy_rows"] > 0 and r["kd"] > 0 for r in rows)
+    assert len(echoed) >= sum(r["onpolicy_rows"] for r in rows)
+
+
+def test_api_grader_refuses_a_server_that_does_not_echo(setup):
+    from types import SimpleNamespace
+
+    from distill.api import ApiError, ApiGrader
+    from distill.config import ApiConfig
+
+    _, tok, _ = setup
+    plain = {"choices": [{"text": "x", "logprobs": None, "finish_reason": "length"}]}
+    client = SimpleNamespace(completions=SimpleNamespace(create=lambda **kw: plain))
+    cfg = ApiConfig(endpoint="completions", top_logprobs=2, api_key_env=None)
+    with pytest.raises(ApiError, match="does not echo the log-probs of given tokens"):
+        ApiGrader(cfg, tok, client=client).score([5, 6, 7])
+    with pytest.raises(ApiError, match="endpoint=completions"):
+        ApiGrader(ApiConfig(top_logprobs=2, api_key_env=None), tok)

@@ -517,6 +517,9 @@ class TokenMap:
         self.tok = tok
 
     def id_of(self, token: str | None, raw: list[int] | None = None) -> int | None:
+        if token is not None and token.startswith("token_id:") and token[9:].isdigit():
+            i = int(token[9:])  # vLLM's return_tokens_as_token_ids: the id itself, never ambiguous
+            return i if i < len(self.tok) else None
         if raw is not None:
             try:
                 text = bytes(raw).decode("utf-8")
@@ -524,6 +527,82 @@ class TokenMap:
                 return None
             return self.by_text.get(text)
         return None if token is None else self.by_text.get(token)
+
+
+class ApiGrader:
+    """The API teacher's judgement of given tokens: on-policy rows, whose answers the student wrote.
+
+    Each sample's token ids go to a completions endpoint as the prompt, with ``echo`` and
+    ``logprobs=k``: the server returns, for every given token, the teacher's top-k log-probs at that
+    position (vLLM's OpenAI server and OpenAI's legacy completions do; chat endpoints cannot). The
+    server must tokenise as the student does; a token that comes back different is refused.
+    """
+
+    def __init__(self, cfg: ApiConfig, tok, client=None) -> None:
+        if cfg.endpoint != "completions" or not cfg.top_logprobs:
+            raise ApiError("grading given tokens needs teacher.api.endpoint=completions and top_logprobs > 0")
+        self.cfg, self.tmap = cfg, TokenMap(tok)
+        self._key = api_key(cfg)
+        self.client = client or openai.OpenAI(
+            base_url=cfg.base_url, api_key=self._key, max_retries=cfg.max_retries, timeout=cfg.timeout_s
+        )
+        self.requests = 0
+
+    def score(self, ids: list[int]) -> tuple[list[list[int]], list[list[float]]]:
+        """For each position t in 1..n-1: the teacher's top-k ids and log-probs for the token at t
+        given ``ids[:t]``, the given token's own log-prob added when it is outside the top-k."""
+        try:
+            kw = {"echo": True, "max_tokens": 1, "logprobs": self.cfg.top_logprobs, "temperature": 0.0,
+                  # vLLM names tokens by id then ("token_id:N"): pieces that decode alike stay apart
+                  "extra_body": {"return_tokens_as_token_ids": True}}  # fmt: skip
+            resp = self.client.completions.create(model=self.cfg.model, prompt=ids, **kw)
+        except openai.OpenAIError as exc:
+            raise ApiError(
+                f"{self.cfg.base_url}: grading the student's tokens failed: {scrub(str(exc), self._key)}"
+            ) from None
+        self.requests += 1
+        lps = parse_response(resp, "completions")["logprobs"]
+        if lps is None or len(lps) < len(ids):
+            raise ApiError(f"{self.cfg.base_url} does not echo the log-probs of given tokens (completions "
+                           "with echo and logprobs, as vLLM serves); on-policy rows need them")  # fmt: skip
+        top_ids, top_lps = [], []
+        for t in range(1, len(ids)):
+            pos = lps[t]
+            if self.tmap.id_of(pos["token"], pos["bytes"]) != ids[t]:
+                raise ApiError(
+                    f"{self.cfg.base_url} split the given tokens differently (position {t}: "
+                    f"{pos['token']!r}); the teacher must share the student's tokenizer"
+                )
+            row_ids, row_lps = [], []
+            for token, raw, lp in pos["top"][: self.cfg.top_logprobs]:
+                j = self.tmap.id_of(token, raw)
+                if j is not None and j not in row_ids:  # an unmappable alternative is left out
+                    row_ids.append(j)
+                    row_lps.append(lp)
+            if ids[t] not in row_ids and pos["logprob"] is not None:
+                row_ids.append(ids[t])
+                row_lps.append(pos["logprob"])
+            top_ids.append(row_ids)
+            top_lps.append(row_lps)
+        return top_ids, top_lps
+
+    def signal(self, batch, *, lazy: bool = False):
+        """A top-k teacher ``(B, T-1, k + 1)`` for the batch's shifted positions (bucket tail)."""
+        import torch
+
+        from distill.losses import TopKTeacher
+
+        b, t = batch.input_ids.shape
+        k = self.cfg.top_logprobs + 1
+        ids = torch.zeros((b, t - 1, k), dtype=torch.long)
+        lps = torch.full((b, t - 1, k), float("-inf"))
+        for row, start, n in batch.samples():
+            top_ids, top_lps = self.score(batch.input_ids[row, start : start + n].tolist())
+            for j, (r_ids, r_lps) in enumerate(zip(top_ids, top_lps, strict=True)):
+                ids[row, start + j, : len(r_ids)] = torch.tensor(r_ids)
+                lps[row, start + j, : len(r_lps)] = torch.tensor(r_lps)
+        dev = batch.input_ids.device
+        return TopKTeacher(ids.to(dev), lps.to(dev), "bucket")
 
 
 def map_logprobs(

@@ -482,11 +482,20 @@ class RunConfig(_Strict):
         }
         if self.cache.use or self.teacher.kind == "openai":
             for key, reason in why.items():
-                # the cache serves the off-policy rows; a local teacher.model grades the samples live
-                mixed = (
-                    key == "onpolicy_fraction" and self.teacher.kind == "local" and bool(self.teacher.model)
+                # the cache serves the off-policy rows; a local teacher.model grades the samples live,
+                # or an API teacher through completions with echo and logprobs
+                api = self.teacher.api
+                graded = (self.teacher.kind == "local" and bool(self.teacher.model)) or (
+                    self.teacher.kind == "openai" and api.endpoint == "completions" and api.top_logprobs > 0
                 )
-                if getattr(self.train, key) > 0 and not mixed:
+                if key == "onpolicy_fraction" and getattr(self.train, key) > 0 and not graded:
+                    raise ValueError(
+                        "train.onpolicy_fraction needs a teacher that grades the student's samples: a local "
+                        "teacher.model, or an API teacher with teacher.api.endpoint=completions and "
+                        "teacher.api.top_logprobs > 0 (a server that echoes the log-probs of given tokens, "
+                        "as vLLM does)"
+                    )
+                if key != "onpolicy_fraction" and getattr(self.train, key) > 0:
                     raise ValueError(
                         f"train.{key} needs a live local teacher {reason}; a cache or an API teacher "
                         f"has none here: set cache.use=false, or train.{key}=0"

@@ -458,8 +458,13 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
             f"{acc.num_processes} process(es)"
         )
         (run / "filter_report.json").write_text(json.dumps(filter_report, indent=1))
-    grader = None  # on-policy rows with a cached teacher: the live teacher grades the samples
-    if cfg.train.onpolicy_fraction > 0 and isinstance(teacher, CachedTeacher):
+    grader = None  # on-policy rows, where the teacher signal is a cache or text: who grades the samples
+    if cfg.train.onpolicy_fraction > 0 and api:
+        from distill.api import ApiGrader
+
+        grader = ApiGrader(cfg.teacher.api, tok)
+        source += "; the student's own samples graded by the API (completions, echoed log-probs)"
+    elif cfg.train.onpolicy_fraction > 0 and isinstance(teacher, CachedTeacher):
         tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         place = torch.device("cpu") if cfg.teacher.device == "auto" else None
         grader = LiveTeacher(_load_teacher(cfg, tdtype, device=place))
