@@ -49,6 +49,9 @@ RECIPES: dict[str, list[str]] = {
     "width_hidden_prompt": ["student.layer_selection=importance", "student.num_layers=16",
                             "student.intermediate_size=768", "train.hidden_weight=1.0",
                             "train.prompt_weight=0.5"],
+    # the loss mix and the step size, on the importance student: pure KD, and twice the LR
+    "importance_alpha1": ["student.layer_selection=importance", "train.alpha=1.0"],
+    "importance_lr2x": ["student.layer_selection=importance", "train.lr=1.2e-3"],
     # a third of the budget on general text first (heal.time_budget counts in the equal wall-clock)
     "importance_hidden_heal": ["student.layer_selection=importance", "train.hidden_weight=1.0",
                                "heal.data=default", "heal.time_budget=1m", "heal.max_steps=1000"],
