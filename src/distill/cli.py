@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from distill import pipeline
+from distill import interrupt, pipeline
 from distill.api import ApiError
 from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
@@ -78,7 +78,12 @@ def _call(fn, cfg: RunConfig, *args, **kwargs):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     made = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # folders this call may make
     try:
-        return fn(cfg, *args, **kwargs)
+        with interrupt.stop_at_safe_points():
+            return fn(cfg, *args, **kwargs)
+    except interrupt.Stopped as exc:
+        _remove_unstarted(cfg.run_dir, made)
+        console.print(f"[yellow]{exc}[/yellow]", soft_wrap=True)
+        raise typer.Exit(128 + int(exc.signum)) from None  # 130 for SIGINT, 143 for SIGTERM
     except USER_ERRORS as exc:
         _remove_unstarted(cfg.run_dir, made)
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)

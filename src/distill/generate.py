@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill import interrupt
 from distill.config import GenerateConfig
 from distill.data import Prompt, prompt_token_ids
 from distill.progress import progress_bar
@@ -237,6 +238,9 @@ def generate_answers(
             ]
             _append(out_path, records)
             done.update({answer_key(r["id"]): r for r in records})
+            if interrupt.requested() is not None and len(done) < len(prompts):
+                interrupt.stop(f"stopped after {len(done)} of {len(prompts)} answers, all written to "
+                               f"{out_path}; run the same command again to generate the rest")  # fmt: skip
             ntok += sum(len(g.token_ids) for g in gens)
             bar.update(task, advance=len(chunk), info=f"{ntok} answer tokens")
     return done

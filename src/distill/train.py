@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from distill import onpolicy
+from distill import interrupt, onpolicy
 from distill.config import TrainConfig
 from distill.data import Batch, collate, pack
 from distill.losses import (
@@ -694,11 +694,19 @@ def train(
                     plan.save(plan_path)
                     console.print(plan.describe(cfg.time_budget))
                 bar.update(task, total=cfg.max_steps)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            stopping = interrupt.requested() is not None
+            if world > 1:  # every process stops at the same step, whichever got the signal
+                flag = acc.reduce(torch.tensor([float(stopping)], device=acc.device), "sum")
+                stopping = bool(flag.item() > 0)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
                 state, opt_state = full_states(acc, model, opt)  # collective under FSDP / DeepSpeed
                 if main:
                     save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
+            if stopping and step < cfg.max_steps:
+                kept = ckpt_dir / f"step-{step:06d}"
+                interrupt.stop(f"stopped at step {step} of {cfg.max_steps}, checkpoint {kept} written; run "
+                               "the same command again to resume from it")  # fmt: skip
     if acc.log_with:
         acc.end_training()
     student.eval()

@@ -1,0 +1,85 @@
+"""Ctrl-C and SIGTERM: the stage stops at a safe point, writes what it finished, says how to resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from distill import pipeline
+from distill.config import load_config
+
+from conftest import tiny_recipe, worker_env
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=worker_env())  # fmt: skip
+
+
+def _wait_for(path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before the signal:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_training_stops_after_the_step_with_a_checkpoint_and_resumes(
+    tmp_path, tiny_teacher_dir, prompts_file, signum
+):
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         train={"max_steps": 100000, "checkpoint_every": 100000})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    proc = _spawn(["train", "-c", str(tmp_path / "r.yaml")])
+    _wait_for(metrics, 3, proc)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1))  # every finished step logged once
+    assert f"stopped at step {last} of 100000" in out and "run the same command again to resume" in out
+    assert "Traceback" not in out
+    ckpt = cfg.run_dir / "checkpoints" / f"step-{last:06d}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last
+    # the same command resumes from there (a smaller max_steps so that it ends)
+    args = ["train", "-c", str(tmp_path / "r.yaml"), "--set", f"train.max_steps={last + 2}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, env=worker_env()
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, last + 3))
+
+
+def test_generation_stops_after_the_batch_with_its_answers_kept(tmp_path, tiny_teacher_dir, prompts_file):
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         generate={"batch_size": 1, "max_new_tokens": 12})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    answers = cfg.run_dir / "answers.jsonl"
+    proc = _spawn(["generate", "-c", str(tmp_path / "r.yaml")])
+    _wait_for(answers, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    kept = answers.read_text().splitlines()
+    assert f"stopped after {len(kept)} of" in out and "generate the rest" in out
+    assert all(json.loads(x)["token_ids"] for x in kept)  # whole lines only
+    pipeline.generate(cfg)  # the rest, none twice
+    ids = [json.loads(x)["id"] for x in answers.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) > len(kept)
