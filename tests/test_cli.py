@@ -62,3 +62,31 @@ def test_stages_one_by_one_then_cache_verify(tmp_path, tiny_teacher_dir, prompts
     shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
     out = runner.invoke(app, ["cache", "-c", str(cfg), "--verify"])
     assert out.exit_code == 1 and "checksum mismatch" in out.output
+
+
+def test_a_run_folder_made_by_another_config_is_refused_unless_forced(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = str(tmp_path / "r.yaml")
+    assert runner.invoke(app, ["generate", "-c", r]).exit_code == 0
+    assert runner.invoke(app, ["shrink", "-c", r]).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "config.yaml").read_text()
+    # answers made with 12 new tokens, student_init with 2 layers: both named, nothing touched
+    out = runner.invoke(
+        app, ["train", "-c", r, "--set", "generate.max_new_tokens=10", "--set", "student.num_layers=3"]
+    )
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    assert "generate.max_new_tokens: 12 there, 10 now (made answers.jsonl)" in text
+    assert "student.num_layers: 2 there, 3 now (made student_init)" in text and "--force" in text
+    assert (run / "config.yaml").read_text() == before and not (run / "metrics.jsonl").exists()
+    # what the outputs were not made from may change (training settings)
+    out = runner.invoke(app, ["train", "-c", r, "--set", "train.lr=1e-3", "--set", "train.max_steps=2"])
+    assert out.exit_code == 0, out.output
+    # --force uses the folder anyway, and records the new config
+    out = runner.invoke(app, ["shrink", "-c", r, "--set", "student.num_layers=3", "--force"])
+    assert out.exit_code == 0, out.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["student"]["num_layers"] == 3

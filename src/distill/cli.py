@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +37,10 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key, e.g. --set train.lr=1e-4 (repeatable)"),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="use a run folder whose outputs another config made (named when refused)"),
 ]
 USER_ERRORS = (
     ApiError,
@@ -71,14 +76,14 @@ def _crash_log(exc: BaseException) -> Path:
     return path
 
 
-def _call(fn, cfg: RunConfig, *args, **kwargs):
+def _call(fn, cfg: RunConfig, *args, force: bool = False, **kwargs):
     """Run a stage: a user error prints one line and exits 2; an unexpected one prints a short
     message and the path of a log with its traceback, and exits 1. A run folder this call made
     is removed again if the stage failed before finishing anything in it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     made = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # folders this call may make
     try:
-        with interrupt.stop_at_safe_points():
+        with interrupt.stop_at_safe_points(), pipeline.allow_config_change() if force else nullcontext():
             return fn(cfg, *args, **kwargs)
     except interrupt.Stopped as exc:
         _remove_unstarted(cfg.run_dir, made)
@@ -115,21 +120,22 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="recipe YAML; omit for the default")] = None,
     set_: SetOpt = None,
     fresh: Annotated[bool, typer.Option(help="ignore training checkpoints")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """All stages: generate -> shrink -> train -> evaluate -> export."""
-    _call(pipeline.run_all, _config(config, set_), resume=not fresh)
+    _call(pipeline.run_all, _config(config, set_), resume=not fresh, force=force)
 
 
 @app.command()
-def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def generate(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Teacher answers for every prompt (resumable) -> answers.jsonl."""
-    _call(pipeline.generate, _config(config, set_))
+    _call(pipeline.generate, _config(config, set_), force=force)
 
 
 @app.command()
-def shrink(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def shrink(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Make the untrained student by keeping a subset of the teacher's layers -> student_init/."""
-    _call(pipeline.shrink, _config(config, set_))
+    _call(pipeline.shrink, _config(config, set_), force=force)
 
 
 @app.command()
@@ -137,11 +143,12 @@ def cache(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verify: Annotated[bool, typer.Option(help="only check every shard against its checksum")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Score the training sequences with the teacher once -> teacher_cache/ (resumable)."""
     cfg = _config(config, set_)
     if not verify:
-        _call(pipeline.build_teacher_cache, cfg)
+        _call(pipeline.build_teacher_cache, cfg, force=force)
         return
     problems = _call(pipeline.verify_teacher_cache, cfg)  # reads only
     for p in problems:
@@ -156,21 +163,22 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = True,
+    force: ForceOpt = False,
 ) -> None:
     """Distil the teacher into the student -> student/."""
-    _call(pipeline.train_student, _config(config, set_), resume=resume)
+    _call(pipeline.train_student, _config(config, set_), resume=resume, force=force)
 
 
 @app.command()
-def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def evaluate(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Teacher vs untrained and trained student on held-out prompts -> eval.json."""
-    _call(pipeline.evaluate, _config(config, set_))
+    _call(pipeline.evaluate, _config(config, set_), force=force)
 
 
 @app.command()
-def export(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def export(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """The student as a plain Hugging Face folder with a model card -> export/."""
-    _call(pipeline.export, _config(config, set_))
+    _call(pipeline.export, _config(config, set_), force=force)
 
 
 @app.command("show-config")

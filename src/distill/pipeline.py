@@ -20,9 +20,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -105,11 +108,66 @@ def resolve_precision(cfg: RunConfig, shape: ModelFacts | None) -> tuple[RunConf
     return resolved, precision
 
 
+# What each stage's output was made from: a run folder holding the output refuses a config that
+# differs in these (dotted keys; a section name covers every key under it).
+MADE_FROM = {
+    "split.json": ("data.path", "data.format", "data.max_prompts", "data.heldout_size", "data.split_seed"),
+    "answers.jsonl": (
+        "data.path", "data.format", "data.max_prompts", "data.system_prompt", "data.max_prompt_tokens",
+        "teacher.kind", "teacher.model", "teacher.engine", "teacher.api.base_url", "teacher.api.model",
+        "teacher.api.endpoint", "teacher.api.temperature", "teacher.api.max_tokens", "teacher.api.n",
+        "generate.max_new_tokens", "generate.do_sample", "generate.generation_temperature", "generate.top_p",
+        "generate.seed",
+    ),
+    "student_init": ("teacher.model", "student"),
+}  # fmt: skip
+_FORCE: list[bool] = [False]
+
+
+@contextmanager
+def allow_config_change() -> Iterator[None]:
+    """Inside, a run folder made by another config is used anyway (``--force``)."""
+    _FORCE[0] = True
+    try:
+        yield
+    finally:
+        _FORCE[0] = False
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(run: Path, cfg: RunConfig) -> None:
+    """Refuse a run folder whose finished outputs came from a config that differs where it matters
+    for them, naming the fields (``StageError``); ``allow_config_change`` lets it through."""
+    old_path = run / "config.yaml"
+    if _FORCE[0] or not old_path.is_file():
+        return
+    old, new = _flat(yaml.safe_load(old_path.read_text()) or {}), _flat(cfg.model_dump(mode="json"))
+    differ: dict[str, list[str]] = {}
+    for output, keys in MADE_FROM.items():
+        if not (run / output).exists():
+            continue
+        for key in sorted(set(old) | set(new)):
+            if any(key == k or key.startswith(k + ".") for k in keys) and old.get(key) != new.get(key):
+                differ.setdefault(key, []).append(output)
+    if differ:
+        fields = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now (made {', '.join(v)})"
+                           for k, v in differ.items())  # fmt: skip
+        raise StageError(f"{run} was made by another config ({fields}); use another run name, or --force to "
+                         "use this folder anyway")  # fmt: skip
+
+
 def _setup(cfg: RunConfig) -> tuple[Path, RunConfig]:
     """Check the run, resolve its precision, then make the run folder (never before: a run that
     cannot start leaves nothing behind) with the resolved config.yaml and precision.json."""
     cfg, precision = prepare(cfg)
     run = cfg.run_dir
+    check_same_run(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
     (run / "precision.json").write_text(json.dumps({k: p.as_dict() for k, p in precision.items()}, indent=1))
