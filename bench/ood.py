@@ -8,8 +8,9 @@ The students of ``bench/quality.py`` learn from the teacher's answers to the emb
 travel, written for this benchmark, and 8 HumanEval problems (MIT). The teacher answers them once
 (greedy, 64 tokens; cached under runs/bench-ood/); every student is then scored as in
 ``bench/quality.py``: KL and top-1 agreement teacher-forced on those answers, ROUGE-L of its own
-greedy answers, and the teacher's log-prob of them. Figures go to bench/results/ood.json, by
-recipe (the run folder's name without its seed).
+greedy answers, and the teacher's log-prob of them, and the student's generation speed-up over
+the teacher (batch 1 and batch 8, side by side, in the precision the run chose). Figures go to
+bench/results/ood.json, by recipe (the run folder's name without its seed).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ HERE = Path(__file__).parent
 PROMPTS = HERE / "data" / "ood_prompts.jsonl"
 RESULTS = HERE / "results" / "ood.json"
 METRICS = ("kl", "top1_agreement", "rouge_l", "teacher_logprob")
+SPEED = ("speedup_batch1", "speedup_batched")
 
 
 def main() -> None:
@@ -35,8 +37,9 @@ def main() -> None:
 
     from distill.config import EvaluateConfig
     from distill.data import prompt_token_ids, read_prompts
-    from distill.evaluate import evaluate_model
+    from distill.evaluate import compare_speed, evaluate_model
     from distill.generate import answer_key, generate_batch, read_answers, write_records
+    from distill.hardware import DTYPES
     from distill.models import load_model, load_tokenizer
 
     runs = [Path(a) for a in sys.argv[1:]]
@@ -68,11 +71,23 @@ def main() -> None:
         res, _ = evaluate_model("student", student, teacher, tok, prompts, ids, answers, cfg,
                                 weights_dir=run / "student", max_seq_len=384)  # fmt: skip
         recipe = re.sub(r"^bench-quality-|-s\d+$", "", run.name)
-        raw.setdefault(recipe, []).append({m: res.get(m) for m in METRICS} | {"run": run.name})
+        out = {m: res.get(m) for m in METRICS} | {"run": run.name}
+        # generation speed-up over the teacher, side by side, in the dtype the run chose for speed
+        speed_dtype = json.loads((run / "precision.json").read_text())["speed"]["dtype"]
+        speed_cfg = cfg.model_copy(update={"speed_new_tokens": 32, "speed_repeats": 2})
+        rows = list(ids.values())[:8]
+        speeds = compare_speed(
+            {"teacher": teacher, "student": student}, tok, rows, speed_cfg, DTYPES[speed_dtype]
+        )
+        for key in ("tokens_per_s_batch1", "tokens_per_s_batched"):
+            out[f"speedup_{key.removeprefix('tokens_per_s_')}"] = (
+                speeds["student"][key] / speeds["teacher"][key]
+            )
+        raw.setdefault(recipe, []).append(out)
         print(recipe, raw[recipe][-1], flush=True)
     table = {
         r: {m: {"mean": statistics.fmean(x[m] for x in rs), "min": min(x[m] for x in rs),
-                "max": max(x[m] for x in rs)} for m in METRICS} | {"runs": len(rs)}
+                "max": max(x[m] for x in rs)} for m in (*METRICS, *SPEED)} | {"runs": len(rs)}
         for r, rs in raw.items()
     }  # fmt: skip
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
