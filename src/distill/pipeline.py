@@ -352,7 +352,7 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
         raise StageError(f"student.layer_selection=importance, num_heads, intermediate_size and "
                          f"target_params score the teacher on its answers: {answers_path} has none; "
                          "run `distill generate` first")  # fmt: skip
-    student, chosen, report = choose_student(s, teacher, tok, calib, DTYPES[cfg.evaluate.speed_dtype], run)
+    student, chosen, report = choose_student(s, teacher, tok, calib, DTYPES[cfg.evaluate.speed_dtype])
     if report:
         (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
     return student, chosen.layers

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -112,7 +111,6 @@ def choose_student(
     tok,
     calib: list[Example] | None,
     speed_dtype: torch.dtype,
-    run: Path,
 ) -> tuple[PreTrainedModel, Candidate, dict]:
     """The shrunk student ``s`` asks for, the candidate it came from, and the record of every
     candidate (``calib`` None: no teacher answers yet, so nothing can be scored: even layers only)."""
@@ -142,14 +140,18 @@ def choose_student(
             name = sel if s.target_params is None else f"{sel}-{depth}L-{heads}h-{inter}ffn"
             candidates.append(Candidate(name, layers, heads, inter))
     ids, answer_mask = calib[0]
-    prompt_rows = [ids[: answer_mask.index(True)] if True in answer_mask[1:] else ids]  # its prompt part
+    prompt_rows = [ids[: answer_mask.index(True) if True in answer_mask else len(ids)]]  # its prompt part
     fast_teacher = copy.deepcopy(teacher).to(speed_dtype)
+    speedups: dict[tuple, float] = {}  # one timing per shape: the layers kept do not change the speed
     for c in candidates:
         student = build_student(teacher, c.layers, c.num_heads, c.intermediate_size, width)
         m = forced_metrics(student, teacher, calib, pad, 8, len(tok))
         c.untrained_kl, c.untrained_top1 = m["kl"], m["top1_agreement"]
         c.params = count_params(student)
-        c.speedup = _speedup(student.to(speed_dtype), fast_teacher, tok, prompt_rows)
+        shape = (len(c.layers), c.num_heads, c.intermediate_size)
+        if shape not in speedups:
+            speedups[shape] = _speedup(student.to(speed_dtype), fast_teacher, tok, prompt_rows)
+        c.speedup = speedups[shape]
         console.print(f"  candidate {c.name:<10} {len(c.layers)} layers, {c.params / 1e6:.1f}M params: "
                       f"untrained KL {c.untrained_kl:.2f}, top-1 {c.untrained_top1:.3f} on {len(calib)} "
                       f"calibration answers; {c.speedup:.2f}x the teacher's speed")  # fmt: skip
