@@ -188,5 +188,40 @@ def test_width_and_target_checked_before_any_work(tmp_path, tiny_teacher_dir, pr
         with pytest.raises(ConfigError, match=msg):
             pipeline.prepare(load_config(tmp_path / "r.yaml"))
         assert not (tmp_path / "runs" / "tiny").exists()
-    with pytest.raises(Exception, match="searches the shape"):
+    with pytest.raises(Exception, match="search the shape"):
         load_config(None, ["student.target_params=70M", "student.num_heads=3"])
+
+
+def _fake_speed(monkeypatch, a=0.1, b=0.2):
+    """Seconds per token (in teacher units) of a + b * layers: a deterministic stand-in for timing."""
+    import distill.student as st
+
+    monkeypatch.setattr(st, "_speedup", lambda model, *args: 1 / (a + b * model.config.num_hidden_layers))
+
+
+def test_depth_for_speedup_fits_the_time_per_layer(tiny_teacher_dir, monkeypatch):
+    from distill.student import depth_for_speedup
+
+    _fake_speed(monkeypatch)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    # 1 / target = 0.1 + 0.2 * depth, rounded down: 2x -> 2 layers, 1.2x -> 3, 10x -> none
+    for target, depth in ((2.0, 2), (1.2, 3), (10.0, 0)):
+        assert (
+            depth_for_speedup(teacher, teacher, 4, 64, target, None, [[5, 6]], torch.float32, None) == depth
+        )
+
+
+def test_target_speedup_keeps_only_candidates_measured_fast_enough(tmp_path, tiny_teacher_dir, prompts_file,
+                                                                   monkeypatch):  # fmt: skip
+    _fake_speed(monkeypatch)
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         student={"layer_selection": "importance", "target_speedup": 2.0})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    report = json.loads((cfg.run_dir / "student_candidates.json").read_text())
+    assert report["target_speedup"] == 2.0
+    cands = report["candidates"]
+    assert cands and all(len(c["layers"]) == 2 and c["speedup"] == pytest.approx(2.0) for c in cands)
+    assert report["chosen"] == min(cands, key=lambda c: c["untrained_kl"])["name"]

@@ -231,16 +231,22 @@ class StudentConfig(_Strict):
         "wins (num_layers, num_heads and intermediate_size are then chosen, not set)",
     )  # fmt: skip
 
+    target_speedup: float | None = Field(
+        None, gt=1, description="search the student's shape: at least this many times the teacher's "
+        "batch-1 generation speed, measured here (with target_params too: both must hold); the lowest "
+        "untrained KL of those measured fast enough wins",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _model_needed(self) -> StudentConfig:
         if self.init == "model" and not self.model:
             raise ValueError("student.model must be set when student.init is 'model'")
-        if self.target_params is not None:
-            if parse_count(self.target_params) is None:
-                raise ValueError(f"student.target_params {self.target_params!r}: a count such as 70M or 1.5B")
+        if self.target_params is not None and parse_count(self.target_params) is None:
+            raise ValueError(f"student.target_params {self.target_params!r}: a count such as 70M or 1.5B")
+        if self.target_params is not None or self.target_speedup is not None:
             if self.layers is not None or self.num_heads or self.intermediate_size:
-                raise ValueError("student.target_params searches the shape: leave layers, num_heads and "
-                                 "intermediate_size unset")  # fmt: skip
+                raise ValueError("student.target_params / target_speedup search the shape: leave layers, "
+                                 "num_heads and intermediate_size unset")  # fmt: skip
         return self
 
 

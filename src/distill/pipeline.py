@@ -347,12 +347,21 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
     if answers_path.is_file():
         train_p, _ = load_split(cfg)
         calib = training_examples(cfg, tok, train_p, read_answers(answers_path))[: s.calibration_samples]
-    measured = s.layer_selection == "importance" or s.num_heads or s.intermediate_size or s.target_params
+    measured = (
+        s.layer_selection == "importance"
+        or s.num_heads
+        or s.intermediate_size
+        or s.target_params
+        or s.target_speedup
+    )
     if measured and not calib:
-        raise StageError(f"student.layer_selection=importance, num_heads, intermediate_size and "
-                         f"target_params score the teacher on its answers: {answers_path} has none; "
+        raise StageError(f"student.layer_selection=importance, num_heads, intermediate_size and the "
+                         f"target_* searches score the teacher on its answers: {answers_path} has none; "
                          "run `distill generate` first")  # fmt: skip
-    student, chosen, report = choose_student(s, teacher, tok, calib, DTYPES[cfg.evaluate.speed_dtype])
+    try:
+        student, chosen, report = choose_student(s, teacher, tok, calib, DTYPES[cfg.evaluate.speed_dtype])
+    except ValueError as exc:  # no shape meets the targets
+        raise StageError(str(exc)) from None
     if report:
         (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
     return student, chosen.layers

@@ -71,25 +71,43 @@ def _per_layer_params(
     return one - (two - one), two - one
 
 
-def search_shapes(
-    teacher: PreTrainedModel, target: int, width: WidthImportance
-) -> list[tuple[int, int, int]]:
-    """(layers, heads, MLP channels) for each width of the grid: the deepest that fits ``target``
-    parameters. Heads: every multiple of the key/value heads from all down to two thirds; MLP: the
-    fractions ``MLP_FRACTIONS``, rounded to a multiple of 64 (of 8 below 512)."""
+def width_grid(teacher: PreTrainedModel) -> list[tuple[int, int]]:
+    """(heads, MLP channels) of the shape search: every multiple of the key/value heads from all
+    down to two thirds of them; MLP at ``MLP_FRACTIONS`` of the teacher's, rounded to a multiple of
+    64 (of 8 below 512)."""
     cfg = teacher.config
-    n_heads, n_kv, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_options = [h for h in range(n_heads, 0, -n_kv) if h >= math.ceil(2 * n_heads / 3) and h % n_kv == 0]
     step = 64 if cfg.intermediate_size >= 512 else 8  # matmul-friendly widths
-    shapes = []
-    for h in head_options or [n_heads]:
-        for frac in MLP_FRACTIONS:
-            inter = max(step, round(cfg.intermediate_size * frac / step) * step)
-            base, per_layer = _per_layer_params(teacher, h, inter, width)
-            depth = int(min(n_layers, (target - base) // per_layer))
-            if depth >= 1 and (depth, h, inter) not in shapes:
-                shapes.append((depth, h, inter))
-    return shapes
+    mlp = dict.fromkeys(max(step, round(cfg.intermediate_size * f / step) * step) for f in MLP_FRACTIONS)
+    return [(h, inter) for h in head_options or [n_heads] for inter in mlp]
+
+
+def depth_for_params(teacher: PreTrainedModel, heads: int, inter: int, target: int, width) -> int:
+    """The deepest student of this width with at most ``target`` parameters (0: none fits)."""
+    base, per_layer = _per_layer_params(teacher, heads, inter, width)
+    return int(max(0, min(teacher.config.num_hidden_layers, (target - base) // per_layer)))
+
+
+def depth_for_speedup(
+    teacher: PreTrainedModel, fast_teacher: PreTrainedModel, heads: int, inter: int, target: float, tok,
+    rows: list[list[int]], dtype: torch.dtype, width,
+) -> int:  # fmt: skip
+    """The deepest student of this width expected to generate at ``target`` x the teacher's speed
+    or more (0: none). Seconds per token at a third and two thirds of the teacher's depth are timed
+    beside the teacher's and fitted to ``a + b * depth`` (a: embeddings, head and the decoding loop;
+    b: one layer); the fit gives the depth."""
+    n = teacher.config.num_hidden_layers
+    d1, d2 = max(1, n // 3), max(2, 2 * n // 3)
+    per_token = {}
+    for d in (d1, d2):
+        probe = build_student(teacher, list(range(d)), heads, inter, width).to(dtype)
+        per_token[d] = 1 / _speedup(probe, fast_teacher, tok, rows)  # in units of the teacher's time
+    b = (per_token[d2] - per_token[d1]) / (d2 - d1)
+    a = per_token[d1] - b * d1
+    if b <= 0:  # timing noise swamped the layers' cost: no reliable answer from this width
+        return 0
+    return int(max(0, min(n, (1 / target - a) // b)))
 
 
 def _speedup(student: PreTrainedModel, teacher: PreTrainedModel, tok, rows: list[list[int]]) -> float:
@@ -120,10 +138,29 @@ def choose_student(
         return build_student(teacher, layers), Candidate("given" if s.layers else "even", layers), {}
     pad = tok.pad_token_id
     importance = block_importance(teacher, calib, pad)
-    needs_width = s.num_heads is not None or s.intermediate_size is not None or s.target_params is not None
+    needs_width = any(
+        x is not None for x in (s.num_heads, s.intermediate_size, s.target_params, s.target_speedup)
+    )
     width = width_importance(teacher, calib, pad) if needs_width else None
-    if s.target_params is not None:
-        shapes = search_shapes(teacher, parse_count(s.target_params), width)
+    ids, answer_mask = calib[0]
+    prompt_rows = [ids[: answer_mask.index(True) if True in answer_mask else len(ids)]]  # its prompt part
+    fast_teacher = copy.deepcopy(teacher).to(speed_dtype)
+    searching = s.target_params is not None or s.target_speedup is not None
+    if searching:
+        shapes = []
+        for heads, inter in width_grid(teacher):
+            depths = []
+            if s.target_params is not None:
+                depths.append(depth_for_params(teacher, heads, inter, parse_count(s.target_params), width))
+            if s.target_speedup is not None:
+                depths.append(depth_for_speedup(teacher, fast_teacher, heads, inter, s.target_speedup, tok,
+                                                prompt_rows, speed_dtype, width))  # fmt: skip
+            depth = min(depths)
+            if depth >= 1 and (depth, heads, inter) not in shapes:
+                shapes.append((depth, heads, inter))
+        if not shapes:
+            wanted = f"target_params={s.target_params}, target_speedup={s.target_speedup}"
+            raise ValueError(f"no student of the searched shapes meets student.{wanted}; relax them")
         selections = [s.layer_selection]
     else:
         shapes = [(len(s.layers) if s.layers else s.num_layers, s.num_heads, s.intermediate_size)]
@@ -137,11 +174,8 @@ def choose_student(
                 layers = evenly_spaced_layers(n, depth)
             else:
                 layers = most_important_layers(importance, depth)
-            name = sel if s.target_params is None else f"{sel}-{depth}L-{heads}h-{inter}ffn"
+            name = f"{sel}-{depth}L-{heads}h-{inter}ffn" if searching else sel
             candidates.append(Candidate(name, layers, heads, inter))
-    ids, answer_mask = calib[0]
-    prompt_rows = [ids[: answer_mask.index(True) if True in answer_mask else len(ids)]]  # its prompt part
-    fast_teacher = copy.deepcopy(teacher).to(speed_dtype)
     speedups: dict[tuple, float] = {}  # one timing per shape: the layers kept do not change the speed
     for c in candidates:
         student = build_student(teacher, c.layers, c.num_heads, c.intermediate_size, width)
@@ -155,14 +189,20 @@ def choose_student(
         console.print(f"  candidate {c.name:<10} {len(c.layers)} layers, {c.params / 1e6:.1f}M params: "
                       f"untrained KL {c.untrained_kl:.2f}, top-1 {c.untrained_top1:.3f} on {len(calib)} "
                       f"calibration answers; {c.speedup:.2f}x the teacher's speed")  # fmt: skip
-    if s.target_params is not None:
-        chosen = min(candidates, key=lambda c: c.untrained_kl)
+    if searching:
+        # the lowest untrained KL among those measured fast enough (the fit is a prediction)
+        fast = [c for c in candidates if s.target_speedup is None or c.speedup >= s.target_speedup]
+        if not fast:
+            console.print(f"[yellow]no candidate measured {s.target_speedup}x the teacher's speed; taking "
+                          "the fastest[/yellow]")  # fmt: skip
+        chosen = min(fast, key=lambda c: c.untrained_kl) if fast else max(candidates, key=lambda c: c.speedup)
     else:
         chosen = next(c for c in candidates if c.name == ("given" if s.layers else s.layer_selection))
     report = {
         "chosen": chosen.name,
         "importance": importance,
         "target_params": s.target_params,
+        "target_speedup": s.target_speedup,
         "speed_dtype": str(speed_dtype).removeprefix("torch."),
         "candidates": [asdict(c) for c in candidates],
     }
