@@ -50,9 +50,11 @@ RECIPES: dict[str, list[str]] = {
                             "student.intermediate_size=768", "train.hidden_weight=1.0",
                             "train.prompt_weight=0.5"],
     # 14 layers at half MLP: the depth that keeps 2x the teacher's generation speed on this CPU
-    "width14": ["student.layer_selection=importance", "student.num_layers=14", "student.intermediate_size=768"],
+    "width14": ["student.layer_selection=importance", "student.num_layers=14",
+                "student.intermediate_size=768"],
     "width14_hidden_prompt": ["student.layer_selection=importance", "student.num_layers=14",
-                              "student.intermediate_size=768", "train.hidden_weight=1.0", "train.prompt_weight=0.5"],
+                              "student.intermediate_size=768", "train.hidden_weight=1.0",
+                              "train.prompt_weight=0.5"],
     # the loss mix and the step size, on the importance student: pure KD, and twice the LR
     "importance_alpha1": ["student.layer_selection=importance", "train.alpha=1.0"],
     "importance_lr2x": ["student.layer_selection=importance", "train.lr=1.2e-3"],
