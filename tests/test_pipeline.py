@@ -109,3 +109,25 @@ def test_training_metrics_also_go_to_tensorboard(tiny_cfg):
     assert {"train/kd", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(
         acc.Tags()["scalars"]
     )
+
+
+def test_the_default_recipes_methods_together_end_to_end(tmp_path, tiny_teacher_dir, prompts_file):
+    """Importance layers, width pruning, hidden-state alignment and prompt tokens in one run (what
+    the embedded default recipe asks of SmolLM2): every stage runs, and the export is a stock model
+    of the pruned shape whose logits are the trained student's."""
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         student={"layer_selection": "importance", "num_layers": 3, "intermediate_size": 40},
+                         train={"hidden_weight": 1.0, "prompt_weight": 0.5, "max_steps": 3})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    results = pipeline.run_all(cfg)
+    run = cfg.run_dir
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["hidden"] > 0 and r["prompt_kd"] > 0 for r in rows)
+    exported = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    assert (exported.config.num_hidden_layers, exported.config.intermediate_size) == (3, 40)
+    trained = AutoModelForCausalLM.from_pretrained(run / "student").eval()
+    ids = torch.tensor([[5, 17, 9, 22]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
+    assert results["student"]["params"] < results["teacher"]["params"]
