@@ -15,7 +15,10 @@ scored on the held-out prompts:
   training should raise);
 - accuracy where the prompt has a reference.
 
-Figures go to bench/results/quality.json.
+Figures go to bench/results/quality.json (``--append`` adds runs to those recorded; ``--summarise``
+recomputes the table and the keys from them). The keys: the best recipe's KL over the old
+default's; the new default recipe's (``NEW_DEFAULT``) top-1 agreement and speed-up; the teacher's
+log-prob gain of on-policy training over its off-policy twin.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ OFF_POLICY_TWIN = {
     "onpolicy_1": "default",
     "importance_onpolicy_linear": "importance",
 }
+NEW_DEFAULT = "width14_hidden_prompt"  # the embedded default recipe now (src/distill/recipes/default.yaml)
 METRICS = ("kl", "top1_agreement", "rouge_l", "teacher_logprob", "reference_accuracy")
 EXTRA = ("steps", "speedup_batch1", "speedup_batched")  # aggregated where the run has them
 
@@ -135,6 +139,7 @@ def main() -> None:
     ap.add_argument("--source", default="runs/default", help="a run folder with answers.jsonl and split.json")
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "SEED"))
     ap.add_argument("--append", action="store_true", help="add to the runs already in the results file")
+    ap.add_argument("--summarise", action="store_true", help="no runs: recompute the table and keys")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), args.budget)))
@@ -143,9 +148,16 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     raw: dict[str, list[dict]] = {r: [] for r in recipes}
-    if args.append and RESULTS.is_file():
-        for r, runs in json.loads(RESULTS.read_text())["raw"].items():
+    commands: list[str] = []
+    if (args.append or args.summarise) and RESULTS.is_file():
+        before = json.loads(RESULTS.read_text())
+        for r, runs in before["raw"].items():
             raw.setdefault(r, []).extend(runs)
+        commands = before.get("commands") or [before["command"]]
+    if args.summarise:
+        seeds = []  # no runs: the table and keys again, from the runs recorded
+    else:
+        commands.append("python bench/quality.py " + " ".join(sys.argv[1:]))
     for seed in seeds:
         for recipe in recipes:  # the recipes take turns within a seed: a slow spell hits all alike
             run = Path("runs") / f"bench-quality-{recipe}-s{seed}"
@@ -177,7 +189,10 @@ def main() -> None:
     result = {
         "best_recipe": best,
         "best_vs_default_heldout_kl_ratio": kl[best] / kl["default"] if "default" in kl else None,
-        "default_heldout_top1_agreement": table.get("default", {}).get("top1_agreement", {}).get("mean"),
+        "new_default_recipe": NEW_DEFAULT,
+        "default_heldout_top1_agreement": table.get(NEW_DEFAULT, {}).get("top1_agreement", {}).get("mean"),
+        "old_default_heldout_top1_agreement": table.get("default", {}).get("top1_agreement", {}).get("mean"),
+        "new_default_speedup_batch1": table.get(NEW_DEFAULT, {}).get("speedup_batch1", {}).get("mean"),
         "onpolicy_vs_offpolicy_teacher_logprob_gain": max(gains.values()) if gains else None,
         "onpolicy_gains_by_recipe": gains,
         "table": table,
@@ -192,7 +207,7 @@ def main() -> None:
             "?",
         ),  # fmt: skip
         "seeds": sorted({x["seed"] for runs in raw.values() for x in runs}),
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "commands": commands,
         "date": dt.date.today().isoformat(),
     }
     RESULTS.write_text(json.dumps(result, indent=1))
