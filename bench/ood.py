@@ -1,6 +1,6 @@
 """How do trained students do on prompts from other domains? Out-of-domain quality per recipe.
 
-    python bench/ood.py RUN_DIR [RUN_DIR ...]      # runs of bench/quality.py (runs/bench-quality-*)
+    python bench/ood.py [--speed] [--append] RUN_DIR ...   # runs of bench/quality.py (bench-quality-*)
 
 The students of ``bench/quality.py`` learn from the teacher's answers to the embedded prompt set
 (small talk, arithmetic, Python documentation). Here each is scored on 40 prompts from elsewhere
@@ -8,9 +8,10 @@ The students of ``bench/quality.py`` learn from the teacher's answers to the emb
 travel, written for this benchmark, and 8 HumanEval problems (MIT). The teacher answers them once
 (greedy, 64 tokens; cached under runs/bench-ood/); every student is then scored as in
 ``bench/quality.py``: KL and top-1 agreement teacher-forced on those answers, ROUGE-L of its own
-greedy answers, and the teacher's log-prob of them, and the student's generation speed-up over
-the teacher (batch 1 and batch 8, side by side, in the precision the run chose). Figures go to
-bench/results/ood.json, by recipe (the run folder's name without its seed).
+greedy answers, and the teacher's log-prob of them; with ``--speed`` (on a quiet machine) also the
+student's generation speed-up over the teacher (batch 1 and batch 8, side by side, in the precision
+the run chose). Figures go to bench/results/ood.json, by recipe (the run folder's name without its
+seed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main() -> None:
     from distill.hardware import DTYPES
     from distill.models import load_model, load_tokenizer
 
-    runs = [Path(a) for a in sys.argv[1:]]
+    speed, append = "--speed" in sys.argv, "--append" in sys.argv
+    runs = [Path(a) for a in sys.argv[1:] if not a.startswith("--")]
     prompts = read_prompts(PROMPTS)
     teacher = load_model("smollm2-135m-instruct")
     tok = load_tokenizer("smollm2-135m-instruct")
@@ -66,12 +68,20 @@ def main() -> None:
     assert all(answer_key(p.id) in answers for p in prompts)
     cfg = EvaluateConfig(max_new_tokens=64)
     raw: dict[str, list[dict]] = {}
+    if append and RESULTS.is_file():  # keep the runs scored before, but for those scored again now
+        again = {r.name for r in runs}
+        for recipe, rs in json.loads(RESULTS.read_text())["raw"].items():
+            raw[recipe] = [x for x in rs if x["run"] not in again]
     for run in runs:
         student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
         res, _ = evaluate_model("student", student, teacher, tok, prompts, ids, answers, cfg,
                                 weights_dir=run / "student", max_seq_len=384)  # fmt: skip
         recipe = re.sub(r"^bench-quality-|-s\d+$", "", run.name)
         out = {m: res.get(m) for m in METRICS} | {"run": run.name}
+        if not speed:
+            raw.setdefault(recipe, []).append(out)
+            print(recipe, out, flush=True)
+            continue
         # generation speed-up over the teacher, side by side, in the dtype the run chose for speed
         speed_dtype = json.loads((run / "precision.json").read_text())["speed"]["dtype"]
         speed_cfg = cfg.model_copy(update={"speed_new_tokens": 32, "speed_repeats": 2})
@@ -85,9 +95,10 @@ def main() -> None:
             )
         raw.setdefault(recipe, []).append(out)
         print(recipe, raw[recipe][-1], flush=True)
+    raw = {r: rs for r, rs in raw.items() if rs}
     table = {
         r: {m: {"mean": statistics.fmean(x[m] for x in rs), "min": min(x[m] for x in rs),
-                "max": max(x[m] for x in rs)} for m in (*METRICS, *SPEED)} | {"runs": len(rs)}
+                "max": max(x[m] for x in rs)} for m in (*METRICS, *SPEED) if m in rs[0]} | {"runs": len(rs)}
         for r, rs in raw.items()
     }  # fmt: skip
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
