@@ -245,8 +245,8 @@ class StudentConfig(_Strict):
             raise ValueError(f"student.target_params {self.target_params!r}: a count such as 70M or 1.5B")
         if self.target_params is not None or self.target_speedup is not None:
             if self.layers is not None or self.num_heads or self.intermediate_size:
-                raise ValueError("student.target_params / target_speedup search the shape: leave layers, "
-                                 "num_heads and intermediate_size unset")  # fmt: skip
+                raise ValueError("student.target_params / target_speedup search the shape: set layers, "
+                                 "num_heads and intermediate_size to null")  # fmt: skip
         return self
 
 

@@ -132,8 +132,8 @@ def _clean_row(row: dict) -> dict:
     return out
 
 
-def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
-    prompts = []
+def _jsonl_objects(lines: list[str], name: str):
+    """``(line number, object)`` for each non-blank line; a line that is not a JSON object is named."""
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -143,6 +143,12 @@ def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
             raise DataError(f"{name}:{i}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{name}:{i}: each line must be a JSON object")
+        yield i, rec
+
+
+def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
+    prompts = []
+    for i, rec in _jsonl_objects(lines, name):
         prompts.append(_record_to_prompt(rec, f"{name}:{i}"))
     return _dedupe_ids(prompts)
 
@@ -379,14 +385,8 @@ def read_general_text(path: str | Path) -> list[str]:
         name, text = str(p), _read_text(p)
     if str(path).endswith(".jsonl"):
         docs = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name}:{i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        for i, rec in _jsonl_objects(text.splitlines(), name):
+            if not isinstance(rec.get("text"), str):
                 raise DataError(f'{name}:{i}: each line must be an object with a "text" string')
             docs.append(rec["text"])
     else:

@@ -29,6 +29,23 @@ def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     return layers
 
 
+def _calibration_pass(model, examples: list[Example], pad_id: int, batch_size: int,
+                      current_mask: list[torch.Tensor], handles: list) -> int:  # fmt: skip
+    """Run ``model`` over ``examples`` in padded batches, each batch's real-token mask put in
+    ``current_mask`` for the hooks to read; the hooks are removed after. Returns the real tokens."""
+    count = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            b = collate(examples[start : start + batch_size], pad_id).to(model.device)
+            current_mask[:] = [b.attention_mask.bool()]
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            count += int(b.attention_mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return count
+
+
 @torch.no_grad()
 def block_importance(
     model: PreTrainedModel, examples: list[Example], pad_id: int, batch_size: int = 8
@@ -45,7 +62,6 @@ def block_importance(
     """
     layers = _decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
     current_mask: list[torch.Tensor] = []
 
     def hook(i: int):
@@ -58,15 +74,7 @@ def block_importance(
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for start in range(0, len(examples), batch_size):
-            b = collate(examples[start : start + batch_size], pad_id).to(model.device)
-            current_mask[:] = [b.attention_mask.bool()]
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            count += int(b.attention_mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
+    count = _calibration_pass(model, examples, pad_id, batch_size, current_mask, handles)
     return (sums / max(count, 1)).tolist()
 
 
@@ -133,16 +141,7 @@ def width_importance(
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(i)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_channels(i)))
-    count = 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            b = collate(examples[start : start + batch_size], pad_id).to(model.device)
-            current_mask[:] = [b.attention_mask.bool()]
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            count += int(b.attention_mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
+    count = _calibration_pass(model, examples, pad_id, batch_size, current_mask, handles)
     return WidthImportance([h / max(count, 1) for h in heads], [c / max(count, 1) for c in channels])
 
 
