@@ -156,3 +156,21 @@ def tiny_recipe(run_root: Path, teacher: Path, prompts: Path, **sections) -> dic
     for k, v in sections.items():
         recipe.setdefault(k, {}).update(v)
     return recipe
+
+
+def tiny_run(tmp_path: Path, teacher: Path, prompts: Path, stages=("generate", "shrink", "train_student"),
+             **sections):  # fmt: skip
+    """Write a tiny recipe (``tiny_recipe`` with ``sections``) to tmp_path/r.yaml, load it and run
+    the pipeline's ``stages`` in order; returns the loaded config."""
+    import yaml
+
+    from distill import pipeline
+    from distill.config import load_config
+
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(tiny_recipe(tmp_path / "runs", teacher, prompts, **sections))
+    )
+    cfg = load_config(tmp_path / "r.yaml")
+    for stage in stages:
+        getattr(pipeline, stage)(cfg)
+    return cfg

@@ -8,7 +8,7 @@ from distill.config import ConfigError, RunConfig, dump_config, load_config, par
 
 def test_default_recipe_loads_and_round_trips(tmp_path):
     cfg = load_config()
-    assert cfg.teacher.model == "smollm2-135m-instruct" and cfg.student.num_layers == 10
+    assert cfg.teacher.model == "smollm2-135m-instruct" and cfg.student.num_layers == 14
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
 

@@ -14,7 +14,7 @@ from distill import pipeline
 from distill.config import load_config
 from distill.data import DataError, general_text_examples, read_general_text
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, tiny_run
 
 
 def test_read_general_text_splits_documents_and_names_bad_lines(tmp_path):
@@ -68,13 +68,8 @@ def test_healing_runs_first_and_a_rerun_starts_from_its_weights(tmp_path, tiny_t
     text.write_text(
         "\n\n".join(f"plain sentence number {i} about the weather and the sea" for i in range(40))
     )
-    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
-                         heal={"data": str(text), "max_steps": 3}, train={"max_steps": 2})  # fmt: skip
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    cfg = load_config(tmp_path / "r.yaml")
-    pipeline.generate(cfg)
-    pipeline.shrink(cfg)
-    pipeline.train_student(cfg)
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, heal={"data": str(text), "max_steps": 3},
+                   train={"max_steps": 2})  # fmt: skip
     run = cfg.run_dir
     heal_steps = [json.loads(x) for x in (run / "heal" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in heal_steps] == [1, 2, 3] and all(r["kd"] > 0 for r in heal_steps)

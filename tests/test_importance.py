@@ -13,7 +13,7 @@ from distill import pipeline
 from distill.config import load_config
 from distill.importance import block_importance, most_important_layers
 
-from conftest import random_examples, tiny_recipe
+from conftest import random_examples, tiny_recipe, tiny_run
 
 
 def test_block_importance_matches_a_hidden_state_reference(tiny_teacher_dir):
@@ -150,14 +150,9 @@ def test_a_narrower_given_student_aligns_through_a_learned_projection(
     narrow = LlamaForCausalLM(config)
     narrow.save_pretrained(tmp_path / "narrow")
     tok.save_pretrained(tmp_path / "narrow")
-    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
-                         student={"init": "model", "model": str(tmp_path / "narrow")},
-                         train={"hidden_weight": 0.5, "max_steps": 4, "checkpoint_every": 2})  # fmt: skip
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    cfg = load_config(tmp_path / "r.yaml")
-    pipeline.generate(cfg)
-    pipeline.shrink(cfg)
-    pipeline.train_student(cfg)
+    student = {"init": "model", "model": str(tmp_path / "narrow")}
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, student=student,
+                   train={"hidden_weight": 0.5, "max_steps": 4, "checkpoint_every": 2})  # fmt: skip
     run = cfg.run_dir
     summary = json.loads((run / "train_summary.json").read_text())
     # 2 student layers of a 4-layer teacher: layers 1 and 3, through a 16 -> 32 projection

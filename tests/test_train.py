@@ -410,4 +410,4 @@ def test_prompt_weight_trains_and_logs_its_part(setup, tmp_path):
     with pytest.raises(ValueError, match="train.prompt_weight needs a live local teacher"):
         from distill.config import load_config
 
-        load_config(None, ["train.prompt_weight=0.5", "cache.use=true"])
+        load_config(None, ["train.prompt_weight=0.5", "train.hidden_weight=0", "cache.use=true"])
