@@ -316,18 +316,24 @@ def test_time_plan_fits_the_budget_and_respects_max_steps():
 
 
 def test_time_plan_counts_the_students_sampling_as_lambda_rises():
-    # constant lambda 0.5: each step 1 s + 4 rows * 0.5 (a half sampled) * 0.5 s = 2 s; 97 s left
+    # constant lambda 0.5, one micro-batch of 4 rows a step: a sampling call (2 s) unless no row is
+    # chosen, so each step costs 1 + 2 * (1 - 0.5 ** 4) = 2.875 s; 97 s left after 3 steps
     cfg = _cfg(max_steps=1000, time_budget="100s", onpolicy_fraction=0.5)
-    plan = tr.TimePlan.fit(cfg, 3, [2.0, 2.0], 3.0, sampled_in_steps=2.0, per_row=0.5, rows_per_step=4)
-    assert plan.step_seconds == 1.0 and plan.max_steps == 3 + 48
-    # linear 0 -> 0.5: step s of an n-step run costs 1 + 4 * 0.5 * 0.5 * s / (n - 1); the plan is the
-    # largest n whose steps 3..n-1 fit, found here by walking n up
+    plan = tr.TimePlan.fit(cfg, 3, [3.0, 3.0], 3.0, sampled_in_steps=4.0, per_call=2.0, calls_per_step=1,
+                           rows_per_call=4)  # fmt: skip
+    assert plan.step_seconds == 1.0 and plan.max_steps == 3 + 33
+    # linear 0 -> 0.5: step s of an n-step run costs 1 + 2 * (1 - (1 - 0.5 * s / (n - 1)) ** 4); the
+    # plan is the largest n whose steps 3..n-1 fit, found here by walking n up
     lin = _cfg(max_steps=1000, time_budget="100s", onpolicy_fraction=0.5, onpolicy_schedule="linear")
-    got = tr.TimePlan.fit(lin, 3, [1.0, 1.0], 3.0, per_row=0.5, rows_per_step=4)
-    walk = max(n for n in range(3, 1000) if sum(1 + s / (n - 1) for s in range(3, n)) <= 97)
-    assert got.max_steps == walk and 48 < walk < 97
-    assert got.planned_seconds == pytest.approx(3 + sum(1 + s / (walk - 1) for s in range(3, walk)))
-    assert "per row the student samples" in got.describe("100s")
+    got = tr.TimePlan.fit(lin, 3, [1.0, 1.0], 3.0, per_call=2.0, calls_per_step=1, rows_per_call=4)
+
+    def cost(n):
+        return sum(1 + 2 * (1 - (1 - 0.5 * s / (n - 1)) ** 4) for s in range(3, n))
+
+    walk = max(n for n in range(4, 1000) if cost(n) <= 97)
+    assert got.max_steps == walk and 36 < walk < 97
+    assert got.planned_seconds == pytest.approx(3 + cost(walk))
+    assert "per micro-batch the student samples for" in got.describe("100s")
 
 
 def test_time_budget_with_on_policy_probes_the_sampling_cost(setup, tmp_path):
@@ -337,7 +343,7 @@ def test_time_budget_with_on_policy_probes_the_sampling_cost(setup, tmp_path):
     tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
     plan = json.loads((tmp_path / "train_plan.json").read_text())
     # lambda is 0 in the timed steps, so the cost per sampled row came from the probe
-    assert plan["sample_seconds_per_row"] > 0 and plan["rows_per_step"] == 3
+    assert plan["sample_seconds_per_call"] > 0 and plan["calls_per_step"] == 1 and plan["rows_per_call"] == 3
 
 
 def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):

@@ -441,39 +441,47 @@ class TimePlan:
     """The step count ``train.time_budget`` allows, measured once and kept (a resumed run reuses it,
     so its LR schedule is the one the run started with).
 
-    On-policy steps cost more as λ rises (the student samples its rows' answers): the plan counts
-    each step's base time plus λ(step) times the sampling cost of a step's rows, measured in the
-    timed steps or, while λ is still 0 there, by a probe."""
+    On-policy steps cost more as λ rises: each micro-batch with at least one row chosen makes the
+    student sample, in one batched ``generate`` call whose time hardly depends on how many rows it
+    has (decoding is latency-bound at these batch sizes). The plan counts each step as its base time
+    plus, per micro-batch, the chance that some row is chosen, ``1 - (1 - λ(step))^rows``, times the
+    time of a call, measured in the timed steps or, while λ is still 0 there, by a probe."""
 
     max_steps: int
     step_seconds: float  # base: a step without sampling
     budget_seconds: float
     spent_seconds: float  # wall time before the plan: warm-up and the measured steps
     capped: bool  # max_steps was the smaller bound
-    sample_seconds_per_row: float = 0.0
-    rows_per_step: int = 0
+    sample_seconds_per_call: float = 0.0
+    calls_per_step: int = 0  # micro-batches per step (on this process)
+    rows_per_call: int = 0  # rows of a micro-batch
     planned_seconds: float | None = None
 
     @classmethod
     def fit(
         cls, cfg: TrainConfig, done: int, measured: list[float], spent: float,
-        sampled_in_steps: float = 0.0, per_row: float = 0.0, rows_per_step: int = 0,
+        sampled_in_steps: float = 0.0, per_call: float = 0.0, calls_per_step: int = 0, rows_per_call: int = 0,
     ) -> TimePlan:  # fmt: skip
         """``measured``: seconds of each timed step, of which ``sampled_in_steps`` in all went to
-        on-policy sampling; ``per_row``: sampling seconds per row; ``rows_per_step``: rows a step."""
+        on-policy sampling; ``per_call``: seconds of one sampling call."""
         base = max(1e-6, (sum(measured) - sampled_in_steps) / len(measured))
         left = max(0.0, cfg.time_budget_s - spent)
 
         def cost(n: int) -> float:  # seconds of steps done..n-1 when the run has n steps
             c = cfg.model_copy(update={"max_steps": n})
-            return sum(base + rows_per_step * per_row * onpolicy.fraction_at(s, c) for s in range(done, n))
+            calls = [
+                calls_per_step * (1 - (1 - onpolicy.fraction_at(s, c)) ** rows_per_call)
+                for s in range(done, n)
+            ]
+            return (n - done) * base + per_call * sum(calls)
 
         lo, hi = done, max(done, cfg.max_steps)  # the most steps whose cost fits: cost grows with n
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
         fits_cap = cost(cfg.max_steps) <= left
-        return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_row, rows_per_step, spent + cost(lo))
+        return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_call, calls_per_step, rows_per_call,
+                   spent + cost(lo))  # fmt: skip
 
     def describe(self, budget: str) -> str:
         eta = (
@@ -481,8 +489,8 @@ class TimePlan:
             or self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
         )
         bound = " (train.max_steps, the upper bound)" if self.capped else ""
-        sampling = (f" + {self.sample_seconds_per_row:.2f} s per row the student samples"
-                    if self.sample_seconds_per_row else "")  # fmt: skip
+        sampling = (f" + {self.sample_seconds_per_call:.2f} s per micro-batch the student samples for"
+                    if self.sample_seconds_per_call else "")  # fmt: skip
         return (f"time budget {budget}: {self.step_seconds:.2f} s/step after warm-up{sampling} -> "
                 f"{self.max_steps} steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
 
@@ -497,12 +505,12 @@ class TimePlan:
 
 
 def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> float:
-    """Seconds per row for the student to sample answers, timed on one micro-batch's prompts (for
-    the time plan while λ is still 0; the samples are thrown away, the RNG left as it was)."""
+    """Seconds of one sampling call, timed on one micro-batch's prompts (for the time plan while λ
+    is still 0; the samples are thrown away, the RNG left as it was)."""
     rows = [ids[: m.index(True)] if True in m else ids for ids, m in examples[: cfg.batch_size]]
     t0 = time.perf_counter()
     onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step)
-    return (time.perf_counter() - t0) / len(rows)
+    return time.perf_counter() - t0
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -600,7 +608,7 @@ def train(
     t_start, tokens = time.perf_counter(), 0
     step_times: list[float] = []
     sampling: list[float] = []  # seconds each step spent in on-policy sampling
-    sampled_rows: list[int] = []
+    sampled_calls: list[int] = []
     with progress_bar("step", disable=not main) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
@@ -673,18 +681,17 @@ def train(
                 acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f}")
             step_times.append(dt)
-            sampled_rows.append(on_rows)
+            sampled_calls.append(sum(1 for _, on in batches if on))  # one generate call each
             if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
-                in_steps, per_row, rows = 0.0, 0.0, 0
+                in_steps, per_call = 0.0, 0.0
                 if cfg.onpolicy_fraction > 0:
-                    rows = cfg.batch_size * cfg.grad_accum
                     in_steps = sum(sampling[PLAN_WARMUP:])
-                    n_rows = sum(sampled_rows[PLAN_WARMUP:])
-                    per_row = (
-                        in_steps / n_rows if n_rows else _sampling_probe(model, examples, step, cfg, pad_id)
+                    n_calls = sum(sampled_calls[PLAN_WARMUP:])
+                    per_call = (
+                        in_steps / n_calls if n_calls else _sampling_probe(model, examples, step, cfg, pad_id)
                     )
                 plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start,
-                                    in_steps, per_row, rows)  # fmt: skip
+                                    in_steps, per_call, cfg.grad_accum, cfg.batch_size)  # fmt: skip
                 if world > 1:  # every process must stop at the same step: rank 0's plan holds
                     agreed = torch.tensor([plan.max_steps], device=acc.device)
                     torch.distributed.broadcast(agreed, src=0)
