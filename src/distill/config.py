@@ -55,6 +55,13 @@ def duration_seconds(text: str | float | int) -> float:
     return h * 3600 + mins * 60 + secs
 
 
+def positive_duration(v: str | None) -> str | None:
+    """``v`` unchanged when it is None or a positive duration (``duration_seconds``); else ValueError."""
+    if v is not None and duration_seconds(v) <= 0:
+        raise ValueError("must be a positive duration, e.g. 10m")
+    return v
+
+
 def parse_count(text: str | int) -> int | None:
     """``70M`` -> 70_000_000 (also ``1.5B``, ``500k``, ``12345``); None when not a count."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
@@ -360,9 +367,7 @@ class TrainConfig(_Strict):
     @field_validator("time_budget")
     @classmethod
     def _a_duration(cls, v: str | None) -> str | None:
-        if v is not None and duration_seconds(v) <= 0:
-            raise ValueError("must be a positive duration, e.g. 10m")
-        return v
+        return positive_duration(v)
 
     @property
     def bf16(self) -> bool:
@@ -414,9 +419,7 @@ class HealConfig(_Strict):
     @field_validator("time_budget")
     @classmethod
     def _a_duration(cls, v: str | None) -> str | None:
-        if v is not None and duration_seconds(v) <= 0:
-            raise ValueError("must be a positive duration, e.g. 2m")
-        return v
+        return positive_duration(v)
 
 
 class EvaluateConfig(_Strict):
