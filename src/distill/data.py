@@ -288,6 +288,11 @@ class Batch:
         return [(i, start, n) for i, row in enumerate(self.segments) for start, n in row]
 
 
+def prompt_part(ids: list[int], answer_mask: list[bool]) -> list[int]:
+    """The prompt of an ``(ids, answer mask)`` example: its tokens before the first answer token."""
+    return ids[: answer_mask.index(True)] if True in answer_mask else ids
+
+
 def make_example(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> tuple[list, list]:
     """Concatenate prompt and answer, truncating the answer to fit ``max_len``."""
     keep = max(0, max_len - len(prompt_ids))

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from distill.config import TrainConfig
-from distill.data import Batch, collate, make_example, pack
+from distill.data import Batch, collate, make_example, pack, prompt_part
 from distill.generate import generate_batch
 
 Example = tuple[list[int], list[bool]]
@@ -75,9 +75,7 @@ def mix(
     chosen = [rng.random() < lam for _ in rows]
     if not any(chosen):
         return [(batch, False)]
-    prompts = [
-        ids[: m.index(True)] if True in m else ids for (ids, m), c in zip(rows, chosen, strict=True) if c
-    ]
+    prompts = [prompt_part(ids, m) for (ids, m), c in zip(rows, chosen, strict=True) if c]
     answers = sample_answers(student, prompts, cfg, pad_id, seed % 2**63)
     on = [make_example(p, a, cfg.max_seq_len) for p, a in zip(prompts, answers, strict=True)]
     off = [r for r, c in zip(rows, chosen, strict=True) if not c]

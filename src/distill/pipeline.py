@@ -502,11 +502,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         tcfg = cfg.train.model_copy(update={"alpha": 0.0})
         source = "the API teacher's text only (sequence-level KD; alpha set to 0: no teacher logits)"
     elif cfg.train.alpha > 0 or cfg.train.hidden_weight > 0:
-        tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-        # the teacher goes where teacher.device says; auto: beside the student (moved below, once
-        # accelerate has said which device this process trains on)
-        place = torch.device("cpu") if cfg.teacher.device == "auto" else None
-        t_model = _load_teacher(cfg, tdtype, device=place)
+        t_model = _training_teacher(cfg)
         align = (
             _layer_map(init, student, t_model.config.num_hidden_layers) if cfg.train.hidden_weight else None
         )
@@ -532,9 +528,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         grader = ApiGrader(cfg.teacher.api, tok)
         source += "; the student's own samples graded by the API (completions, echoed log-probs)"
     elif cfg.train.onpolicy_fraction > 0 and isinstance(teacher, CachedTeacher):
-        tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-        place = torch.device("cpu") if cfg.teacher.device == "auto" else None
-        grader = LiveTeacher(_load_teacher(cfg, tdtype, device=place))
+        grader = LiveTeacher(_training_teacher(cfg))
         source += "; the student's own samples graded by the live teacher"
     for live in (teacher, grader):
         if isinstance(live, LiveTeacher) and cfg.teacher.device == "auto" and not cfg.teacher.device_map:
@@ -617,6 +611,14 @@ def _heal(cfg: RunConfig, run: Path, student, teacher: LiveTeacher | None, tok, 
         os.replace(tmp, done)
     acc.wait_for_everyone()
     return summary
+
+
+def _training_teacher(cfg: RunConfig):
+    """The local teacher for training, in the training precision. It goes where teacher.device says;
+    auto: the CPU for now, moved beside the student once accelerate has said where that is."""
+    tdtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    place = torch.device("cpu") if cfg.teacher.device == "auto" else None
+    return _load_teacher(cfg, tdtype, device=place)
 
 
 def _layer_map(init: Path, student, teacher_layers: int) -> list[int]:

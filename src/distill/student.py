@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.config import StudentConfig, parse_count
+from distill.data import prompt_part
 from distill.evaluate import _timed_generation, forced_metrics
 from distill.importance import (
     Candidate,
@@ -142,8 +143,7 @@ def choose_student(
         x is not None for x in (s.num_heads, s.intermediate_size, s.target_params, s.target_speedup)
     )
     width = width_importance(teacher, calib, pad) if needs_width else None
-    ids, answer_mask = calib[0]
-    prompt_rows = [ids[: answer_mask.index(True) if True in answer_mask else len(ids)]]  # its prompt part
+    prompt_rows = [prompt_part(*calib[0])]
     fast_teacher = copy.deepcopy(teacher).to(speed_dtype)
     searching = s.target_params is not None or s.target_speedup is not None
     if searching:

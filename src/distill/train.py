@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from distill import interrupt, onpolicy
 from distill.config import TrainConfig
-from distill.data import Batch, collate, pack
+from distill.data import Batch, collate, pack, prompt_part
 from distill.losses import (
     LOSSES,
     LogitTransform,
@@ -507,7 +507,7 @@ class TimePlan:
 def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> float:
     """Seconds of one sampling call, timed on one micro-batch's prompts (for the time plan while λ
     is still 0; the samples are thrown away, the RNG left as it was)."""
-    rows = [ids[: m.index(True)] if True in m else ids for ids, m in examples[: cfg.batch_size]]
+    rows = [prompt_part(ids, m) for ids, m in examples[: cfg.batch_size]]
     t0 = time.perf_counter()
     onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step)
     return time.perf_counter() - t0
