@@ -19,6 +19,7 @@ from distill.api import ApiError
 from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
 from distill.data import DataError
+from distill.gguf_export import GGUFExportError
 from distill.models import ModelError, ModelNotFoundError, cache_root
 from distill.progress import console
 from distill.train import TrainingError
@@ -47,6 +48,7 @@ USER_ERRORS = (
     CacheError,
     ConfigError,
     DataError,
+    GGUFExportError,
     ModelError,
     ModelNotFoundError,
     pipeline.StageError,
@@ -176,9 +178,20 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fa
 
 
 @app.command()
-def export(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """The student as a plain Hugging Face folder with a model card -> export/."""
-    _call(pipeline.export, _config(config, set_), force=force)
+def export(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    format_: Annotated[
+        list[str] | None,
+        typer.Option("--format", help="hf or gguf (repeatable); default: export.formats (both)"),
+    ] = None,
+) -> None:
+    """The student as a Hugging Face folder and GGUF files, checked, with a model card -> export/."""
+    overrides = list(set_ or [])
+    if format_:
+        overrides.append(f"export.formats=[{','.join(format_)}]")
+    _call(pipeline.export, _config(config, overrides), force=force)
 
 
 @app.command("show-config")

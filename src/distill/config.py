@@ -436,9 +436,16 @@ class EvaluateConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    """The exported Hugging Face folder."""
+    """What ``distill export`` writes into export/, and how it checks it."""
 
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the Hugging Face folder's weights
+    formats: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"], min_length=1)
+    gguf_types: list[Literal["f16", "q8_0", "q4_0"]] = Field(
+        default_factory=lambda: ["f16", "q8_0"], min_length=1
+    )
+    # held-out prompts on which each exported file is compared with the evaluated student (0: none)
+    check_prompts: int = Field(8, ge=0)
+    check_new_tokens: int = Field(32, ge=1)
 
 
 class RunConfig(_Strict):

@@ -1,4 +1,5 @@
-"""Export the trained student as a plain Hugging Face folder with a model card."""
+"""Export the trained student: a Hugging Face folder, GGUF files, a model card, each checked
+against the student that was evaluated."""
 
 from __future__ import annotations
 
@@ -13,24 +14,163 @@ from distill.config import RunConfig
 from distill.evaluate import METRICS
 
 
-def export_student(student_dir: Path, out_dir: Path, cfg: RunConfig, eval_results: dict | None) -> Path:
-    """Write safetensors weights, config, tokenizer, generation config and README.md.
+def export_student(
+    student_dir: Path,
+    out_dir: Path,
+    cfg: RunConfig,
+    eval_results: dict | None,
+    check_rows: list[tuple[list[int], list[int]]] | None = None,
+    teacher_gguf: Path | None = None,
+) -> tuple[Path, dict | None]:
+    """Write the student in the formats ``cfg.export.formats`` names, check them, then the card.
 
-    The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained`` alone.
+    - hf: safetensors weights, config, tokenizer, generation config; loads with
+      ``transformers.AutoModelForCausalLM.from_pretrained`` alone (and vLLM).
+    - gguf: one file per ``cfg.export.gguf_types`` (``<name>-f16.gguf``, ...), and an Ollama Modelfile.
+
+    ``check_rows`` (prompt ids, teacher answer ids on held-out prompts): each written model is
+    compared with the evaluated student (``check_export``); the result is returned and goes into
+    the model card. Everything is written into a temporary folder that replaces ``out_dir`` at the
+    end, so a failed export leaves the previous one (or none), never half of one.
     """
-    dtype = torch.bfloat16 if cfg.export.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(student_dir)
+    from distill.gguf_export import write_gguf
+
+    ex = cfg.export
+    dtype = torch.bfloat16 if ex.dtype == "bfloat16" else torch.float32
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    summary = student_dir.parent / "train_summary.json"
-    steps = json.loads(summary.read_text())["steps"] if summary.is_file() else cfg.train.max_steps
-    (tmp / "README.md").write_text(model_card(cfg, eval_results, model.config.num_hidden_layers, steps))
+    tmp.mkdir(parents=True)
+    try:
+        if "hf" in ex.formats:
+            model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(student_dir)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            del model
+        ggufs: dict[str, Path] = {}
+        if "gguf" in ex.formats:
+            for kind in ex.gguf_types:
+                path = tmp / f"{cfg.name}-{kind}.gguf"
+                ggufs[kind] = write_gguf(student_dir, path, kind, teacher_gguf=teacher_gguf, name=cfg.name)
+            (tmp / "Modelfile").write_text(ollama_modelfile(ggufs, student_dir))
+        check = check_export(student_dir, tmp if "hf" in ex.formats else None, ggufs, check_rows, cfg)
+        summary = student_dir.parent / "train_summary.json"
+        steps = json.loads(summary.read_text())["steps"] if summary.is_file() else cfg.train.max_steps
+        n_layers = json.loads((student_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        card = model_card(cfg, eval_results, n_layers, steps, check=check, ggufs=ggufs)
+        (tmp / "README.md").write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return out_dir
+    return out_dir, check
+
+
+def ollama_modelfile(ggufs: dict[str, Path], student_dir: Path) -> str:
+    """An Ollama Modelfile for the smallest file written, with the chat template spelled for Ollama
+    where the student's is ChatML (the embedded default's)."""
+    order = ["q4_0", "q8_0", "f16"]
+    kind = next(k for k in order if k in ggufs)
+    lines = [f"FROM ./{ggufs[kind].name}", "PARAMETER temperature 0"]
+    tok_cfg = student_dir / "tokenizer_config.json"
+    template = json.loads(tok_cfg.read_text()).get("chat_template") if tok_cfg.is_file() else None
+    if not template and (student_dir / "chat_template.jinja").is_file():
+        template = (student_dir / "chat_template.jinja").read_text()
+    if template and "<|im_start|>" in template:
+        lines += [
+            'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+            "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+            '{{ .Response }}<|im_end|>\n"""',
+            'PARAMETER stop "<|im_end|>"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def check_export(
+    student_dir: Path,
+    hf_dir: Path | None,
+    ggufs: dict[str, Path],
+    rows: list[tuple[list[int], list[int]]] | None,
+    cfg: RunConfig,
+) -> dict | None:
+    """The exported models against the evaluated student on held-out prompts.
+
+    - hf: the folder reloaded by stock transformers, and the fields vLLM reads (``serving_problems``);
+    - gguf: each file in llama.cpp (when llama-cpp-python is installed): greedy continuations,
+      teacher-forced log-probs and perplexity of the teacher's answers (``check_gguf``).
+    """
+    from distill.gguf_export import check_gguf, hf_greedy, hf_logprobs, llama_cpp_available
+
+    if not rows:
+        return None
+    import numpy as np
+
+    ex = cfg.export
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    eos = student.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    out: dict = {"prompts": len(rows)}
+    if hf_dir is not None:
+        exported = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        diffs = np.concatenate(
+            [np.abs(hf_logprobs(exported, p + a) - hf_logprobs(student, p + a)) for p, a in rows]
+        )
+        same = [
+            hf_greedy(exported, p, ex.check_new_tokens, eos)
+            == hf_greedy(student, p, ex.check_new_tokens, eos)
+            for p, _ in rows
+        ]
+        out["hf"] = {
+            "greedy_match": sum(same) / len(same),
+            "logprob_abs_diff_max": float(diffs.max()),
+            "serving_problems": serving_problems(hf_dir),
+        }
+        del exported
+    if ggufs:
+        if llama_cpp_available():
+            out["gguf"] = check_gguf(ggufs, student, rows, ex.check_new_tokens, eos)
+        else:
+            out["gguf"] = {"skipped": "llama-cpp-python is not installed (make install-llama builds it)"}
+    return out
+
+
+def serving_problems(folder: Path) -> list[str]:
+    """What a serving engine (vLLM, TGI) would miss in an exported folder; [] when nothing."""
+    problems = []
+    cfg_path = folder / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if not config:
+        problems.append("config.json is missing")
+    for field in (
+        "architectures",
+        "model_type",
+        "max_position_embeddings",
+        "vocab_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+    ):
+        if config and field not in config:
+            problems.append(f"config.json has no {field}")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if config and heads and hidden and hidden % heads and "head_dim" not in config:
+        problems.append("config.json: hidden_size is not a multiple of the heads and no head_dim is given")
+    if not (folder / "generation_config.json").is_file():
+        problems.append("generation_config.json is missing")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        problems.append("no tokenizer.json or tokenizer.model")
+    if not (folder / "tokenizer_config.json").is_file():
+        problems.append("tokenizer_config.json is missing")
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        problems.append("no .safetensors weights")
+    elif len(shards) > 1 and not (folder / "model.safetensors.index.json").is_file():
+        problems.append("several .safetensors files but no model.safetensors.index.json")
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        problems.append("pickle weights (.bin/.pt) next to the safetensors")
+    return problems
 
 
 def _fmt(v) -> str:
@@ -41,7 +181,14 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int, steps: int | None = None) -> str:
+def model_card(
+    cfg: RunConfig,
+    eval_results: dict | None,
+    num_layers: int,
+    steps: int | None = None,
+    check: dict | None = None,
+    ggufs: dict[str, Path] | None = None,
+) -> str:
     """A Markdown model card: what was distilled from what, how, and how well."""
     t = cfg.train
     student = (
@@ -106,4 +253,43 @@ def model_card(cfg: RunConfig, eval_results: dict | None, num_layers: int, steps
             "```",
             "</details>",
         ]
+    if ggufs:
+        lines += ["", "## GGUF (llama.cpp, Ollama)", ""]
+        lines += [f"- `{path.name}`" for path in ggufs.values()]
+        first = next(iter(ggufs.values())).name
+        lines += [
+            "",
+            "```sh",
+            f"llama-server -m {first}     # OpenAI-compatible, chat template inside",
+            "ollama create student -f Modelfile && ollama run student",
+            "```",
+        ]
+    if check:
+        lines += [
+            "",
+            "## Export check",
+            "",
+            f"Each exported model against the evaluated student on {check['prompts']} held-out prompts: "
+            "greedy continuations the same token for token, |difference| of the teacher-forced "
+            "log-probs of the teacher's answers, and their perplexity.",
+            "",
+            "| model | greedy same | mean abs log-prob diff | max | perplexity | vs f16 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        if "hf" in check:
+            h = check["hf"]
+            diff = f"{h['logprob_abs_diff_max']:.2g}"
+            lines.append(f"| Hugging Face folder | {h['greedy_match']:.0%} | - | {diff} | - | - |")
+        files = (check.get("gguf") or {}).get("files") or {}
+        for r in files.values():
+            lines.append(
+                f"| {r['file']} (llama.cpp) | {r['greedy_match']:.0%} | {r['logprob_abs_diff_mean']:.2g} | "
+                f"{r['logprob_abs_diff_max']:.2g} | {r['perplexity']:.3f} | "
+                f"{r.get('perplexity_vs_f16', 1):.4f} |"
+            )
+        if (check.get("gguf") or {}).get("skipped"):
+            lines += ["", f"GGUF not checked: {check['gguf']['skipped']}."]
+        problems = (check.get("hf") or {}).get("serving_problems")
+        if problems:
+            lines += ["", "Serving problems: " + "; ".join(problems)]
     return "\n".join(lines) + "\n"

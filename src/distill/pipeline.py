@@ -42,7 +42,15 @@ from distill.data import (
 from distill.evaluate import compare_speed, evaluate_model, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
-from distill.generate import LlamaCppEngine, eos_ids, generate_answers, read_answers, read_log, write_records
+from distill.generate import (
+    LlamaCppEngine,
+    answer_key,
+    eos_ids,
+    generate_answers,
+    read_answers,
+    read_log,
+    write_records,
+)
 from distill.hardware import DTYPES, Precision, choose_precision, resolve_device
 from distill.models import (
     count_params,
@@ -172,6 +180,13 @@ def _setup(cfg: RunConfig) -> tuple[Path, RunConfig]:
     dump_config(cfg, run / "config.yaml")
     (run / "precision.json").write_text(json.dumps({k: p.as_dict() for k, p in precision.items()}, indent=1))
     return run, cfg
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it over ``path``: readers see the old or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -703,7 +718,7 @@ def evaluate(cfg: RunConfig) -> dict:
         results["summary"]["teacher_cost_usd"] = total["cost_usd"]
         results["summary"]["teacher_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
     results["precision"] = json.loads((run / "precision.json").read_text())  # chosen at this stage's start
-    (run / "eval.json").write_text(json.dumps(results, indent=1))
+    _write_json_atomic(run / "eval.json", results)
     with (run / "eval_answers.jsonl").open("w") as f:
         for o in outputs:
             f.write(json.dumps(o, ensure_ascii=False) + "\n")
@@ -715,11 +730,67 @@ def evaluate(cfg: RunConfig) -> dict:
 def export(cfg: RunConfig) -> Path:
     """The trained student as a plain Hugging Face folder with a model card -> export/."""
     run, cfg = _setup(cfg)
+    student_dir = _need(run / "student", "train")
     eval_path = run / "eval.json"
     results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
-    out = export_student(_need(run / "student", "train"), run / "export", cfg, results)
-    console.print(f"exported {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    rows = _check_rows(cfg, student_dir) if cfg.export.check_prompts else None
+    teacher_gguf = resolve_gguf(cfg.teacher.model) if cfg.teacher.model else None
+    out, check = export_student(student_dir, run / "export", cfg, results, rows, teacher_gguf)
+    if check is not None:
+        (run / "export_check.json").write_text(json.dumps(check, indent=1))
+        if results is not None:
+            results["export_check"] = check
+            _write_json_atomic(eval_path, results)
+    written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".gguf", ".safetensors")))
+    console.print(f"exported {out}: {written}")
+    for line in _check_lines(check):
+        console.print(line)
     return out
+
+
+def _check_rows(cfg: RunConfig, student_dir: Path) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, teacher answer ids) of the first held-out prompts, for the export check."""
+    run = cfg.run_dir
+    if not (run / "answers.jsonl").is_file():
+        return []
+    answers = read_answers(run / "answers.jsonl")
+    _, held = load_split(cfg)
+    tok = load_tokenizer(str(student_dir))
+    rows = []
+    for p in held:
+        rec = answers.get(answer_key(p.id))
+        if rec is None or not rec.get("token_ids"):
+            continue
+        ids = prompt_token_ids(
+            tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
+        )
+        rows.append((list(ids), list(rec["token_ids"])[: cfg.train.max_seq_len]))
+        if len(rows) == cfg.export.check_prompts:
+            break
+    return rows
+
+
+def _check_lines(check: dict | None) -> list[str]:
+    if not check:
+        return []
+    lines = []
+    if "hf" in check:
+        h = check["hf"]
+        lines.append(
+            f"  check, Hugging Face folder: greedy same on {h['greedy_match']:.0%} of "
+            f"{check['prompts']} held-out prompts, max |log-prob diff| {h['logprob_abs_diff_max']:.2g}"
+            + (f"; serving problems: {'; '.join(h['serving_problems'])}" if h["serving_problems"] else "")
+        )
+    g = check.get("gguf") or {}
+    for r in (g.get("files") or {}).values():
+        lines.append(
+            f"  check, {r['file']} in llama.cpp: greedy same {r['greedy_match']:.0%}, mean |log-prob diff| "
+            f"{r['logprob_abs_diff_mean']:.2g}, perplexity {r['perplexity']:.3f} "
+            f"({r.get('perplexity_vs_f16', 1):.4f}x f16)"
+        )
+    if g.get("skipped"):
+        lines.append(f"  GGUF not checked: {g['skipped']}")
+    return lines
 
 
 def run_all(cfg: RunConfig, resume: bool = True) -> dict:

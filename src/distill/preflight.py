@@ -165,9 +165,22 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
         facts["student"] = model_facts(cfg.student.model, trust_remote_code=trust)
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
+    _check_export(cfg, facts)
     vocab = facts.get("teacher", facts.get("student"))
     if cfg.cache.use and vocab is not None and vocab.vocab_size and cfg.cache.k > vocab.vocab_size:
         raise ConfigError(f"cache.k={cfg.cache.k} exceeds the vocabulary ({vocab.vocab_size} tokens)")
     if cfg.cache.use and vocab is not None and cfg.cache.k + cfg.cache.tail_samples > vocab.vocab_size:
         raise ConfigError("cache.k + cache.tail_samples exceeds the vocabulary")
     return facts
+
+
+def _check_export(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
+    """A GGUF export the student's architecture cannot have is refused now, not after training."""
+    if "gguf" not in cfg.export.formats:
+        return
+    arch = (facts.get("student") or facts.get("teacher") or ModelFacts("", "", 0, 0, 0, 0)).architecture
+    if arch and arch not in ("llama", "gemma3", "gemma3_text"):
+        raise ConfigError(
+            f"export.formats: gguf is written for Llama and Gemma 3 students; this one is {arch!r}. "
+            "Set export.formats=[hf] and convert the folder with llama.cpp's convert_hf_to_gguf.py"
+        )

@@ -1,0 +1,336 @@
+"""Export for deployment: GGUF files that llama.cpp runs like the student, an HF folder that
+serving engines load, the check written into the card, and nothing half-made on failure."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from distill import pipeline
+from distill.config import ConfigError, load_config
+from distill.export import serving_problems
+from distill.gguf_export import GGUFExportError, gguf_arch, write_gguf
+from distill.models import prune_width
+
+from conftest import build_llama, build_tokenizer, tiny_recipe, tiny_run
+
+needs_llama = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python not installed (make install-llama)",
+)
+TEXTS = [
+    "the cat sat on the mat",
+    "what is two plus two?",
+    "numbers: 12 100 1000 and 7",
+    "hello, how are you today?",
+    "python is a programming language",
+    "a teacher model teaches a smaller student",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_export")
+    tok = build_tokenizer(folder)
+    model = build_llama(folder, tok, layers=2, seed=3)
+    return folder, tok, model
+
+
+def _reference_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log p(ids[t] | ids[:t]) in float64, from transformers' full forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    return torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding written out step by step (no generate(), no cache): the reference."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def _llama(path):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+
+
+def _llama_logprobs(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    s = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+    s = s - s.max(-1, keepdims=True)
+    return s[np.arange(len(ids) - 1), ids[1:]] - np.log(np.exp(s).sum(-1))
+
+
+@needs_llama
+def test_f16_gguf_runs_in_llama_cpp_like_transformers(tiny, tmp_path):
+    folder, tok, model = tiny
+    path = write_gguf(folder, tmp_path / "s-f16.gguf", "f16")
+    llm = _llama(path)
+    for text in TEXTS:
+        # the tokenizer went in whole: llama.cpp splits text into the same ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+        ids = tok(text)["input_ids"]
+        assert _llama_greedy(llm, ids, 12) == _hf_greedy(model, ids, 12)
+        diff = np.abs(_llama_logprobs(llm, ids) - _reference_logprobs(model, ids))
+        assert diff.max() < 0.02  # f16 weights: rounding only
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat)["input_ids"]
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    assert fields["tokenizer.chat_template"].contents() == tok.chat_template
+    assert fields["llama.block_count"].contents() == 2
+
+
+@needs_llama
+def test_q8_0_perplexity_within_one_percent_of_f16(tiny, tmp_path):
+    folder, tok, model = tiny
+    f16 = _llama(write_gguf(folder, tmp_path / "s-f16.gguf", "f16"))
+    q8 = _llama(write_gguf(folder, tmp_path / "s-q8_0.gguf", "q8_0"))
+    assert (tmp_path / "s-q8_0.gguf").stat().st_size < 0.7 * (tmp_path / "s-f16.gguf").stat().st_size
+    nll = {"f16": [], "q8": []}
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        nll["f16"].extend(-_llama_logprobs(f16, ids))
+        nll["q8"].extend(-_llama_logprobs(q8, ids))
+    ppl = {k: math.exp(float(np.mean(v))) for k, v in nll.items()}
+    assert abs(ppl["q8"] / ppl["f16"] - 1) < 0.01
+    assert ppl["q8"] != ppl["f16"]  # it was quantised
+
+
+@needs_llama
+def test_width_pruned_student_keeps_its_shape_in_gguf(tiny, tmp_path):
+    """Fewer query heads than hidden / head_dim and a narrower MLP: the file carries both."""
+    folder, tok, model = tiny
+    pruned = prune_width(model, heads=[[0, 2], [1, 3]], channels=[list(range(0, 64, 2))] * 2)
+    pruned.save_pretrained(tmp_path / "pruned")
+    tok.save_pretrained(tmp_path / "pruned")
+    assert (pruned.config.num_attention_heads, pruned.config.intermediate_size) == (2, 32)
+    llm = _llama(write_gguf(tmp_path / "pruned", tmp_path / "p.gguf", "f16"))
+    for text in TEXTS[:4]:
+        ids = tok(text)["input_ids"]
+        assert _llama_greedy(llm, ids, 10) == _hf_greedy(pruned, ids, 10)
+        assert np.abs(_llama_logprobs(llm, ids) - _reference_logprobs(pruned, ids)).max() < 0.02
+
+
+def test_unsupported_students_are_refused_with_the_way_out(tmp_path, tiny_teacher_dir, prompts_file):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(GGUFExportError, match="convert_hf_to_gguf"):
+        gguf_arch(gpt2.config)
+    # checked before any work: a run whose export cannot be written does not start
+    recipe = tiny_recipe(
+        tmp_path / "runs",
+        tiny_teacher_dir,
+        prompts_file,
+        student={"init": "model", "model": str(tmp_path / "gpt2")},
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="export.formats"):
+        pipeline.prepare(load_config(tmp_path / "r.yaml"))
+    assert not (tmp_path / "runs").exists()
+    pipeline.prepare(load_config(tmp_path / "r.yaml", ["export.formats=[hf]"]))  # the way out works
+
+
+def test_serving_problems_names_what_is_missing(tiny, tmp_path):
+    folder, tok, model = tiny
+    model.save_pretrained(tmp_path / "ok")
+    tok.save_pretrained(tmp_path / "ok")
+    assert serving_problems(tmp_path / "ok") == []
+    (tmp_path / "ok" / "generation_config.json").unlink()
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
+    assert serving_problems(tmp_path / "ok") == [
+        "config.json has no num_key_value_heads",
+        "generation_config.json is missing",
+    ]
+
+
+@needs_llama
+def test_export_stage_writes_checks_and_records_every_format(tmp_path, tiny_teacher_dir, prompts_file):
+    cfg = tiny_run(
+        tmp_path,
+        tiny_teacher_dir,
+        prompts_file,
+        stages=("generate", "shrink", "train_student", "evaluate", "export"),
+        export={"check_prompts": 3, "check_new_tokens": 6},
+    )
+    run = cfg.run_dir
+    out = run / "export"
+    assert {p.name for p in out.glob("*.gguf")} == {"tiny-f16.gguf", "tiny-q8_0.gguf"}
+    assert not (run / "export.tmp").exists()
+    assert "FROM ./tiny-q8_0.gguf" in (out / "Modelfile").read_text()
+    check = json.loads((run / "export_check.json").read_text())
+    assert json.loads((run / "eval.json").read_text())["export_check"] == check
+    assert check["prompts"] == 3
+    assert check["hf"]["greedy_match"] == 1.0 and check["hf"]["logprob_abs_diff_max"] == 0.0
+    assert check["hf"]["serving_problems"] == []
+    f16 = check["gguf"]["files"]["f16"]
+    assert f16["greedy_match"] == 1.0 and f16["logprob_abs_diff_max"] < 0.02
+    assert abs(check["gguf"]["files"]["q8_0"]["perplexity_vs_f16"] - 1) < 0.01
+    card = (out / "README.md").read_text()
+    assert "## Export check" in card and "tiny-q8_0.gguf (llama.cpp)" in card
+    # the HF folder is still a stock model with the trained weights
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = AutoModelForCausalLM.from_pretrained(run / "student").eval()
+    ids = AutoTokenizer.from_pretrained(out)("the cat sat", return_tensors="pt").input_ids
+    torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_gguf_only_export_and_a_failed_export_keeps_the_last_one(
+    tmp_path, tiny_teacher_dir, prompts_file, monkeypatch
+):
+    cfg = tiny_run(
+        tmp_path,
+        tiny_teacher_dir,
+        prompts_file,
+        stages=("generate", "shrink", "train_student"),
+        export={"formats": ["gguf"], "gguf_types": ["f16"], "check_prompts": 0},
+    )
+    pipeline.export(cfg)
+    out = cfg.run_dir / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "tiny-f16.gguf"]
+    before = (out / "tiny-f16.gguf").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise GGUFExportError(f"could not write {out}/tiny-f16.gguf: No space left on device")
+
+    monkeypatch.setattr("distill.gguf_export.write_gguf", disk_full)
+    with pytest.raises(GGUFExportError, match="No space left"):
+        pipeline.export(cfg)
+    assert (out / "tiny-f16.gguf").read_bytes() == before  # the last good export stays whole
+    assert not (cfg.run_dir / "export.tmp").exists()
+
+
+def test_a_write_error_names_the_file_and_leaves_no_part(tiny, tmp_path, monkeypatch):
+    folder, _, _ = tiny
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gguf.GGUFWriter.write_tensors_to_file", full)
+    with pytest.raises(GGUFExportError, match=r"s-f16\.gguf: No space left on device"):
+        write_gguf(folder, tmp_path / "s-f16.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_format_gguf(tmp_path, tiny_teacher_dir, prompts_file):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    tiny_run(tmp_path, tiny_teacher_dir, prompts_file, stages=("generate", "shrink", "train_student"))
+    res = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--config",
+            str(tmp_path / "r.yaml"),
+            "--format",
+            "gguf",
+            "--set",
+            "export.gguf_types=[q8_0]",
+            "--set",
+            "export.check_prompts=0",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny" / "export").iterdir()) == [
+        "Modelfile",
+        "README.md",
+        "tiny-q8_0.gguf",
+    ]
+    res = CliRunner().invoke(app, ["export", "--config", str(tmp_path / "r.yaml"), "--format", "onnx"])
+    assert res.exit_code == 2 and "export.formats" in res.output
+
+
+@needs_llama
+def test_llama_server_chats_with_the_gguf_alone_through_the_openai_client(tiny, tmp_path):
+    """The switch a client makes: the same OpenAI call, a new base_url, the student's own answer."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    from conftest import SENTENCES, free_port
+
+    folder, tok, model = tiny
+    model = copy.deepcopy(model).train()  # the module's fixture stays as it was
+    # a few seconds of training on chats, so the greedy answers are text, not random bytes
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": a}, {"role": "assistant", "content": b}], return_dict=False
+        )
+        for a, b in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1], strict=False)
+    ]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for step in range(60):
+        ids = torch.tensor([chats[step % len(chats)]])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "chatty")
+    tok.save_pretrained(tmp_path / "chatty")
+    path = write_gguf(tmp_path / "chatty", tmp_path / "student-f16.gguf", "f16")
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "512", "--n_threads", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "server.log"
+                ).read_text()
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        for question in SENTENCES[:3]:
+            messages = [{"role": "user", "content": question}]
+            r = client.chat.completions.create(
+                model="student", messages=messages, temperature=0, max_tokens=10
+            )
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            greedy = _hf_greedy(model, ids, 10)
+            if tok.eos_token_id in greedy:
+                greedy = greedy[: greedy.index(tok.eos_token_id)]
+            answer = tok.decode(greedy, skip_special_tokens=True)
+            assert len(answer) > 5 and r.choices[0].message.content == answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
