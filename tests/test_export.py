@@ -334,3 +334,49 @@ def test_llama_server_chats_with_the_gguf_alone_through_the_openai_client(tiny, 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _tiny_gemma3(folder, tok, layers: int = 6):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        max_position_embeddings=512, sliding_window=16, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+            else:  # Gemma's norms multiply by (1 + w): random w tests the +1 of the export
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+@needs_llama
+def test_gemma3_student_runs_in_llama_cpp_like_transformers(tiny, tmp_path):
+    _, tok, _ = tiny
+    model = _tiny_gemma3(tmp_path / "g", tok)
+    llm = _llama(write_gguf(tmp_path / "g", tmp_path / "g.gguf", "f16"))
+    # prompts longer than the sliding window (16), so local and global layers differ
+    for text in [" ".join(TEXTS[:3]), " ".join(TEXTS[2:]), TEXTS[0]]:
+        ids = tok(text)["input_ids"]
+        assert _llama_greedy(llm, ids, 8) == _hf_greedy(model, ids, 8)
+        assert np.abs(_llama_logprobs(llm, ids) - _reference_logprobs(model, ids)).max() < 0.03
+
+
+def test_gemma3_layer_pattern_llama_cpp_cannot_run_is_refused(tiny, tmp_path):
+    from distill.models import shrink_layers
+
+    _, tok, _ = tiny
+    model = _tiny_gemma3(tmp_path / "g", tok, layers=12)
+    ok = shrink_layers(model, [0, 1, 2, 3, 4, 5])  # one whole group of 6: the pattern holds
+    gguf_arch(ok.config)
+    bad = shrink_layers(model, [0, 1, 2, 3, 5, 6])
+    with pytest.raises(GGUFExportError, match=r"global layers are \[4\]"):
+        gguf_arch(bad.config)

@@ -65,7 +65,37 @@ def gguf_arch(config) -> str:
             raise GGUFExportError(
                 f"export.formats: gguf: rope_scaling type {kind!r} is not supported (default and linear are)"
             )
+    if model_type == "gemma3_text":
+        _check_gemma3(config)
     return _gguf().MODEL_ARCH_NAMES[getattr(_gguf().MODEL_ARCH, ARCHS[model_type])]
+
+
+def _check_gemma3(config) -> None:
+    """llama.cpp's Gemma 3 fixes what transformers' config can vary: every 6th layer global, the
+    others sliding with rope base 10000, and queries scaled by 1/sqrt(head size)."""
+    n = int(config.num_hidden_layers)
+    expected = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)]
+    types = list(getattr(config, "layer_types", None) or expected)
+    if types != expected:
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        raise GGUFExportError(
+            "export.formats: gguf: llama.cpp runs Gemma 3 with every 6th layer global (5, 11, ...) and the "
+            f"others sliding; this student's global layers are {full}. Keep whole groups of 6 teacher "
+            "layers (student.layers), or set export.formats=[hf]"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    local = (rope.get("sliding_attention") or {}).get(
+        "rope_theta", getattr(config, "rope_local_base_freq", 1e4)
+    )
+    if float(local) != 10000.0:
+        raise GGUFExportError(
+            f"export.formats: gguf: llama.cpp's Gemma 3 uses rope base 10000 on sliding layers, not {local}"
+        )
+    if getattr(config, "query_pre_attn_scalar", _head_dim(config)) != _head_dim(config):
+        raise GGUFExportError(
+            "export.formats: gguf: llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim); this student's "
+            f"query_pre_attn_scalar is {config.query_pre_attn_scalar}"
+        )
 
 
 def _head_dim(config) -> int:
@@ -82,8 +112,9 @@ def _template_reader(teacher_gguf: Path | None, vocab: list[str], arch: str):
     arch_field = reader.fields.get("general.architecture")
     if field is None or arch_field is None or arch_field.contents() != arch:
         return None
-    tokens = field.contents()
-    return reader if tokens == vocab else None
+    # SentencePiece vocabularies spell a space "▁" in one place and " " in the other
+    same = [t.replace("\u2581", " ") for t in field.contents()] == [t.replace("\u2581", " ") for t in vocab]
+    return reader if same else None
 
 
 def _vocab_from_tokenizer(tok, vocab_size: int) -> tuple[list[str], list[int]]:
