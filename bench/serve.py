@@ -71,7 +71,8 @@ def llama_batched(llm, prompts: list[list[int]], n_new: int, threads: int) -> fl
 
     n = len(prompts)
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = n * (max(map(len, prompts)) + n_new + 8)
+    per_seq = -(-(max(map(len, prompts)) + n_new + 8) // 256) * 256  # llama.cpp pads to 256
+    params.n_ctx = n * per_seq
     params.n_batch = max(sum(map(len, prompts)), n)
     params.n_seq_max = n
     params.n_threads = params.n_threads_batch = threads

@@ -105,6 +105,7 @@ def test_f16_gguf_runs_in_llama_cpp_like_transformers(tiny, tmp_path):
     fields = GGUFReader(str(path)).fields
     assert fields["tokenizer.chat_template"].contents() == tok.chat_template
     assert fields["llama.block_count"].contents() == 2
+    assert fields["general.sampling.temp"].contents() == 0.0  # greedy, as generation_config.json says
 
 
 @needs_llama

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -225,3 +226,89 @@ def test_target_speedup_keeps_only_candidates_measured_fast_enough(tmp_path, tin
     cands = report["candidates"]
     assert cands and all(len(c["layers"]) == 2 and c["speedup"] == pytest.approx(2.0) for c in cands)
     assert report["chosen"] == min(cands, key=lambda c: c["untrained_kl"])["name"]
+
+
+def test_hidden_pruning_equals_the_original_with_the_channels_zeroed_and_norms_rescaled(tiny_teacher_dir):
+    """Keep 20 of 32 residual channels (with heads and MLP channels cut too). Reference: the
+    original with the dropped channels zero in every tensor that writes the stream (so the stream
+    carries zeros there) and each norm weight times sqrt(20/32), since RMSNorm then averages over
+    32 channels where the pruned model averages over 20."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    teacher.config.rms_norm_eps = 1e-12  # eps would break the exact rescaling
+    for m in teacher.modules():
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 1e-12
+    g = torch.Generator().manual_seed(4)
+    keep = sorted(torch.randperm(32, generator=g)[:20].tolist())
+    drop = [c for c in range(32) if c not in keep]
+    heads, channels = [[0, 3], [1, 2], [0, 2], [1, 3]], [list(range(0, 64, 2))] * 4
+    with torch.no_grad():  # the stream's dropped channels start and stay zero
+        teacher.model.embed_tokens.weight[:, drop] = 0
+        for layer in teacher.model.layers:
+            layer.self_attn.o_proj.weight[drop] = 0
+            layer.mlp.down_proj.weight[drop] = 0
+    pruned = prune_width(teacher, heads, channels, keep)
+    assert pruned.config.hidden_size == 20 and pruned.config.head_dim == 8
+    torch.testing.assert_close(pruned.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, keep])
+    torch.testing.assert_close(
+        pruned.model.layers[1].self_attn.k_proj.weight,
+        teacher.model.layers[1].self_attn.k_proj.weight[:, keep],
+    )
+    reference = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for m in reference.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight *= (20 / 32) ** 0.5
+    ids = torch.randint(3, 300, (3, 11), generator=g)
+    handles = _masked(reference, heads, channels)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        assert (pruned(ids).logits - teacher(ids).logits).abs().max() > 1e-2  # the rescale mattered
+    for h in handles:
+        h.remove()
+
+
+def test_hidden_importance_and_shrink_keep_the_most_active_channels(tmp_path, tiny_teacher_dir, prompts_file):
+    student = {"layer_selection": "importance", "num_layers": 2, "hidden_size": 24}
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, student=student,
+                         train={"hidden_weight": 1.0, "max_steps": 2})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    pipeline.generate(cfg)
+    pipeline.shrink(cfg)
+    student = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "student_init")
+    assert student.config.hidden_size == 24 and student.config.num_attention_heads == 4
+    # the reference importance: |RMSNorm output| per channel, one unpadded sequence at a time
+    tok = pipeline.load_tokenizer(str(tiny_teacher_dir))
+    train_p, _ = pipeline.load_split(cfg)
+    calib = pipeline.training_examples(
+        cfg, tok, train_p, pipeline.read_answers(cfg.run_dir / "answers.jsonl")
+    )
+    calib = calib[: cfg.student.calibration_samples]
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    ref = torch.zeros(32, dtype=torch.float64)
+    norms = [m for m in teacher.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) == 2 * 4 + 1
+    outs: list[torch.Tensor] = []
+    hooks = [n.register_forward_hook(lambda _, a, o: outs.append(o)) for n in norms]
+    count = 0
+    with torch.no_grad():
+        for ids, _ in calib:
+            outs.clear()
+            teacher(input_ids=torch.tensor([ids]))
+            ref += sum(o[0].abs().sum(0).double() for o in outs)
+            count += len(ids)
+    for h in hooks:
+        h.remove()
+    got = width_importance(teacher, calib, tok.pad_token_id).hidden
+    torch.testing.assert_close(got, ref / count, rtol=1e-4, atol=1e-7)
+    kept = top_channels(got, 24)
+    torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, kept])
+    # it trains, hidden states aligned through a 24 -> 32 projection, and loads in stock transformers
+    pipeline.train_student(cfg)
+    trained = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "student")
+    assert trained.config.hidden_size == 24
+    assert not torch.equal(trained.model.embed_tokens.weight, student.model.embed_tokens.weight)
+    # refused before any work where it cannot hold
+    with pytest.raises(ConfigError, match="hidden_size=64"):
+        pipeline.prepare(load_config(tmp_path / "r.yaml", ["student.hidden_size=64"]))

@@ -232,6 +232,10 @@ class StudentConfig(_Strict):
     intermediate_size: int | None = Field(
         None, ge=1, description="MLP channels kept per layer, the most important by activation; None: all"
     )
+    hidden_size: int | None = Field(
+        None, ge=8, description="residual-stream (embedding) channels kept, the most active at every "
+        "RMSNorm's output (Minitron); Llama-type students; None: all",
+    )  # fmt: skip
     target_params: str | None = Field(
         None, description="search the student's shape: e.g. 70M. Every (depth, heads, MLP width) of the "
         "grid that fits is built by importance, scored untrained (KL, top-1) and timed; the lowest KL "
@@ -251,9 +255,9 @@ class StudentConfig(_Strict):
         if self.target_params is not None and parse_count(self.target_params) is None:
             raise ValueError(f"student.target_params {self.target_params!r}: a count such as 70M or 1.5B")
         if self.target_params is not None or self.target_speedup is not None:
-            if self.layers is not None or self.num_heads or self.intermediate_size:
+            if self.layers is not None or self.num_heads or self.intermediate_size or self.hidden_size:
                 raise ValueError("student.target_params / target_speedup search the shape: set layers, "
-                                 "num_heads and intermediate_size to null")  # fmt: skip
+                                 "num_heads, intermediate_size and hidden_size to null")  # fmt: skip
         return self
 
 

@@ -222,6 +222,24 @@ def _write_hparams(writer, config, arch: str, template) -> None:
                     writer.add_key_value(key, field.contents(), field.types[0])
 
 
+def _write_sampling(writer, student_dir: Path) -> None:
+    """The student's generation settings (generation_config.json), as llama.cpp's sampling defaults."""
+    path = student_dir / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    if not gen.get("do_sample"):
+        writer.add_sampling_temp(0.0)  # greedy, as the student was evaluated
+        return
+    adders = {
+        "temperature": writer.add_sampling_temp,
+        "top_p": writer.add_sampling_top_p,
+        "top_k": writer.add_sampling_top_k,
+        "repetition_penalty": writer.add_sampling_penalty_repeat,
+    }
+    for key, add in adders.items():
+        if gen.get(key) is not None:
+            add(gen[key])
+
+
 def _tensor_for(name: str, data: np.ndarray, kind: str):
     """(array, raw type) for one tensor in the file's type."""
     gguf = _gguf()
@@ -267,6 +285,7 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(writer, config, arch, template)
     _write_tokenizer(writer, tok, student_dir, int(config.vocab_size), template)
+    _write_sampling(writer, student_dir)
     tied = getattr(config, "tie_word_embeddings", False)
     for key, value in state.items():
         if key.startswith("model.language_model."):

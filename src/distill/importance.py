@@ -94,6 +94,7 @@ class Candidate:
     layers: list[int]
     num_heads: int | None = None  # None: all
     intermediate_size: int | None = None
+    hidden_size: int | None = None
     params: int | None = None
     untrained_kl: float | None = None
     untrained_top1: float | None = None
@@ -106,11 +107,15 @@ class WidthImportance:
 
     ``heads[i]``: (num_heads,) mean over tokens of the L2 norm of head ``h``'s attention output
     (its slice of ``o_proj``'s input). ``channels[i]``: (intermediate_size,) mean over tokens of
-    ``|act(gate(x)) * up(x)|``, the input of ``down_proj``.
+    ``|act(gate(x)) * up(x)|``, the input of ``down_proj``. ``hidden``: Minitron's embedding-channel
+    importance.
     """
 
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
+    # (hidden_size,): mean over tokens of |x_c| at the output of every RMSNorm that reads the
+    # residual stream (each layer's two and the final one), summed over those norms
+    hidden: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -137,12 +142,24 @@ def width_importance(
 
         return record
 
+    hidden = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+
+    def on_norm(_module, _args, out):
+        hidden.add_(out.float()[current_mask[0]].abs().sum(0).double())
+
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(i)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_channels(i)))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if hasattr(layer, name):
+                handles.append(getattr(layer, name).register_forward_hook(on_norm))
+    final_norm = getattr(model.base_model, "norm", None)
+    if final_norm is not None:
+        handles.append(final_norm.register_forward_hook(on_norm))
     count = _calibration_pass(model, examples, pad_id, batch_size, current_mask, handles)
-    return WidthImportance([h / max(count, 1) for h in heads], [c / max(count, 1) for c in channels])
+    n = max(count, 1)
+    return WidthImportance([h / n for h in heads], [c / n for c in channels], hidden / n)
 
 
 def top_heads(scores: torch.Tensor, num_kv_heads: int, keep: int) -> list[int]:

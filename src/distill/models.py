@@ -280,8 +280,14 @@ def shrink_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMode
     return student.eval()
 
 
+HIDDEN_PRUNABLE = ("llama", "qwen2", "mistral")  # plain pre-norm decoders, no width-dependent scale
+
+
 def prune_width(
-    model: PreTrainedModel, heads: list[list[int]] | None = None, channels: list[list[int]] | None = None
+    model: PreTrainedModel,
+    heads: list[list[int]] | None = None,
+    channels: list[list[int]] | None = None,
+    hidden: list[int] | None = None,
 ) -> PreTrainedModel:
     """A copy of ``model`` that keeps, in decoder layer ``i``, the query heads ``heads[i]`` and the
     MLP channels ``channels[i]`` (None: all of them). Minitron-style width pruning.
@@ -291,6 +297,11 @@ def prune_width(
     transformers loads. Key/value heads all stay; the kept query heads must be as many from each
     key/value group. Its output equals ``model``'s with the dropped heads' attention outputs and the
     dropped channels' activations set to zero.
+
+    ``hidden``: the residual-stream (embedding) channels kept, in every tensor that reads or writes
+    the stream (Llama-type models). RMSNorm then averages over the kept channels only, so the
+    output equals the original's with the dropped channels zero everywhere and every norm weight
+    scaled by sqrt(kept / hidden_size).
     """
     cfg = model.config
     n_layers, n_heads, n_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -313,8 +324,22 @@ def prune_width(
                 raise ValueError(
                     f"heads {k}: keep as many query heads from each of the {n_kv} key/value groups"
                 )
+    if hidden is not None:
+        if cfg.model_type not in HIDDEN_PRUNABLE:
+            raise ValueError(
+                f"hidden-size pruning is written for {', '.join(HIDDEN_PRUNABLE)}, not {cfg.model_type}"
+            )
+        if (
+            sorted(set(hidden)) != list(hidden)
+            or not hidden
+            or hidden[0] < 0
+            or hidden[-1] >= cfg.hidden_size
+        ):
+            raise ValueError(f"hidden must be increasing indices in [0, {cfg.hidden_size}), got {hidden}")
     config = cfg.__class__.from_dict(cfg.to_dict())
     config.head_dim = head_dim
+    if hidden is not None:
+        config.hidden_size = len(hidden)
     if heads is not None:
         config.num_attention_heads = len(heads[0])
     if channels is not None:
@@ -334,10 +359,27 @@ def prune_width(
             elif channels is not None and proj in ("gate_proj", "up_proj", "down_proj"):
                 rows = torch.tensor(channels[i])
                 value = value[rows] if proj != "down_proj" else value[:, rows]  # down_proj: (hidden, inter)
+        if hidden is not None:
+            value = _keep_hidden(key, value, torch.tensor(hidden))
         state[key] = value.clone()
     pruned.load_state_dict(state, strict=True)
     pruned.generation_config = model.generation_config
     return pruned.eval()
+
+
+def _keep_hidden(key: str, value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``value`` with only the ``keep`` residual channels, along the side that touches the stream."""
+    parts = key.split(".")
+    module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+    if module in ("embed_tokens", "lm_head"):  # (vocab, hidden)
+        return value[:, keep]
+    if module in ("input_layernorm", "post_attention_layernorm", "norm"):  # (hidden,)
+        return value[keep]
+    if module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):  # read the stream
+        return value[:, keep] if kind == "weight" else value
+    if module in ("o_proj", "down_proj"):  # write to it
+        return value[keep]
+    raise ValueError(f"hidden-size pruning: no rule for {key}")
 
 
 def count_params(model: PreTrainedModel) -> int:

@@ -333,7 +333,8 @@ def shrink(cfg: RunConfig) -> Path:
         c = student.config
         console.print(
             f"student keeps teacher layers {layers} of {n}, {c.num_attention_heads} heads and "
-            f"{c.intermediate_size} MLP channels each ({count_params(student) / 1e6:.1f}M parameters)"
+            f"{c.intermediate_size} MLP channels each, {c.hidden_size} residual channels "
+            f"({count_params(student) / 1e6:.1f}M parameters)"
         )
     else:
         student = load_model(cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code)
@@ -366,6 +367,7 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
         s.layer_selection == "importance"
         or s.num_heads
         or s.intermediate_size
+        or s.hidden_size
         or s.target_params
         or s.target_speedup
     )

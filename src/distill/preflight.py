@@ -126,6 +126,16 @@ def _check_layers(cfg: RunConfig, teacher: ModelFacts) -> None:
     if s.intermediate_size is not None and s.intermediate_size > teacher.intermediate_size:
         raise ConfigError(f"student.intermediate_size={s.intermediate_size}: teacher {teacher.ref} has "
                           f"{teacher.intermediate_size} MLP channels per layer; choose fewer")  # fmt: skip
+    if s.hidden_size is not None:
+        from distill.models import HIDDEN_PRUNABLE
+
+        if s.hidden_size > teacher.hidden_size:
+            raise ConfigError(f"student.hidden_size={s.hidden_size}: teacher {teacher.ref} has a "
+                              f"{teacher.hidden_size}-wide residual stream; choose fewer")  # fmt: skip
+        if teacher.architecture not in HIDDEN_PRUNABLE:
+            raise ConfigError(f"student.hidden_size: hidden-size pruning is written for "
+                              f"{', '.join(HIDDEN_PRUNABLE)} models, and teacher {teacher.ref} is "
+                              f"{teacher.architecture!r}; leave it null")  # fmt: skip
     if s.target_params is not None:
         embed = teacher.vocab_size * teacher.hidden_size
         if parse_count(s.target_params) <= embed:

@@ -42,16 +42,20 @@ def build_student(
     num_heads: int | None = None,
     intermediate_size: int | None = None,
     width: WidthImportance | None = None,
+    hidden_size: int | None = None,
 ) -> PreTrainedModel:
     """The teacher's ``layers``, each cut to its ``num_heads`` most important heads and
-    ``intermediate_size`` most important MLP channels (None: all; ``width`` needed otherwise)."""
+    ``intermediate_size`` most important MLP channels, and the residual stream to its
+    ``hidden_size`` most important channels (None: all; ``width`` needed otherwise)."""
     student = shrink_layers(teacher, layers)
     cfg = teacher.config
     if num_heads == cfg.num_attention_heads:
         num_heads = None
     if intermediate_size == cfg.intermediate_size:
         intermediate_size = None
-    if num_heads is None and intermediate_size is None:
+    if hidden_size == cfg.hidden_size:
+        hidden_size = None
+    if num_heads is None and intermediate_size is None and hidden_size is None:
         return student
     if width is None:
         raise ValueError("width pruning needs the teacher's width importance")
@@ -61,7 +65,8 @@ def build_student(
     channels = (
         [top_channels(width.channels[i], intermediate_size) for i in layers] if intermediate_size else None
     )
-    return prune_width(student, heads, channels)
+    hidden = top_channels(width.hidden, hidden_size) if hidden_size else None
+    return prune_width(student, heads, channels, hidden)
 
 
 def _per_layer_params(
@@ -140,7 +145,8 @@ def choose_student(
     pad = tok.pad_token_id
     importance = block_importance(teacher, calib, pad)
     needs_width = any(
-        x is not None for x in (s.num_heads, s.intermediate_size, s.target_params, s.target_speedup)
+        x is not None
+        for x in (s.num_heads, s.intermediate_size, s.hidden_size, s.target_params, s.target_speedup)
     )
     width = width_importance(teacher, calib, pad) if needs_width else None
     prompt_rows = [prompt_part(*calib[0])]
@@ -175,14 +181,14 @@ def choose_student(
             else:
                 layers = most_important_layers(importance, depth)
             name = f"{sel}-{depth}L-{heads}h-{inter}ffn" if searching else sel
-            candidates.append(Candidate(name, layers, heads, inter))
+            candidates.append(Candidate(name, layers, heads, inter, s.hidden_size))
     speedups: dict[tuple, float] = {}  # one timing per shape: the layers kept do not change the speed
     for c in candidates:
-        student = build_student(teacher, c.layers, c.num_heads, c.intermediate_size, width)
+        student = build_student(teacher, c.layers, c.num_heads, c.intermediate_size, width, c.hidden_size)
         m = forced_metrics(student, teacher, calib, pad, 8, len(tok))
         c.untrained_kl, c.untrained_top1 = m["kl"], m["top1_agreement"]
         c.params = count_params(student)
-        shape = (len(c.layers), c.num_heads, c.intermediate_size)
+        shape = (len(c.layers), c.num_heads, c.intermediate_size, c.hidden_size)
         if shape not in speedups:
             speedups[shape] = _speedup(student.to(speed_dtype), fast_teacher, tok, prompt_rows)
         c.speedup = speedups[shape]
@@ -206,5 +212,7 @@ def choose_student(
         "speed_dtype": str(speed_dtype).removeprefix("torch."),
         "candidates": [asdict(c) for c in candidates],
     }
-    student = build_student(teacher, chosen.layers, chosen.num_heads, chosen.intermediate_size, width)
+    student = build_student(
+        teacher, chosen.layers, chosen.num_heads, chosen.intermediate_size, width, chosen.hidden_size
+    )
     return student, chosen, report
