@@ -66,6 +66,10 @@ RECIPES: dict[str, list[str]] = {
     "width14_hidden_prompt_lr2x": ["student.layer_selection=importance", "student.num_layers=14",
                                    "student.intermediate_size=768", "train.hidden_weight=1.0",
                                    "train.prompt_weight=0.5", "train.lr=1.2e-3"],
+    # the new default with the residual stream cut too (Minitron's embedding channels): 448 of 576
+    "width14_hidden448_lr2x": ["student.layer_selection=importance", "student.num_layers=14",
+                               "student.intermediate_size=768", "student.hidden_size=448",
+                               "train.hidden_weight=1.0", "train.prompt_weight=0.5", "train.lr=1.2e-3"],
     # the loss mix and the step size, on the importance student: pure KD, and twice the LR
     "importance_alpha1": ["student.layer_selection=importance", "train.alpha=1.0"],
     "importance_lr2x": ["student.layer_selection=importance", "train.lr=1.2e-3"],
