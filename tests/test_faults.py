@@ -78,7 +78,7 @@ def _config(folder: Path, prompts: Path, teacher: Path) -> Path:
                          data={"heldout_size": 4},
                          generate={"max_new_tokens": 16, "batch_size": 4},
                          cache={"use": True, "k": 8, "samples_per_shard": 4, "batch_size": 2},
-                         train={"max_steps": 16, "checkpoint_every": 3, "batch_size": 4})  # fmt: skip
+                         train={"max_steps": 300, "checkpoint_every": 20, "batch_size": 4})  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
     return folder / "r.yaml"
@@ -120,6 +120,17 @@ def _outputs(run: Path, stage: str) -> dict:
     return {"steps": steps, "weights": load_file(run / "student" / "model.safetensors")}
 
 
+def _progress(run: Path, stage: str) -> int:
+    """How far a killed stage had got: answers on disk, shards on disk, the last checkpoint's step."""
+    if stage == "generate":
+        path = run / "answers.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+    if stage == "cache":
+        return len(list((run / "teacher_cache").glob("shard-*.safetensors")))
+    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
 def _check(stage: str, got: dict, ref: dict, run: Path) -> None:
     if stage == "generate":
         assert len(got["ids"]) == len(set(got["ids"])), "an answer was written twice"
@@ -157,25 +168,27 @@ def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, 
     ref = _outputs(ref_run, stage)
 
     rng = random.Random(f"faults-{stage}")
-    kills, fractions, resumed_mid = 0, [], 0
+    kills, fractions, resumed_mid, progress = 0, [], 0, []
     for trial in range(MAX_TRIALS):
         if kills == KILLS:
             break
         cfg_path = _copy(before, tmp_path / f"t{trial}", prompts, teacher)
         run = load_config(cfg_path).run_dir
         fraction = rng.uniform(0.05, 0.95)
+        t0 = time.perf_counter()
         p = _child(forkserver, cfg_path, function)
-        time.sleep(fraction * duration)
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:  # already finished (and reaped by the forkserver)
-            pass
-        p.join()
-        if p.exitcode != -signal.SIGKILL:  # it had finished: not a fault
+        while p.is_alive() and time.perf_counter() - t0 < fraction * duration:
+            time.sleep(0.01)
+        if not p.is_alive():  # it finished first (the machine got faster): not a fault
+            duration = min(duration, time.perf_counter() - t0)  # a better estimate for the next draws
             shutil.rmtree(tmp_path / f"t{trial}")
             continue
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert p.exitcode == -signal.SIGKILL
         kills += 1
         fractions.append(round(fraction, 3))
+        progress.append(_progress(run, stage))
         if stage == "train" and any((run / "checkpoints").glob("step-*")):
             resumed_mid += 1
         getattr(pipeline, function)(load_config(cfg_path))  # the same stage again, to the end
@@ -191,6 +204,7 @@ def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, 
         "kill_fractions": sorted(fractions),
         "reference_seconds": round(duration, 2),
         "resumed_from_checkpoint": resumed_mid if stage == "train" else None,
+        "finished_at_kill": progress,  # answers written / shards written / last checkpoint step
     }
     report = os.environ.get("DISTILL_FAULT_REPORT")
     if report:

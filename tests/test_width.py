@@ -312,3 +312,5 @@ def test_hidden_importance_and_shrink_keep_the_most_active_channels(tmp_path, ti
     # refused before any work where it cannot hold
     with pytest.raises(ConfigError, match="hidden_size=64"):
         pipeline.prepare(load_config(tmp_path / "r.yaml", ["student.hidden_size=64"]))
+    with pytest.raises(ConfigError, match="multiple of the 4 attention heads; choose 20 or 24"):
+        pipeline.prepare(load_config(tmp_path / "r.yaml", ["student.hidden_size=22"]))

@@ -336,6 +336,11 @@ def prune_width(
             or hidden[-1] >= cfg.hidden_size
         ):
             raise ValueError(f"hidden must be increasing indices in [0, {cfg.hidden_size}), got {hidden}")
+        n_q = len(heads[0]) if heads is not None else n_heads
+        if len(hidden) % n_q:
+            raise ValueError(
+                f"{len(hidden)} residual channels: transformers wants a multiple of the {n_q} heads"
+            )
     config = cfg.__class__.from_dict(cfg.to_dict())
     config.head_dim = head_dim
     if hidden is not None:

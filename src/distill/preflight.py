@@ -132,6 +132,11 @@ def _check_layers(cfg: RunConfig, teacher: ModelFacts) -> None:
         if s.hidden_size > teacher.hidden_size:
             raise ConfigError(f"student.hidden_size={s.hidden_size}: teacher {teacher.ref} has a "
                               f"{teacher.hidden_size}-wide residual stream; choose fewer")  # fmt: skip
+        h = s.num_heads or teacher.num_heads
+        if h and s.hidden_size % h:
+            lo, hi = s.hidden_size // h * h, (s.hidden_size // h + 1) * h
+            raise ConfigError(f"student.hidden_size={s.hidden_size}: transformers wants the width to be a "
+                              f"multiple of the {h} attention heads; choose {lo or h} or {hi}")  # fmt: skip
         if teacher.architecture not in HIDDEN_PRUNABLE:
             raise ConfigError(f"student.hidden_size: hidden-size pruning is written for "
                               f"{', '.join(HIDDEN_PRUNABLE)} models, and teacher {teacher.ref} is "
