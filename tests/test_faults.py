@@ -76,8 +76,8 @@ def base(tmp_path_factory, tiny_teacher_dir):
 def _config(folder: Path, prompts: Path, teacher: Path) -> Path:
     recipe = tiny_recipe(folder / "runs", teacher, prompts,
                          data={"heldout_size": 4},
-                         generate={"max_new_tokens": 16, "batch_size": 4},
-                         cache={"use": True, "k": 8, "samples_per_shard": 4, "batch_size": 2},
+                         generate={"max_new_tokens": 16, "batch_size": 2},
+                         cache={"use": True, "k": 8, "samples_per_shard": 2, "batch_size": 1},
                          train={"max_steps": 300, "checkpoint_every": 20, "batch_size": 4})  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -196,8 +196,8 @@ def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, 
         shutil.rmtree(tmp_path / f"t{trial}")
     assert kills == KILLS, f"only {kills} of {MAX_TRIALS} trials were killed mid-stage"
     assert min(fractions) < 0.35 and max(fractions) > 0.65  # spread over the whole stage
-    if stage == "train":
-        assert resumed_mid >= 3  # kills after a checkpoint, not only before the first
+    # kills after work was saved (answers, shards, a checkpoint), not only before the first
+    assert sum(p > 0 for p in progress) >= 3, progress
     TALLY[stage] = {
         "kills": kills,
         "survived": kills,
