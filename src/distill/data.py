@@ -43,6 +43,9 @@ def _record_to_prompt(rec: dict, where: str) -> Prompt:
             if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
                 raise DataError(f"{where}: every message needs 'role' and 'content', got {m!r}")
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the last message must be the user's (role 'user'), the one the "
+                            f"teacher answers; this one is {messages[-1]['role']!r}")  # fmt: skip
     elif "prompt" in rec:
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise DataError(f"{where}: 'prompt' must be a non-empty string")
