@@ -457,6 +457,16 @@ class RunConfig(_Strict):
 
     name: str = "default"
     runs_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The run folder is runs_dir/name: a name with a path in it would write outside runs_dir."""
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or v in (".", ".."):
+            raise ValueError(f"{v!r}: a run name is one folder name (letters, digits, . _ -), no path")
+        return v
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
