@@ -83,3 +83,40 @@ def test_generation_stops_after_the_batch_with_its_answers_kept(tmp_path, tiny_t
     pipeline.generate(cfg)  # the rest, none twice
     ids = [json.loads(x)["id"] for x in answers.read_text().splitlines()]
     assert len(ids) == len(set(ids)) > len(kept)
+
+
+def test_a_full_disk_during_generation_names_the_file_and_the_rerun_finishes(
+    tmp_path, tiny_teacher_dir, prompts_file, monkeypatch
+):
+    import errno
+    import os
+
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file, generate={"batch_size": 2})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    real, calls = os.fsync, {"n": 0}
+
+    def full(fd):  # the third batch's answers do not fit on the disk
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = CliRunner().invoke(app, ["generate", "-c", str(tmp_path / "r.yaml")])
+    answers = tmp_path / "runs" / "tiny" / "answers.jsonl"
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2, out.output
+    assert (
+        f"could not write {answers}: No space left on device" in text and "run the same command again" in text
+    )
+    assert "Traceback" not in out.output
+    monkeypatch.setattr(os, "fsync", real)
+    out = CliRunner().invoke(app, ["generate", "-c", str(tmp_path / "r.yaml")])
+    assert out.exit_code == 0, out.output
+    ids = [json.loads(x)["id"] for x in answers.read_text().splitlines()]
+    cfg = load_config(tmp_path / "r.yaml")
+    assert sorted(ids) == sorted({p.id for p in pipeline.read_prompts(cfg.data.path)})  # all, once each

@@ -130,10 +130,14 @@ def read_answers(path: Path) -> dict[str, dict]:
 
 def write_records(f, records: list[dict]) -> None:
     """Append JSON lines to an open file and make them durable (flush + fsync) before returning."""
-    for rec in records:
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    try:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as exc:  # name the file: a write error on an open file does not
+        exc.filename = exc.filename or getattr(f, "name", None)
+        raise
 
 
 def _append(path: Path, records: list[dict]) -> None:
