@@ -14,7 +14,7 @@ import yaml
 from distill import pipeline
 from distill.config import load_config
 
-from conftest import tiny_recipe, worker_env
+from conftest import tiny_recipe, tiny_run, worker_env
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
@@ -120,3 +120,27 @@ def test_a_full_disk_during_generation_names_the_file_and_the_rerun_finishes(
     ids = [json.loads(x)["id"] for x in answers.read_text().splitlines()]
     cfg = load_config(tmp_path / "r.yaml")
     assert sorted(ids) == sorted({p.id for p in pipeline.read_prompts(cfg.data.path)})  # all, once each
+
+
+def test_resuming_training_on_changed_answers_is_refused(tmp_path, tiny_teacher_dir, prompts_file):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, train={"max_steps": 4, "checkpoint_every": 2})
+    answers = cfg.run_dir / "answers.jsonl"
+    lines = answers.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["token_ids"] = rec["token_ids"][::-1]  # an answer regenerated differently since training began
+    answers.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    args = ["train", "-c", str(tmp_path / "r.yaml"), "--set", "train.max_steps=6"]
+    out = CliRunner().invoke(app, args)
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2, out.output
+    assert "answers.jsonl changed since training started" in text and "--no-resume" in text
+    metrics = cfg.run_dir / "metrics.jsonl"
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]  # untouched
+    out = CliRunner().invoke(app, [*args, "--no-resume"])
+    assert out.exit_code == 0, out.output
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 7))  # started over: each step once

@@ -563,6 +563,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     if cfg.heal.data:
         live = teacher if isinstance(teacher, LiveTeacher) else None
         healed = _heal(cfg, run, student, live, tok, acc, resume)
+    _check_train_inputs(run, resume, acc.is_main_process)
     summary = train(student, teacher, examples, tcfg, run, pad_id=tok.pad_token_id,
                     vocab_size=len(tok), resume=resume, accelerator=acc, onpolicy_teacher=grader)  # fmt: skip
     summary["teacher_signal"] = source
@@ -583,6 +584,32 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
     acc.wait_for_everyone()
     return out
+
+
+TRAIN_INPUTS = ("answers.jsonl", "student_init/model.safetensors", "teacher_cache/meta.json")
+
+
+def _check_train_inputs(run: Path, resume: bool, main: bool) -> None:
+    """Refuse to resume training from checkpoints made with other inputs (answers regenerated, the
+    student shrunk again, the cache rebuilt since): the run would mix the two. The fingerprints of
+    the inputs are kept in train_inputs.json when training starts."""
+    from distill.cache import file_sha256
+    from distill.train import latest_checkpoint
+
+    now = {name: file_sha256(run / name) for name in TRAIN_INPUTS if (run / name).is_file()}
+    stamp = run / "train_inputs.json"
+    if resume and stamp.is_file() and latest_checkpoint(run / "checkpoints") is not None:
+        before = json.loads(stamp.read_text())
+        changed = [name for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+        if changed:
+            raise StageError(
+                f"{', '.join(changed)} changed since training started (its checkpoints are in "
+                f"{run / 'checkpoints'}); resuming would mix the two. Start over with `distill train "
+                "--no-resume`, or put the earlier files back"
+            )
+        return
+    if main:
+        _write_json_atomic(stamp, now)
 
 
 def _heal(cfg: RunConfig, run: Path, student, teacher: LiveTeacher | None, tok, acc, resume: bool) -> dict:
