@@ -3,7 +3,7 @@ transformers, single stream and batched, measured side by side.
 
     python bench/serve.py --student runs/default/student [--new-tokens 64] [--batch 8] [--rounds 3]
 
-Both models go through the same writer (``distill.gguf_export.write_gguf``): the teacher is loaded
+Both models go through the same writer (``distill.gguf_export.write_ggufs``): the teacher is loaded
 from its bundled GGUF, saved as a Hugging Face folder and written back as f16 and q8_0, so the
 student is compared with a teacher in the same file types, not with the teacher's bundled Q4_1.
 
@@ -127,7 +127,7 @@ def main() -> None:
 
     from distill.config import EvaluateConfig
     from distill.evaluate import compare_speed
-    from distill.gguf_export import open_llama, write_gguf
+    from distill.gguf_export import open_llama, write_ggufs
     from distill.hardware import DTYPES, choose_precision
     from distill.models import load_model, load_tokenizer, resolve_gguf
 
@@ -143,12 +143,11 @@ def main() -> None:
     teacher = load_model(args.teacher)
     teacher.save_pretrained(work / "teacher")
     load_tokenizer(args.teacher).save_pretrained(work / "teacher")
-    files: dict[str, dict[str, Path]] = {"teacher": {}, "student": {}}
-    for kind in ("f16", "q8_0"):
-        for name, folder in (("teacher", work / "teacher"), ("student", args.student)):
-            files[name][kind] = write_gguf(
-                folder, work / f"{name}-{kind}.gguf", kind, teacher_gguf=resolve_gguf(args.teacher)
-            )
+    files = {
+        name: write_ggufs(folder, {k: work / f"{name}-{k}.gguf" for k in ("f16", "q8_0")},
+                          teacher_gguf=resolve_gguf(args.teacher))
+        for name, folder in (("teacher", work / "teacher"), ("student", args.student))
+    }  # fmt: skip
     sizes = {name: {k: p.stat().st_size for k, p in fs.items()} for name, fs in files.items()}
 
     llama: dict[str, dict[str, dict[str, float]]] = {}

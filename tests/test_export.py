@@ -222,7 +222,7 @@ def test_gguf_only_export_and_a_failed_export_keeps_the_last_one(
     def disk_full(*args, **kwargs):
         raise GGUFExportError(f"could not write {out}/tiny-f16.gguf: No space left on device")
 
-    monkeypatch.setattr("distill.gguf_export.write_gguf", disk_full)
+    monkeypatch.setattr("distill.gguf_export.write_ggufs", disk_full)
     with pytest.raises(GGUFExportError, match="No space left"):
         pipeline.export(cfg)
     assert (out / "tiny-f16.gguf").read_bytes() == before  # the last good export stays whole

@@ -457,16 +457,6 @@ class RunConfig(_Strict):
 
     name: str = "default"
     runs_dir: str = "runs"
-
-    @field_validator("name")
-    @classmethod
-    def _one_folder(cls, v: str) -> str:
-        """The run folder is runs_dir/name: a name with a path in it would write outside runs_dir."""
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or v in (".", ".."):
-            raise ValueError(f"{v!r}: a run name is one folder name (letters, digits, . _ -), no path")
-        return v
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -478,6 +468,14 @@ class RunConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        """The run folder is runs_dir/name: a name with a path in it would write outside runs_dir."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or v in (".", ".."):
+            raise ValueError(f"{v!r}: a run name is one folder name (letters, digits, . _ -), no path")
+        return v
 
     @model_validator(mode="after")
     def _api_needs_a_tokenizer(self) -> RunConfig:

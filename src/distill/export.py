@@ -33,7 +33,7 @@ def export_student(
     the model card. Everything is written into a temporary folder that replaces ``out_dir`` at the
     end, so a failed export leaves the previous one (or none), never half of one.
     """
-    from distill.gguf_export import write_gguf
+    from distill.gguf_export import write_ggufs
 
     ex = cfg.export
     dtype = torch.bfloat16 if ex.dtype == "bfloat16" else torch.float32
@@ -49,9 +49,8 @@ def export_student(
             del model
         ggufs: dict[str, Path] = {}
         if "gguf" in ex.formats:
-            for kind in ex.gguf_types:
-                path = tmp / f"{cfg.name}-{kind}.gguf"
-                ggufs[kind] = write_gguf(student_dir, path, kind, teacher_gguf=teacher_gguf, name=cfg.name)
+            paths = {kind: tmp / f"{cfg.name}-{kind}.gguf" for kind in ex.gguf_types}
+            ggufs = write_ggufs(student_dir, paths, teacher_gguf=teacher_gguf, name=cfg.name)
             (tmp / "Modelfile").write_text(ollama_modelfile(ggufs, student_dir))
         check = check_export(student_dir, tmp if "hf" in ex.formats else None, ggufs, check_rows, cfg)
         summary = student_dir.parent / "train_summary.json"
@@ -100,38 +99,36 @@ def check_export(
     - gguf: each file in llama.cpp (when llama-cpp-python is installed): greedy continuations,
       teacher-forced log-probs and perplexity of the teacher's answers (``check_gguf``).
     """
-    from distill.gguf_export import check_gguf, hf_greedy, hf_logprobs, llama_cpp_available
+    from distill.gguf_export import check_gguf, llama_cpp_available, reference
 
     if not rows:
         return None
     import numpy as np
 
     ex = cfg.export
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    eos = student.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    gguf_check = bool(ggufs) and llama_cpp_available()
     out: dict = {"prompts": len(rows)}
+    if hf_dir is not None or gguf_check:  # the evaluated student's answers and log-probs, once
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+        eos = student.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        ref = reference(student, rows, ex.check_new_tokens, eos)
+        del student
     if hf_dir is not None:
         exported = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        diffs = np.concatenate(
-            [np.abs(hf_logprobs(exported, p + a) - hf_logprobs(student, p + a)) for p, a in rows]
-        )
-        same = [
-            hf_greedy(exported, p, ex.check_new_tokens, eos)
-            == hf_greedy(student, p, ex.check_new_tokens, eos)
-            for p, _ in rows
-        ]
+        got = reference(exported, rows, ex.check_new_tokens, eos)
+        diffs = np.concatenate([np.abs(x - y) for x, y in zip(got["logprobs"], ref["logprobs"], strict=True)])
+        same = [g == r for g, r in zip(got["greedy"], ref["greedy"], strict=True)]
         out["hf"] = {
             "greedy_match": sum(same) / len(same),
             "logprob_abs_diff_max": float(diffs.max()),
             "serving_problems": serving_problems(hf_dir),
         }
         del exported
-    if ggufs:
-        if llama_cpp_available():
-            out["gguf"] = check_gguf(ggufs, student, rows, ex.check_new_tokens, eos)
-        else:
-            out["gguf"] = {"skipped": "llama-cpp-python is not installed (make install-llama builds it)"}
+    if gguf_check:
+        out["gguf"] = check_gguf(ggufs, ref, rows, ex.check_new_tokens, eos)
+    elif ggufs:
+        out["gguf"] = {"skipped": "llama-cpp-python is not installed (make install-llama builds it)"}
     return out
 
 

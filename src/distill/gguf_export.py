@@ -27,7 +27,9 @@ import torch
 
 TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
-ARCHS = {"llama": "LLAMA", "gemma3_text": "GEMMA3"}
+ARCHS = {"llama": "LLAMA", "gemma3_text": "GEMMA3"}  # transformers' model_type -> gguf's MODEL_ARCH
+# the same architectures as a model's facts name them (a GGUF header says gemma3)
+EXPORTABLE = {*ARCHS, "gemma3"}
 
 
 class GGUFExportError(ValueError):
@@ -258,11 +260,20 @@ def write_gguf(
     student_dir: Path, out: Path, kind: str, teacher_gguf: Path | None = None, name: str = ""
 ) -> Path:
     """Write the Hugging Face student in ``student_dir`` as one GGUF file of type ``kind``."""
+    return write_ggufs(student_dir, {kind: out}, teacher_gguf, name)[kind]
+
+
+def write_ggufs(
+    student_dir: Path, outs: dict[str, Path], teacher_gguf: Path | None = None, name: str = ""
+) -> dict[str, Path]:
+    """Write the student as one GGUF file per type (``{"f16": path, "q8_0": path}``): the weights,
+    tokenizer and metadata are read and converted once, then each file is written from them."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    if kind not in TYPES:
-        raise GGUFExportError(f"export.gguf_types: {kind!r} is not one of {', '.join(TYPES)}")
+    for kind in outs:
+        if kind not in TYPES:
+            raise GGUFExportError(f"export.gguf_types: {kind!r} is not one of {', '.join(TYPES)}")
     gguf = _gguf()
     config = AutoConfig.from_pretrained(student_dir)
     arch = gguf_arch(config)
@@ -272,27 +283,48 @@ def write_gguf(
         state.update(load_file(f))
     if not state:
         raise GGUFExportError(f"export.formats: gguf: no safetensors weights in {student_dir}")
-    n_layers = int(config.num_hidden_layers)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHS[config.model_type]), n_layers)
     vocab, _ = _vocab_from_tokenizer(tok, int(config.vocab_size))
     template = _template_reader(teacher_gguf, vocab, arch)
+    tensors = _gguf_tensors(state, config, arch)
+    for kind, out in outs.items():
+        tmp = out.with_name(out.name + ".tmp")
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(name or student_dir.name)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[kind])))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_hparams(writer, config, arch, template)
+        _write_tokenizer(writer, tok, student_dir, int(config.vocab_size), template)
+        _write_sampling(writer, student_dir)
+        for target, data in tensors:
+            array, raw = _tensor_for(target, data, "f32" if data.ndim == 1 else kind)
+            writer.add_tensor(target, array, raw_dtype=raw)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, out)
+        except OSError as e:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise GGUFExportError(f"could not write {out}: {e.strerror or e}") from e
+    return outs
 
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    writer.add_name(name or student_dir.name)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[kind])))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_hparams(writer, config, arch, template)
-    _write_tokenizer(writer, tok, student_dir, int(config.vocab_size), template)
-    _write_sampling(writer, student_dir)
+
+def _gguf_tensors(state: dict[str, torch.Tensor], config, arch: str) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array as llama.cpp reads it) for each of the student's tensors."""
+    gguf = _gguf()
+    names = gguf.get_tensor_name_map(
+        getattr(gguf.MODEL_ARCH, ARCHS[config.model_type]), int(config.num_hidden_layers)
+    )
+    embed = state.get("model.embed_tokens.weight")
     tied = getattr(config, "tie_word_embeddings", False)
+    out = []
     for key, value in state.items():
         if key.startswith("model.language_model."):
             key = "model." + key.removeprefix("model.language_model.")
-        if key == "lm_head.weight" and (
-            tied or torch.equal(value, state.get("model.embed_tokens.weight", value))
-        ):
+        if key == "lm_head.weight" and (tied or (embed is not None and torch.equal(value, embed))):
             continue  # llama.cpp falls back to the token embedding for the output
         if "rotary_emb" in key:
             continue
@@ -306,19 +338,7 @@ def write_gguf(
             data = _permute_rotary(data, int(config.num_key_value_heads))
         if arch == "gemma3" and target.endswith("norm.weight"):
             data = data + 1.0
-        is_norm = data.ndim == 1
-        array, raw = _tensor_for(target, data, "f32" if is_norm else kind)
-        writer.add_tensor(target, array, raw_dtype=raw)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except OSError as e:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise GGUFExportError(f"could not write {out}: {e.strerror or e}") from e
+        out.append((target, data))
     return out
 
 
@@ -390,17 +410,25 @@ def hf_greedy(model, ids: list[int], n: int, eos: int | None) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+def reference(model, rows: list[tuple[list[int], list[int]]], n_new: int, eos: int | None) -> dict:
+    """What the evaluated student does on (prompt ids, answer ids) rows, for the export checks:
+    the log-probs of each answer's tokens, teacher-forced, and ``n_new`` tokens of greedy answer."""
+    return {
+        "logprobs": [hf_logprobs(model, p + a)[len(p) - 1 :] for p, a in rows],
+        "greedy": [hf_greedy(model, p, n_new, eos) for p, _ in rows],
+    }
+
+
 def check_gguf(
-    paths: dict[str, Path], model, rows: list[tuple[list[int], list[int]]], n_new: int, eos: int | None
+    paths: dict[str, Path], ref: dict, rows: list[tuple[list[int], list[int]]], n_new: int, eos: int | None
 ) -> dict:
-    """Each GGUF file against the Hugging Face student on (prompt ids, answer ids) rows.
+    """Each GGUF file against the Hugging Face student's ``reference`` on the same rows.
 
     Per file: the share of prompts whose greedy continuation (``n_new`` tokens) is the same token
     for token; the mean and largest |difference| of the teacher-forced log-probs of the answers;
     the perplexity of the answers, and its ratio to the f16 file's (the cost of quantising).
     """
-    ref_lp = [hf_logprobs(model, p + a)[len(p) - 1 :] for p, a in rows]
-    ref_greedy = [hf_greedy(model, p, n_new, eos) for p, _ in rows]
+    ref_lp, ref_greedy = ref["logprobs"], ref["greedy"]
     hf_nll = -float(np.concatenate(ref_lp).mean())
     n_ctx = max(len(p) + max(len(a), n_new) for p, a in rows) + 8
     out: dict = {"prompts": len(rows), "new_tokens": n_new, "hf_perplexity": math.exp(hf_nll), "files": {}}

@@ -766,7 +766,7 @@ def export(cfg: RunConfig) -> Path:
     teacher_gguf = resolve_gguf(cfg.teacher.model) if cfg.teacher.model else None
     out, check = export_student(student_dir, run / "export", cfg, results, rows, teacher_gguf)
     if check is not None:
-        (run / "export_check.json").write_text(json.dumps(check, indent=1))
+        _write_json_atomic(run / "export_check.json", check)
         if results is not None:
             results["export_check"] = check
             _write_json_atomic(eval_path, results)

@@ -194,7 +194,9 @@ def _check_export(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
     if "gguf" not in cfg.export.formats:
         return
     arch = (facts.get("student") or facts.get("teacher") or ModelFacts("", "", 0, 0, 0, 0)).architecture
-    if arch and arch not in ("llama", "gemma3", "gemma3_text"):
+    from distill.gguf_export import EXPORTABLE
+
+    if arch and arch not in EXPORTABLE:
         raise ConfigError(
             f"export.formats: gguf is written for Llama and Gemma 3 students; this one is {arch!r}. "
             "Set export.formats=[hf] and convert the folder with llama.cpp's convert_hf_to_gguf.py"
