@@ -162,6 +162,24 @@ def test_resume_after_kill_mid_shard_keeps_finished_shards(setup, tmp_path, monk
     assert C.verify_cache(out) == []
 
 
+def test_resuming_a_cache_begun_for_other_sequences_is_refused(setup, tmp_path):
+    """Answers regenerated after a cache was begun: its finished shards hold the old sequences, so
+    adding shards for the new ones would leave a cache with some of each."""
+    teacher, tok, examples, meta = setup
+    out = tmp_path / "c"
+    C.build_cache(teacher, examples, out, meta, pad_id=tok.pad_token_id, batch_size=2)
+    (out / "shard-00002.safetensors").unlink()  # as if killed before the last shard
+    before = sorted(p.name for p in out.iterdir())
+    changed = [examples[0], *examples[2:], random_examples(len(tok), 1, 7, lambda i: 4, lambda i: 5)[0]]
+    assert len(changed) == len(examples)  # same count: only the sequences tell them apart
+    with pytest.raises(C.CacheError, match="begun for other training sequences.*delete"):
+        C.build_cache(teacher, changed, out, meta, pad_id=tok.pad_token_id)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing added
+    # the same sequences in another order resume it
+    C.build_cache(teacher, examples[::-1], out, meta, pad_id=tok.pad_token_id)
+    assert (out / "shard-00002.safetensors").is_file() and C.verify_cache(out) == []
+
+
 def test_corrupted_shard_is_found_and_refused(setup, tmp_path):
     teacher, tok, examples, meta = setup
     C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)

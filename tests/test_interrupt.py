@@ -100,7 +100,7 @@ def test_a_full_disk_during_generation_names_the_file_and_the_rerun_finishes(
     real, calls = os.fsync, {"n": 0}
 
     def full(fd):  # the third batch's answers do not fit on the disk
-        calls["n"] += 1
+        calls["n"] += os.readlink(f"/proc/self/fd/{fd}").endswith("answers.jsonl")
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
@@ -144,3 +144,54 @@ def test_resuming_training_on_changed_answers_is_refused(tmp_path, tiny_teacher_
     assert out.exit_code == 0, out.output
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, 7))  # started over: each step once
+
+
+def _limited(args: list[str], max_bytes: int) -> subprocess.CompletedProcess:
+    """``distill ARGS`` where no file may grow past ``max_bytes``: a real failed write (EFBIG), as a
+    full disk fails it, from inside safetensors' and torch's own writers, with no mock."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True,
+                          env={**worker_env(), "COLUMNS": "400"}, preexec_fn=limit, timeout=300)  # fmt: skip
+
+
+def test_a_failed_write_of_a_shard_or_a_checkpoint_names_it_leaves_nothing_half_written_and_resumes(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    from distill.cache import verify_cache
+
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, stages=("generate", "shrink"),
+                   cache={"use": True, "k": 8, "samples_per_shard": 64},
+                   train={"max_steps": 4, "checkpoint_every": 2})  # fmt: skip
+    run, args = cfg.run_dir, ["-c", str(tmp_path / "r.yaml")]
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+
+    small = max(p.stat().st_size for p in run.iterdir() if p.is_file()) + 1024  # config.yaml, answers...
+    out = _limited(["cache", *args], small)  # they and meta.json fit, the shard does not
+    shard = run / "teacher_cache" / "shard-00000.safetensors"
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"could not write {shard}: File too large" in out.stderr, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    left = sorted(p.name for p in (run / "teacher_cache").iterdir())
+    assert left == ["meta.json"], left  # no shard, no .tmp, no checksum of a shard that is not there
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if "teacher_cache" not in p.parts) == before
+    out = _limited(["cache", *args], 1 << 30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert shard.stat().st_size > small and verify_cache(run / "teacher_cache") == []
+
+    model = run / "student_init" / "model.safetensors"
+    out = _limited(["train", *args], model.stat().st_size // 2)  # the first checkpoint's weights do not fit
+    ckpt = run / "checkpoints"
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"could not write {ckpt}/.tmp-step-000002/model.safetensors: File too large" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert list(ckpt.iterdir()) == []  # neither a half-written checkpoint nor its temporary folder
+    assert not (run / "student").exists()
+    out = _limited(["train", *args], 1 << 30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (run / "student" / "model.safetensors").is_file()

@@ -16,6 +16,7 @@ a killed ``distill cache`` resumes by skipping the shards that exist.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -27,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from transformers import PreTrainedModel
 
-from distill import __version__
+from distill import __version__, fsio
 from distill.data import Batch, collate
 from distill.losses import TopKTeacher
 from distill.progress import progress_bar
@@ -86,6 +86,7 @@ class CacheMeta:
     samples_per_shard: int
     num_samples: int
     tail_samples: int = 0  # ids drawn per position from the teacher's mass outside the top k
+    samples_hash: str = ""  # of the sorted sample keys: which training sequences the shards hold
     version: str = __version__
 
     def check_against(self, expected: dict) -> None:
@@ -97,6 +98,20 @@ class CacheMeta:
         ]
         if diffs:
             raise CacheError("teacher cache does not match this run:\n  " + "\n  ".join(diffs))
+
+    def check_samples(self, samples_hash: str, cache_dir: Path) -> None:
+        """Refuse to add shards to a cache begun for other training sequences (answers regenerated,
+        the split or the filter changed since): its shards would hold some of each."""
+        if self.samples_hash and self.samples_hash != samples_hash:
+            raise CacheError(
+                f"{cache_dir} was begun for other training sequences than this run's (answers.jsonl, "
+                f"the split or the filter changed since); delete {cache_dir} and run distill cache again"
+            )
+
+
+def samples_hash(keys: list[str]) -> str:
+    """One hash for a set of sample keys (order does not matter)."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
 
 
 def _target_rows(example: Example) -> list[int]:
@@ -157,12 +172,14 @@ def build_cache(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "meta.json"
+    uniq = {sample_key(ex[0]): ex for ex in examples}
+    meta = dataclasses.replace(meta, samples_hash=samples_hash(list(uniq)))
     if meta_path.is_file():
         old = CacheMeta(**json.loads(meta_path.read_text()))
-        old.check_against({k: v for k, v in meta.__dict__.items() if k != "version"})
+        old.check_samples(meta.samples_hash, out_dir)
+        old.check_against({k: v for k, v in meta.__dict__.items() if k not in ("version", "samples_hash")})
     else:
-        meta_path.write_text(json.dumps(meta.__dict__, indent=1))
-    uniq = {sample_key(ex[0]): ex for ex in examples}
+        fsio.write_text(meta_path, json.dumps(meta.__dict__, indent=1))
     keys = sorted(uniq)
     n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
     id_np = np.uint16 if meta.id_dtype == "uint16" else np.int32
@@ -209,13 +226,15 @@ def _write_shard(path: Path, parts: dict[str, list[np.ndarray]], index, widths: 
 
     tensors = {name: np.concatenate(arrays) if arrays else empty(name) for name, arrays in parts.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"index": json.dumps(index)})
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    digest = file_sha256(tmp)
     side = path.with_suffix(".sha256")
     side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(digest + "\n")
+    try:
+        fsio.save_safetensors(tensors, tmp, metadata={"index": json.dumps(index)}, name=path)
+        fsio.write_bytes(side_tmp, (file_sha256(tmp) + "\n").encode())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written shard does not stay behind
+        side_tmp.unlink(missing_ok=True)
+        raise
     os.replace(side_tmp, side)
     os.replace(tmp, path)  # the shard becomes visible last, complete and checksummed
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from distill import interrupt, pipeline
+from distill import fsio, interrupt, pipeline
 from distill.api import ApiError
 from distill.cache import CacheError
 from distill.config import ConfigError, RunConfig, load_config
@@ -79,10 +78,6 @@ def _crash_log(exc: BaseException) -> Path:
     return path
 
 
-# a full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug
-WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
 def _call(fn, cfg: RunConfig, *args, force: bool = False, **kwargs):
     """Run a stage: a user error prints one line and exits 2; an unexpected one prints a short
     message and the path of a log with its traceback, and exits 1. A run folder this call made
@@ -106,9 +101,10 @@ def _call(fn, cfg: RunConfig, *args, force: bool = False, **kwargs):
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: keep the traceback in a file
         _remove_unstarted(cfg.run_dir, made)
-        if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
-            where = exc.filename or f"a file under {cfg.run_dir}"
-            msg = (f"could not write {where}: {exc.strerror}. Free some space (or fix the permissions) "
+        fault = fsio.write_fault(exc)  # a full disk, a quota, a forbidden folder: the user's to fix
+        if fault is not None:
+            where = fault.filename or f"a file under {cfg.run_dir}"
+            msg = (f"could not write {where}: {fault.strerror}. Free some space (or fix the permissions) "
                    "and run the same command again: finished work is kept")  # fmt: skip
             console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
             raise typer.Exit(2) from None

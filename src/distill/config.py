@@ -664,4 +664,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (it holds no secrets: keys are named, never stored)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from distill.fsio import write_text  # atomic: a failed write keeps the old config
+
+    write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

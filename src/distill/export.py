@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill import fsio
 from distill.config import RunConfig
 from distill.evaluate import METRICS
 
@@ -44,20 +45,19 @@ def export_student(
         if "hf" in ex.formats:
             model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(student_dir)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            fsio.save_pretrained(model, tok, tmp)
             del model
         ggufs: dict[str, Path] = {}
         if "gguf" in ex.formats:
             paths = {kind: tmp / f"{cfg.name}-{kind}.gguf" for kind in ex.gguf_types}
             ggufs = write_ggufs(student_dir, paths, teacher_gguf=teacher_gguf, name=cfg.name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(ggufs, student_dir))
+            fsio.write_text(tmp / "Modelfile", ollama_modelfile(ggufs, student_dir))
         check = check_export(student_dir, tmp if "hf" in ex.formats else None, ggufs, check_rows, cfg)
         summary = student_dir.parent / "train_summary.json"
         steps = json.loads(summary.read_text())["steps"] if summary.is_file() else cfg.train.max_steps
         n_layers = json.loads((student_dir / "config.json").read_text()).get("num_hidden_layers", 0)
         card = model_card(cfg, eval_results, n_layers, steps, check=check, ggufs=ggufs)
-        (tmp / "README.md").write_text(card)
+        fsio.write_text(tmp / "README.md", card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

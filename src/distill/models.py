@@ -20,6 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill import fsio
+
 log = logging.getLogger(__name__)
 
 
@@ -189,8 +191,11 @@ def save_dequantized(loaded: PreTrainedModel, tok: Tokenizer, gguf: Path, out_di
     model.generation_config = loaded.generation_config
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    try:
+        fsio.save_pretrained(model, tok, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "SOURCE").write_text(f"{gguf.resolve()}\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)

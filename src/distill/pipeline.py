@@ -29,6 +29,7 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from distill import fsio
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import LoraConfig, RunConfig, dump_config
 from distill.data import (
@@ -178,15 +179,14 @@ def _setup(cfg: RunConfig) -> tuple[Path, RunConfig]:
     check_same_run(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
-    (run / "precision.json").write_text(json.dumps({k: p.as_dict() for k, p in precision.items()}, indent=1))
+    chosen = {k: p.as_dict() for k, p in precision.items()}
+    fsio.write_text(run / "precision.json", json.dumps(chosen, indent=1))
     return run, cfg
 
 
 def _write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file and rename it over ``path``: readers see the old or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    fsio.write_text(path, json.dumps(obj, indent=1))
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -212,7 +212,8 @@ def load_split(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
             )
         return [by_id[i] for i in split["train"]], [by_id[i] for i in split["heldout"]]
     train_p, held = split_prompts(prompts, cfg.data.heldout_size, cfg.data.split_seed)
-    split_path.write_text(json.dumps({"train": [p.id for p in train_p], "heldout": [p.id for p in held]}))
+    split = {"train": [p.id for p in train_p], "heldout": [p.id for p in held]}
+    fsio.write_text(split_path, json.dumps(split))
     return train_p, held
 
 
@@ -291,7 +292,7 @@ def _generate_api(cfg: RunConfig, prompts: list[Prompt]) -> Path:
         "logprob_mapping": mapping,
         "teacher_signal": signal,
     }
-    (run / "generate_summary.json").write_text(json.dumps(summary, indent=1))
+    fsio.write_text(run / "generate_summary.json", json.dumps(summary, indent=1))
     r = summary["this_run"]
     console.print(
         f"this run: {r['done']} answers, {r['failed']} failed {r['failed_by_cause'] or ''}, "
@@ -346,10 +347,13 @@ def shrink(cfg: RunConfig) -> Path:
             )
     tmp = out.with_name("student_init.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    try:
+        fsio.save_pretrained(student, tok, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays
+        raise
     if cfg.student.init == "shrink":  # what hidden-state alignment pairs each student layer with
-        (tmp / "layer_map.json").write_text(json.dumps({"teacher_layers": layers}))
+        fsio.write_text(tmp / "layer_map.json", json.dumps({"teacher_layers": layers}))
     tmp.rename(out)
     return out
 
@@ -380,7 +384,7 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
     except ValueError as exc:  # no shape meets the targets
         raise StageError(str(exc)) from None
     if report:
-        (run / "student_candidates.json").write_text(json.dumps(report, indent=1))
+        fsio.write_text(run / "student_candidates.json", json.dumps(report, indent=1))
     return student, chosen.layers
 
 
@@ -537,7 +541,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
             f"{filter_report['dropped_by_reason'] or 'none'}), teacher signal: {source}, "
             f"{acc.num_processes} process(es)"
         )
-        (run / "filter_report.json").write_text(json.dumps(filter_report, indent=1))
+        fsio.write_text(run / "filter_report.json", json.dumps(filter_report, indent=1))
     grader = None  # on-policy rows, where the teacher signal is a cache or text: who grades the samples
     if cfg.train.onpolicy_fraction > 0 and api:
         from distill.api import ApiGrader
@@ -576,11 +580,14 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
             student = student.merge_and_unload()  # a plain model: the export needs no peft
         student.config.use_cache = True
         tmp = run / "student.tmp"
-        student.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        try:
+            fsio.save_pretrained(student, tok, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints keep the work; no half-written folder
+            raise
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        (run / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        fsio.write_text(run / "train_summary.json", json.dumps(summary, indent=1))
         console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
     acc.wait_for_everyone()
     return out
@@ -651,7 +658,7 @@ def _heal(cfg: RunConfig, run: Path, student, teacher: LiveTeacher | None, tok, 
     if acc.is_main_process:
         tmp = out / "healed.safetensors.tmp"
         save_model(student, str(tmp))
-        (out / "heal_summary.json").write_text(json.dumps(summary, indent=1))
+        fsio.write_text(out / "heal_summary.json", json.dumps(summary, indent=1))
         os.replace(tmp, done)
     acc.wait_for_everyone()
     return summary
@@ -748,9 +755,8 @@ def evaluate(cfg: RunConfig) -> dict:
         results["summary"]["teacher_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
     results["precision"] = json.loads((run / "precision.json").read_text())  # chosen at this stage's start
     _write_json_atomic(run / "eval.json", results)
-    with (run / "eval_answers.jsonl").open("w") as f:
-        for o in outputs:
-            f.write(json.dumps(o, ensure_ascii=False) + "\n")
+    lines = [json.dumps(o, ensure_ascii=False) + "\n" for o in outputs]
+    fsio.write_text(run / "eval_answers.jsonl", "".join(lines))
     console.print(results_table({k: v for k, v in results.items() if k not in ("summary", "precision")}))
     console.print(f"report with plots: {write_report(run, results)}")
     return results
@@ -844,5 +850,5 @@ def run_all(cfg: RunConfig, resume: bool = True) -> dict:
     t0 = time.perf_counter()
     export(cfg)
     timings["export"] = time.perf_counter() - t0
-    (cfg.run_dir / "timings.json").write_text(json.dumps(timings, indent=1))
+    fsio.write_text(cfg.run_dir / "timings.json", json.dumps(timings, indent=1))
     return results

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distill.fsio import write_text
+
 MODELS = ("teacher", "untrained_student", "student")
 
 
@@ -109,5 +111,5 @@ def write_report(run: Path, results: dict) -> Path:
             lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
         lines.append("")
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from distill import interrupt, onpolicy
+from distill import fsio, interrupt, onpolicy
 from distill.config import TrainConfig
 from distill.data import Batch, collate, pack, prompt_part
 from distill.losses import (
@@ -373,13 +373,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dic
         if ptr in seen:
             state[k] = state[k].clone()
         seen[ptr] = k
-    save_file(state, tmp / "model.safetensors")
-    torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    try:  # each file fsynced as it is written
+        fsio.save_safetensors(state, tmp / "model.safetensors")
+        fsio.save_torch(opt_state, tmp / "optimizer.pt")
+        fsio.save_torch({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        fsio.write_bytes(tmp / "trainer_state.json", json.dumps({"step": step}).encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint does not stay behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
@@ -423,9 +424,7 @@ def _keep_metrics_upto(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [ln for ln in lines if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        fsio.write_text(path, "".join(kept))
 
 
 # --- time budget -----------------------------------------------------------------------------
@@ -495,9 +494,7 @@ class TimePlan:
                 f"{self.max_steps} steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, path)
+        fsio.write_text(path, json.dumps(self.__dict__, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> TimePlan | None:

@@ -1,0 +1,95 @@
+"""Writing files so that a full disk, a quota or a forbidden folder is an ``OSError`` that names the
+file, whichever library serialises the data.
+
+safetensors reports a failed write as ``SafetensorError('... (os error 28)')`` and ``torch.save`` as
+``RuntimeError('unexpected pos ...')``, neither an ``OSError`` and neither naming the file. So weights
+and optimizer state are serialised in memory and written here; :func:`write_fault` finds the
+``OSError`` behind a library's error where only its message carries the errno (``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+from pathlib import Path
+
+import torch
+
+# a full disk, a quota, a file-size limit, a read-only or forbidden folder: the user's to fix
+WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+_QUOTED_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def write_bytes(path: Path, data: bytes | memoryview, *, name: Path | None = None) -> None:
+    """Write ``data`` to ``path`` and fsync it; a failure is an ``OSError`` naming ``name`` (the
+    file the user knows, when ``path`` is its temporary) or ``path``."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        exc.filename = str(name or path)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: readers see the old file or the new one, never
+    half of it, and a failed write leaves the old file and no temporary behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_bytes(tmp, text.encode(), name=path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None, *,
+                     name: Path | None = None) -> None:  # fmt: skip
+    """``safetensors`` ``save_file`` for torch or numpy tensors, with a failed write named."""
+    first = next(iter(tensors.values()), None)
+    if isinstance(first, torch.Tensor) or first is None:
+        from safetensors.torch import save
+    else:
+        from safetensors.numpy import save
+    write_bytes(path, save(tensors, metadata=metadata), name=name)
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save`` (for state that is not weights: optimizer moments, RNG), with a failed write named."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
+
+
+def write_fault(exc: BaseException) -> OSError | None:
+    """The write fault behind ``exc`` (see ``WRITE_FAULTS``), or None when it is not one."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the error itself, then what caused it
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
+            return exc
+        m = _QUOTED_ERRNO.search(str(exc))
+        if m and int(m.group(1)) in WRITE_FAULTS:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def save_pretrained(model, tok, folder: Path) -> None:
+    """``model.save_pretrained`` (safetensors) and ``tok.save_pretrained``; a write fault is an
+    ``OSError`` naming the file, or the folder where the library's error does not say which file."""
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(folder)
+    except Exception as exc:
+        fault = write_fault(exc)
+        if fault is None:
+            raise
+        raise OSError(fault.errno, fault.strerror, fault.filename or str(folder)) from exc
