@@ -28,10 +28,11 @@ def test_run_all_writes_every_stage(tiny_cfg):
     for name in ["config.yaml", "split.json", "answers.jsonl", "student_init/config.json",
                  "student/model.safetensors", "metrics.jsonl", "eval.json", "eval_answers.jsonl",
                  "export/model.safetensors", "export/README.md", "export/tokenizer.json",
-                 "export/generation_config.json", "timings.json", "report/report.md"]:  # fmt: skip
+                 "export/generation_config.json", "timings.json", "report/report.md", "report/report.html",
+                 "eval_prompts.json"]:  # fmt: skip
         assert (run / name).exists(), name
     report = (run / "report" / "report.md").read_text()
-    for png in ("loss.png", "quality.png", "speed.png"):
+    for png in ("training.png", "quality.png", "cost.png"):
         assert f"]({png})" in report
         head = (run / "report" / png).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 100  # width

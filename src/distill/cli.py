@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -199,6 +200,61 @@ def export(
     if format_:
         overrides.append(f"export.formats=[{','.join(format_)}]")
     _call(pipeline.export, _config(config, overrides), force=force)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder with an evaluation (eval.json)")],
+    price_per_hour: Annotated[
+        float | None, typer.Option(help="USD an hour of the serving machine: adds cost per million tokens")
+    ] = None,
+) -> None:
+    """The run's report again from its folder -> report/report.html (self-contained) and report.md."""
+    from distill.report import ReportError, write_report
+
+    if price_per_hour is not None and price_per_hour <= 0:
+        console.print(f"[red]error:[/red] --price-per-hour must be above 0, not {price_per_hour}")
+        raise typer.Exit(2)
+    try:
+        page = write_report(run_dir, price_per_hour=price_per_hour)
+    except (ReportError, json.JSONDecodeError, OSError) as exc:
+        console.print(f"[red]error:[/red] {_reading_error(exc, run_dir)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"report: {page}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more evaluated run folders")],
+    out: Annotated[Path, typer.Option(help="folder for compare.html, .md, .png, .json")] = Path(
+        "runs/compare"
+    ),
+    metric: Annotated[
+        str, typer.Option(help="quality axis: top1_agreement, kl, rouge_l, reference_accuracy")
+    ] = ("top1_agreement"),
+) -> None:
+    """Several runs' students in one table and one quality-against-speed plot."""
+    from distill.compare import CompareError, compare_runs
+
+    if metric not in ("top1_agreement", "kl", "rouge_l", "reference_accuracy"):
+        console.print(
+            f"[red]error:[/red] --metric {metric!r}: use top1_agreement, kl, rouge_l or reference_accuracy"
+        )
+        raise typer.Exit(2)
+    try:
+        page = compare_runs(runs, out, y=metric)
+    except (CompareError, json.JSONDecodeError, OSError) as exc:
+        console.print(f"[red]error:[/red] {_reading_error(exc, None)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"comparison: {page}")
+
+
+def _reading_error(exc: Exception, run_dir: Path | None) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a file of the run is not valid JSON ({exc}); run `distill evaluate` again"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 @app.command("show-config")

@@ -437,6 +437,12 @@ class EvaluateConfig(_Strict):
     speed_dtype: DtypeSetting = Field(
         "auto", description="dtype the speed is measured in (the one you would deploy); " + _AUTO_DTYPE
     )
+    # peak resident memory of each model answering one prompt, each in a fresh process (a few s each)
+    measure_memory: bool = True
+    # price of an hour of the machine that serves the student, in USD: the report's cost per
+    # million generated tokens (null: not shown; `distill report --price-per-hour` sets it later)
+    price_per_hour: float | None = Field(None, gt=0)
+    bootstrap_draws: int = Field(2000, ge=100, description="resamples of the held-out prompts per interval")
 
 
 class ExportConfig(_Strict):

@@ -62,32 +62,39 @@ def forced_metrics(
     vocab_size: int | None = None,
 ) -> dict[str, float | None]:
     """Per-token KL(teacher || model), top-1 agreement and perplexity on teacher answers
-    (KL and agreement are None without a local teacher).
+    (KL and agreement are None without a local teacher), and under ``per_example`` each example's
+    sums (``kl``, ``agree``, ``ce``) and token count, from which a bootstrap over prompts resamples.
 
     ``vocab_size``: the tokenizer's length; LM-head columns past it (padding, e.g. 152,064 vs
     151,936) are dropped on both sides, so a pair whose heads differ only by padding compares.
     """
-    kl_sum = agree = ce_sum = 0.0
-    count = 0
+    rows: list[dict] = []
     for i in range(0, len(examples), batch_size):
         b = collate(examples[i : i + batch_size], pad_id).to(model.device)
         s = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
         s = s[..., :vocab_size] if vocab_size else s  # (B, T-1, V)
         mask = b.answer_mask[:, 1:]
+        t = None
         if teacher is not None:
             t_in = b.to(teacher.device)
             t = teacher(input_ids=t_in.input_ids, attention_mask=t_in.attention_mask).logits[:, :-1]
             t = (t[..., :vocab_size] if vocab_size else t).float().to(s.device)
-            kl_sum += float(forward_kl(s, t, mask, num_tokens=1))
-            agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
-        ce_sum += float(token_cross_entropy(s, b.input_ids[:, 1:], mask, num_tokens=1))
-        count += int(mask.sum())
-    count = max(count, 1)
+        targets = b.input_ids[:, 1:]
+        for r in range(s.shape[0]):  # each example's sums, for the intervals over prompts
+            m, sr = mask[r : r + 1], s[r : r + 1]
+            row = {"ce": float(token_cross_entropy(sr, targets[r : r + 1], m, num_tokens=1)),
+                   "tokens": int(m.sum()), "kl": None, "agree": None}  # fmt: skip
+            if t is not None:
+                row["kl"] = float(forward_kl(sr, t[r : r + 1], m, num_tokens=1))
+                row["agree"] = int((sr.argmax(-1) == t[r : r + 1].argmax(-1))[m].sum())
+            rows.append(row)
+    count = max(sum(r["tokens"] for r in rows), 1)
     return {
-        "kl": kl_sum / count if teacher is not None else None,
-        "top1_agreement": agree / count if teacher is not None else None,
-        "perplexity": math.exp(ce_sum / count),
+        "kl": sum(r["kl"] for r in rows) / count if teacher is not None else None,
+        "top1_agreement": sum(r["agree"] for r in rows) / count if teacher is not None else None,
+        "perplexity": math.exp(sum(r["ce"] for r in rows) / count),
         "scored_tokens": count,
+        "per_example": rows,
     }
 
 
@@ -125,6 +132,33 @@ def compare_speed(
             for name, m in fast.items():
                 out[name][key] = max(out[name][key], _timed_generation(m, tok, rows, cfg.speed_new_tokens))
     return out
+
+
+def _memory_child(folder: str, prompt: list[int], new_tokens: int, dtype: str) -> dict:
+    import resource
+
+    from transformers import AutoModelForCausalLM as Auto  # imported before the baseline
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    model = Auto.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mib = {"peak_rss_mib": peak, "runtime_rss_mib": before, "model_peak_mib": peak - before}
+    return {k: v / 1024 for k, v in mib.items()}
+
+
+def peak_memory(folder: Path, prompt: list[int], new_tokens: int, dtype: torch.dtype) -> dict:
+    """Peak resident memory of a fresh process that loads the model from ``folder`` in ``dtype`` and
+    answers ``prompt`` with ``new_tokens`` tokens (MiB): all of it (``peak_rss_mib``), the Python,
+    torch and transformers runtime it held before loading (``runtime_rss_mib``), and the difference,
+    the model's own share (``model_peak_mib``: weights, activations, KV cache)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        name = str(dtype).removeprefix("torch.")
+        return pool.apply(_memory_child, (str(folder), prompt, new_tokens, name))
 
 
 def evaluate_model(
@@ -177,21 +211,37 @@ def evaluate_model(
                 outputs.append({"id": p.id, "model": name, "text": text, "finish_reason": g.finish_reason})
                 own.append(make_example(prompt_ids[p.id], g.token_ids, max_seq_len))
             bar.update(task, advance=len(chunk))
-    res["teacher_logprob"] = (
-        teacher_logprob(teacher_fp32, [e for e in own if any(e[1])], pad, cfg.batch_size)
-        if teacher_fp32 is not None and own else None
-    )  # fmt: skip
+    # each prompt's figures, for the intervals over prompts (distill.stats, the report)
+    forced = dict(zip([p.id for p in scored], res.get("per_example") or [{}] * len(scored), strict=True))
+    res.pop("per_example", None)
+    judged_ids = [o["id"] for o, e in zip(outputs, own, strict=True) if any(e[1])]
+    judged = {}
+    if teacher_fp32 is not None and judged_ids:
+        rows = forced_metrics(teacher_fp32, None, [e for e in own if any(e[1])], pad, cfg.batch_size)
+        judged = dict(zip(judged_ids, rows["per_example"], strict=True))
     teacher_text = {p.id: answers[p.id]["text"] for p in scored}
-    res["exact_match"] = sum(o["text"].strip() == teacher_text[o["id"]].strip() for o in outputs) / max(
-        len(outputs), 1
-    )
-    res["rouge_l"] = sum(rouge_l(o["text"], teacher_text[o["id"]]) for o in outputs) / max(len(outputs), 1)
     refs = {p.id: p.reference for p in scored if p.reference}
-    res["reference_accuracy"] = (
-        sum(matches_reference(o["text"], refs[o["id"]]) for o in outputs if o["id"] in refs) / len(refs)
-        if refs else None
-    )  # fmt: skip
+    per_prompt = []
+    for o, e in zip(outputs, own, strict=True):
+        f, j = forced.get(o["id"], {}), judged.get(o["id"], {})
+        per_prompt.append({
+            "id": o["id"], "kl": f.get("kl"), "agree": f.get("agree"), "ce": f.get("ce"),
+            "tokens": f.get("tokens"), "answer_tokens": sum(e[1]),
+            "exact_match": float(o["text"].strip() == teacher_text[o["id"]].strip()),
+            "rouge_l": rouge_l(o["text"], teacher_text[o["id"]]),
+            "correct": float(matches_reference(o["text"], refs[o["id"]])) if o["id"] in refs else None,
+            "judge_logprob": -j["ce"] if j else None, "judge_tokens": j.get("tokens"),
+        })  # fmt: skip
+    judged_tokens = sum(r["judge_tokens"] or 0 for r in per_prompt)
+    judged_sum = sum(r["judge_logprob"] for r in per_prompt if r["judge_tokens"])
+    res["teacher_logprob"] = judged_sum / judged_tokens if judged_tokens else None
+    n = max(len(per_prompt), 1)
+    res["exact_match"] = sum(r["exact_match"] for r in per_prompt) / n
+    res["rouge_l"] = sum(r["rouge_l"] for r in per_prompt) / n
+    graded = [r["correct"] for r in per_prompt if r["correct"] is not None]
+    res["reference_accuracy"] = sum(graded) / len(graded) if refs else None
     res["reference_prompts"] = len(refs)
+    res["per_prompt"] = per_prompt
     res["params"] = count_params(model) if model is not None else None
     res["bytes"] = folder_bytes(weights_dir) if weights_dir is not None else None
     res["num_layers"] = model.config.num_hidden_layers if model is not None else None

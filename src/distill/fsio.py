@@ -35,13 +35,13 @@ def write_bytes(path: Path, data: bytes | memoryview, *, name: Path | None = Non
         raise
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: readers see the old file or the new one, never
-    half of it, and a failed write leaves the old file and no temporary behind."""
+def write_text(path: Path, text: str | bytes) -> None:
+    """Replace ``path`` with ``text`` (or bytes) atomically: readers see the old file or the new one,
+    never half of it, and a failed write leaves the old file and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write_bytes(tmp, text.encode(), name=path)
+        write_bytes(tmp, text.encode() if isinstance(text, str) else text, name=path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from distill.data import (
     split_prompts,
     with_system_prompt,
 )
-from distill.evaluate import compare_speed, evaluate_model, results_table
+from distill.evaluate import compare_speed, evaluate_model, peak_memory, results_table
 from distill.export import export_student
 from distill.filters import filter_answers
 from distill.generate import (
@@ -62,7 +62,8 @@ from distill.models import (
 )
 from distill.preflight import ModelFacts, check_run
 from distill.progress import console
-from distill.report import write_report
+from distill.report import environment, write_report
+from distill.stats import quality_intervals
 from distill.student import choose_student
 from distill.teacher import LiveTeacher
 from distill.train import attach_hidden_projection, detach_hidden_projection, train
@@ -739,6 +740,22 @@ def evaluate(cfg: RunConfig) -> dict:
     speeds = compare_speed(models, tok, speed_prompts, cfg.evaluate, DTYPES[cfg.evaluate.speed_dtype])
     for name, figures in speeds.items():
         results[name].update(figures)
+    per_prompt = {name: r.pop("per_prompt") for name, r in results.items()}
+    for name, r in results.items():  # latency: its mean answer length at its batch-1 rate
+        lengths = [row["answer_tokens"] for row in per_prompt[name]]
+        r["mean_answer_tokens"] = sum(lengths) / len(lengths) if lengths else None
+        rate = r.get("tokens_per_s_batch1")
+        r["seconds_per_answer"] = r["mean_answer_tokens"] / rate if rate and lengths else None
+    if cfg.evaluate.measure_memory and speed_prompts:
+        console.print("[dim]measuring peak memory, each model in a fresh process...[/dim]")
+        for name in ("teacher", "student"):
+            if name in models:
+                folder = candidates[name][1]
+                dtype = DTYPES[cfg.evaluate.speed_dtype]
+                results[name].update(
+                    peak_memory(folder, speed_prompts[0], cfg.evaluate.speed_new_tokens, dtype)
+                )
+    intervals = quality_intervals(per_prompt, draws=cfg.evaluate.bootstrap_draws)
     t, s, u = results["teacher"], results["student"], results["untrained_student"]
     local = teacher is not None
     results["summary"] = {
@@ -753,11 +770,18 @@ def evaluate(cfg: RunConfig) -> dict:
         total = json.loads(gen_summary.read_text())["total"]
         results["summary"]["teacher_cost_usd"] = total["cost_usd"]
         results["summary"]["teacher_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    results["summary"]["price_per_hour"] = cfg.evaluate.price_per_hour
     results["precision"] = json.loads((run / "precision.json").read_text())  # chosen at this stage's start
+    results["intervals"] = intervals
+    results["environment"] = environment()
+    prompts = {p.id: {"messages": p.messages, "reference": p.reference} for p in held}
+    _write_json_atomic(run / "eval_prompts.json", {"prompts": prompts, "models": per_prompt})
     _write_json_atomic(run / "eval.json", results)
     lines = [json.dumps(o, ensure_ascii=False) + "\n" for o in outputs]
     fsio.write_text(run / "eval_answers.jsonl", "".join(lines))
-    console.print(results_table({k: v for k, v in results.items() if k not in ("summary", "precision")}))
+    console.print(results_table({k: v for k, v in results.items() if k in candidates}))
+    for warning in intervals["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     console.print(f"report with plots: {write_report(run, results)}")
     return results
 
