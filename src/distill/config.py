@@ -443,6 +443,28 @@ class EvaluateConfig(_Strict):
     # million generated tokens (null: not shown; `distill report --price-per-hour` sets it later)
     price_per_hour: float | None = Field(None, gt=0)
     bootstrap_draws: int = Field(2000, ge=100, description="resamples of the held-out prompts per interval")
+    # tasks with reference answers, beside the held-out prompts: arithmetic, algebra, humaneval
+    # (built in) or JSONL files whose prompts have a `reference`
+    tasks: list[str] = Field(default_factory=list)
+    task_size: int | None = Field(100, ge=1, description="first N items of each task (null: all)")
+    task_max_new_tokens: int = Field(48, ge=1, description="answer length for tasks with reference answers")
+    code_max_new_tokens: int = Field(320, ge=1, description="answer length for humaneval")
+    code_timeout: float = Field(10.0, gt=0, description="seconds each humaneval program may run")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from distill.tasks import BUILTIN
+
+        for spec in v:
+            if spec not in BUILTIN and not spec.endswith(".jsonl"):
+                near = difflib.get_close_matches(spec, BUILTIN, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                known = ", ".join(BUILTIN)
+                raise ValueError(f"{spec!r} is neither a built-in task ({known}) nor a .jsonl file{hint}")
+        if len(set(v)) != len(v):
+            raise ValueError("a task is listed twice")
+        return v
 
 
 class ExportConfig(_Strict):

@@ -741,6 +741,11 @@ def evaluate(cfg: RunConfig) -> dict:
     for name, figures in speeds.items():
         results[name].update(figures)
     per_prompt = {name: r.pop("per_prompt") for name, r in results.items()}
+    task_results, task_answers = {}, []
+    if cfg.evaluate.tasks:
+        from distill.tasks import evaluate_tasks
+
+        task_results, task_answers = evaluate_tasks(models, tok, cfg)
     for name, r in results.items():  # latency: its mean answer length at its batch-1 rate
         lengths = [row["answer_tokens"] for row in per_prompt[name]]
         r["mean_answer_tokens"] = sum(lengths) / len(lengths) if lengths else None
@@ -773,14 +778,23 @@ def evaluate(cfg: RunConfig) -> dict:
     results["summary"]["price_per_hour"] = cfg.evaluate.price_per_hour
     results["precision"] = json.loads((run / "precision.json").read_text())  # chosen at this stage's start
     results["intervals"] = intervals
+    results["tasks"] = task_results
     results["environment"] = environment()
     prompts = {p.id: {"messages": p.messages, "reference": p.reference} for p in held}
     _write_json_atomic(run / "eval_prompts.json", {"prompts": prompts, "models": per_prompt})
     _write_json_atomic(run / "eval.json", results)
     lines = [json.dumps(o, ensure_ascii=False) + "\n" for o in outputs]
     fsio.write_text(run / "eval_answers.jsonl", "".join(lines))
+    lines = [json.dumps(o, ensure_ascii=False) + "\n" for o in task_answers]
+    fsio.write_text(run / "eval_tasks.jsonl", "".join(lines))
     console.print(results_table({k: v for k, v in results.items() if k in candidates}))
-    for warning in intervals["warnings"]:
+    for name, task in task_results.items():
+        accuracy = {m: ci["reference_accuracy"]["value"] for m, ci in task["intervals"]["models"].items()}
+        console.print(f"task {name} ({task['items']} items): accuracy "
+                      + ", ".join(f"{m} {v:.3f}" for m, v in accuracy.items()))  # fmt: skip
+    for warning in intervals["warnings"] + [
+        w for t in task_results.values() for w in t["intervals"]["warnings"]
+    ]:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     console.print(f"report with plots: {write_report(run, results)}")
     return results

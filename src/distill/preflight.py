@@ -164,6 +164,11 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
         )
     if cfg.heal.data:
         read_general_text(cfg.heal.data)  # there, UTF-8, and with text in it
+    if cfg.evaluate.tasks:
+        from distill.tasks import load_task
+
+        for spec in cfg.evaluate.tasks:  # there, readable, every prompt with a reference
+            load_task(spec, cfg.evaluate.task_size)
     try:
         resolve_device(cfg.teacher.device)
     except ValueError as exc:

@@ -314,6 +314,29 @@ def quality_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def task_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per task: each model's accuracy, the student's kept share and its difference from
+    the untrained student, each with its interval."""
+    tasks = results.get("tasks") or {}
+    models = [m for m in MODELS if any(m in t["intervals"]["models"] for t in tasks.values())]
+    head = [
+        "task",
+        "items",
+        *[LABELS[m] for m in models],
+        "student kept (of the teacher)",
+        "student − untrained",
+    ]
+    rows = []
+    for name, t in tasks.items():
+        iv, key = t["intervals"], "reference_accuracy"
+        label = name + (" (tests pass)" if t.get("kind") == "code" else " (exact answer)")
+        rows.append([label, str(t["items"]),
+                     *[fmt_ci(iv["models"].get(m, {}).get(key)) for m in models],
+                     fmt_ci(iv.get("kept", {}).get(key), pct=True),
+                     fmt_ci(iv.get("vs_untrained", {}).get(key))])  # fmt: skip
+    return head, rows
+
+
 def _provenance(run: Path, results: dict) -> tuple[list[list[str]], str]:
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     env = results.get("environment") or {}
@@ -403,6 +426,19 @@ def write_report(run: Path, results: dict | None = None, *, price_per_hour: floa
           img("quality", "quality with intervals")]  # fmt: skip
     md += ["## Quality kept", "", how, "", *(_md_table(head, rows) if rows else []), "",
            "![quality](quality.png)" if plots["quality"] else "", ""]  # fmt: skip
+
+    thead, trows = task_rows(results)
+    if trows:
+        about = ("Accuracy on tasks with reference answers, beyond the held-out prompts: greedy answers, "
+                 "1 per item answered right (the last number equal to the reference's, or the tests passed), "
+                 "with 95% bootstrap intervals over the items.")  # fmt: skip
+        h += ["<h2>Tasks</h2>", f"<p>{esc(about)}</p>", _table(thead, trows)]
+        md += ["## Tasks", "", about, "", *_md_table(thead, trows), ""]
+        for w in [
+            w for t in (results.get("tasks") or {}).values() for w in t["intervals"].get("warnings", [])
+        ]:
+            h.append(f"<div class='warn'>⚠ {esc(w)}</div>")
+            md.append(f"> **warning:** {w}")
 
     picked = samples(answers, detail.get("models") or {}, detail.get("prompts") or {})
     if picked:

@@ -142,7 +142,13 @@ def prompt_columns(per_prompt: Mapping[str, list[dict]]) -> dict[str, np.ndarray
     return cols
 
 
-def quality_intervals(per_prompt: Mapping[str, list[dict]], *, draws: int = 2000, seed: int = 0) -> dict:
+def quality_intervals(
+    per_prompt: Mapping[str, list[dict]],
+    *,
+    draws: int = 2000,
+    seed: int = 0,
+    metrics: tuple[str, ...] | None = None,
+) -> dict:
     """Every quality metric of every model with its interval, the student's "kept" share of the
     teacher's, and the student's difference from the untrained student (a paired interval; where it
     contains 0 the held-out set cannot tell the two apart): a JSON-ready dict."""
@@ -154,6 +160,8 @@ def quality_intervals(per_prompt: Mapping[str, list[dict]], *, draws: int = 2000
         return out
 
     def available(name: str, model: str) -> bool:
+        if metrics is not None and name not in metrics:
+            return False
         v = metric(name, model)(cols)
         return v is not None and math.isfinite(v)
 
