@@ -257,6 +257,28 @@ def _reading_error(exc: Exception, run_dir: Path | None) -> str:
     return str(exc)
 
 
+@app.command()
+def audit(
+    teacher: Annotated[str, typer.Argument(help="teacher: a folder, a .gguf file or a bundled name")],
+    student: Annotated[str, typer.Argument(help="student: the same kinds")],
+    trust_remote_code: Annotated[bool, typer.Option(help="let the models' own tokenizer code run")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the audit as JSON")] = False,
+) -> None:
+    """May the two models' logits be compared id by id? The tokenizer audit, and the valid methods."""
+    from distill.audit import audit_models
+
+    try:
+        result = audit_models(teacher, student, trust_remote_code=trust_remote_code)
+    except (*USER_ERRORS, OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=1))
+        return
+    for line in result.lines():
+        console.print(line, soft_wrap=True, markup=False)
+
+
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in) as YAML."""

@@ -183,6 +183,8 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
             )
     if cfg.student.init == "model":
         facts["student"] = model_facts(cfg.student.model, trust_remote_code=trust)
+        if cfg.teacher.model and cfg.train.alpha > 0:
+            _check_tokenizers(cfg, facts)
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
     _check_export(cfg, facts)
@@ -192,6 +194,25 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
     if cfg.cache.use and vocab is not None and cfg.cache.k + cfg.cache.tail_samples > vocab.vocab_size:
         raise ConfigError("cache.k + cache.tail_samples exceeds the vocabulary")
     return facts
+
+
+def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
+    """A token-level loss (train.alpha > 0) pairs the two models' logits id by id: refused, with
+    the audit, when the tokenizers differ (``distill audit``)."""
+    from distill.audit import audit_models
+
+    result = audit_models(
+        cfg.teacher.model, cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code
+    )
+    if not result.token_level:
+        raise ConfigError(
+            f"train.alpha={cfg.train.alpha} distils the teacher's logits token by token, but "
+            f"{cfg.teacher.model} and {cfg.student.model} do not share a tokenizer, so the ids would pair "
+            "unrelated tokens. "
+            + "; ".join(result.lines())
+            + ". Set train.alpha=0 to train on the teacher's "
+            "answers as text (sequence-level KD), or choose a student with the teacher's tokenizer"
+        )
 
 
 def _check_export(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:

@@ -1,0 +1,192 @@
+"""Logit-level distillation between a teacher and a student with different tokenizers: the parts.
+
+Both models read the same text, each in its own tokens. ``align`` cuts the text at the character
+offsets where both tokenisations have a boundary, into chunks of one or more tokens on each side.
+Two losses use the chunks:
+
+* **Span alignment** (as in GOLD). Where a chunk is one token on each side, the two tokens are the
+  same text, and the models' next-token distributions before it are compared on the tokens both
+  vocabularies have (matched by their text, ``vocab_map``), the rest of the teacher's mass kept as a
+  tail bucket: a forward KL. Where a chunk is several tokens on a side, each model's probability of
+  the chunk's text is the product of its tokens' (the chain rule), and the two are compared as the
+  probability of one event: KL(Bernoulli(p_teacher) ‖ Bernoulli(p_student)).
+* **Universal Logit Distillation** (Boizard et al., 2024). At the first token of every chunk, where
+  both models start predicting the same text, the two probability vectors are sorted and compared
+  by their L1 distance (the Wasserstein-1 distance under ULD's assumptions), so no id needs a match.
+
+The teacher's side is reduced to ``k`` numbers per position (its top-k probabilities, sorted, or its
+top-k ids mapped into the student's vocabulary) block by block (``teacher_rows``), so its
+``(T, V_teacher)`` logits are never kept whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Chunk:
+    student: range  # token indices of the student's tokenisation
+    teacher: range
+    start: int  # character offsets in the text
+    end: int
+
+    @property
+    def one_to_one(self) -> bool:
+        return len(self.student) == 1 and len(self.teacher) == 1
+
+
+class AlignmentError(ValueError):
+    """The two tokenisations do not cover the same text."""
+
+
+def token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text``'s token ids without special tokens, and each token's character span."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+
+def align(student: list[tuple[int, int]], teacher: list[tuple[int, int]]) -> list[Chunk]:
+    """The finest chunks of the text whose two ends are boundaries in both tokenisations.
+
+    A boundary after token i is its end, provided the next token starts there or later (byte-level
+    tokenizers give the pieces of one character the same span: no boundary between them).
+    """
+
+    def boundaries(spans: list[tuple[int, int]]) -> dict[int, int]:  # character offset -> tokens before it
+        out = {}
+        for i, (_, end) in enumerate(spans):
+            nxt = spans[i + 1][0] if i + 1 < len(spans) else None
+            if nxt is None or nxt >= end:
+                out[end] = i + 1
+        return out
+
+    if not student or not teacher:
+        return []
+    if student[-1][1] != teacher[-1][1]:
+        raise AlignmentError(f"the student's tokens end at character {student[-1][1]}, the teacher's at "
+                             f"{teacher[-1][1]}: not the same text")  # fmt: skip
+    bs, bt = boundaries(student), boundaries(teacher)
+    chunks, si, ti, start = [], 0, 0, 0
+    for offset in sorted(bs.keys() & bt.keys()):
+        s_end, t_end = bs[offset], bt[offset]
+        if s_end > si and t_end > ti:
+            chunks.append(Chunk(range(si, s_end), range(ti, t_end), start, offset))
+            si, ti, start = s_end, t_end, offset
+    return chunks
+
+
+def alignment_shares(chunks: list[Chunk], n_student: int) -> dict[str, float]:
+    """Share of the student's tokens with a full distribution to match (one-to-one chunks), and with
+    any logit signal (every chunk: a distribution or a chunk probability)."""
+    one = sum(len(c.student) for c in chunks if c.one_to_one)
+    any_ = sum(len(c.student) for c in chunks)
+    return {"one_to_one": one / max(n_student, 1), "any": any_ / max(n_student, 1)}
+
+
+def surfaces(tok) -> list[str | None]:
+    """Each token's text in the middle of a sequence (None: a special token or no text of its own).
+
+    A token is decoded after an anchor token and the anchor's text removed, since decoders treat the
+    first token apart (a SentencePiece ``▁the`` alone decodes to ``the``, after a word to `` the``)."""
+    special = set(tok.all_special_ids)
+    anchor = next(t for t in ("a", "x", "e") if t in tok.get_vocab())
+    base = tok.convert_tokens_to_string([anchor])
+    out: list[str | None] = []
+    for i in range(len(tok)):
+        if i in special:
+            out.append(None)
+            continue
+        full = tok.convert_tokens_to_string([anchor, tok.convert_ids_to_tokens(i)])
+        text = full[len(base) :] if full.startswith(base) else None
+        out.append(text if text and "\ufffd" not in text else None)  # a partial character: no text
+    return out
+
+
+def vocab_map(teacher_tok, student_tok) -> Tensor:
+    """``(V_teacher,)`` the student id of each teacher token with the same text (-1: none); special
+    tokens and pieces of a character map to nothing. Where student tokens share a text the lowest
+    id is taken."""
+    by_text: dict[str, int] = {}
+    for i, text in enumerate(surfaces(student_tok)):
+        if text is not None and text not in by_text:
+            by_text[text] = i
+    out = torch.full((len(teacher_tok),), -1, dtype=torch.long)
+    for i, text in enumerate(surfaces(teacher_tok)):
+        if text is not None and text in by_text:
+            out[i] = by_text[text]
+    return out
+
+
+@torch.no_grad()
+def teacher_rows(
+    hidden: Tensor, head: Tensor, k: int, *, vmap: Tensor | None = None, transform=None, chunk_size: int = 64
+) -> dict[str, Tensor]:
+    """From the teacher's final hidden states ``(M, H)`` at the positions that matter and its LM head
+    ``(V, H)``, block by block: ``sorted`` its top-k probabilities, descending (M, k) and ``tail`` the
+    rest (M,) for ULD; with ``vmap``, ``ids`` its top-k ids in the student's vocabulary (-1: no such
+    token) with their ``logprobs`` for span alignment. Peak memory: one ``(chunk_size, V)`` block."""
+    parts: dict[str, list[Tensor]] = {"sorted": [], "tail": [], "ids": [], "logprobs": []}
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = F.linear(hidden[start : start + chunk_size].float(), head.float())
+        if transform is not None:
+            logits, _ = transform.apply(logits)
+        logp = torch.log_softmax(logits.float(), -1)
+        top, ids = logp.topk(min(k, logp.shape[-1]), -1)
+        parts["sorted"].append(top.exp())
+        parts["tail"].append((1 - top.exp().sum(-1)).clamp_min(0))
+        if vmap is not None:
+            parts["ids"].append(vmap[ids])
+            parts["logprobs"].append(top)
+    return {name: torch.cat(v) for name, v in parts.items() if v}
+
+
+def uld_loss(
+    student_logits: Tensor, teacher_sorted: Tensor, teacher_tail: Tensor, *, num_tokens=None
+) -> Tensor:
+    """Universal Logit Distillation: sum over ranks of |student's i-th largest probability - the
+    teacher's|, the vectors padded with zeros to one length. With the teacher's top ``k`` only, the
+    ranks past k count as one: |student's mass past rank k - the teacher's tail|. Summed over rows,
+    divided by ``num_tokens`` (default: the rows)."""
+    p = torch.softmax(student_logits.float(), -1)
+    k = teacher_sorted.shape[-1]
+    s_sorted = p.sort(-1, descending=True).values
+    if s_sorted.shape[-1] < k:  # a smaller student vocabulary: its missing ranks are zeros
+        s_sorted = F.pad(s_sorted, (0, k - s_sorted.shape[-1]))
+    head = (s_sorted[..., :k] - teacher_sorted.float()).abs().sum(-1)
+    tail = (s_sorted[..., k:].sum(-1) - teacher_tail.float()).abs()
+    total = (head + tail).sum()
+    return total / (num_tokens if num_tokens is not None else max(student_logits.shape[0], 1))
+
+
+def span_kl(student_logits: Tensor, ids: Tensor, logprobs: Tensor, *, num_tokens=None) -> Tensor:
+    """Forward KL from the teacher's top-k mapped into the student's vocabulary (``ids`` -1: a teacher
+    token the student lacks) to the student, the teacher's other mass as one tail bucket against the
+    student's mass outside the mapped ids. Summed over rows / ``num_tokens``."""
+    logq = torch.log_softmax(student_logits.float(), -1)  # (N, V_s)
+    p = logprobs.float().exp() * (ids >= 0)  # mapped mass only
+    safe = ids.clamp_min(0)
+    # several teacher tokens may map to one student token: their mass adds up
+    p_student = torch.zeros_like(logq).scatter_add_(-1, safe, p)
+    present = p_student > 0
+    mapped = torch.where(present, p_student * (p_student.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+    p_tail = (1 - p_student.sum(-1)).clamp_min(0)
+    q_in = torch.where(present, logq.exp(), 0.0).sum(-1)
+    q_tail = (1 - q_in).clamp_min(1e-12)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0)
+    total = (mapped + tail).sum()
+    return total / (num_tokens if num_tokens is not None else max(student_logits.shape[0], 1))
+
+
+def chunk_kl(student_logp: Tensor, teacher_logp: Tensor, *, num_tokens=None) -> Tensor:
+    """KL(Bernoulli(p_t) ‖ Bernoulli(p_s)) for chunks whose log-probabilities (each the sum of its
+    tokens' log-probs, the chain rule) are ``teacher_logp`` and ``student_logp`` (C,)."""
+    lt, ls = teacher_logp.float(), student_logp.float()
+    pt = lt.exp()
+    log1m = lambda x: torch.log(-torch.expm1(x.clamp_max(-1e-7)))  # noqa: E731 - log(1 - e^x), stable
+    kl = pt * (lt - ls) + (1 - pt) * (log1m(lt) - log1m(ls))
+    return kl.sum() / (num_tokens if num_tokens is not None else max(student_logp.shape[0], 1))

@@ -1,0 +1,216 @@
+"""Tokenizer audit and the cross-tokenizer parts: two tokenizers trained here (byte-level BPE and
+SentencePiece-style Metaspace BPE), alignment by character spans, ULD and span KL by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from distill import crosstok
+from distill.audit import audit_tokenizers
+from distill.cli import app
+
+from conftest import SENTENCES, build_llama
+
+
+@pytest.fixture(scope="module")
+def metaspace_tok(tmp_path_factory):
+    """A SentencePiece-style tokenizer (Metaspace, 150 tokens): other ids, other merges."""
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    tk.train_from_iterator(SENTENCES * 4, trainers.BpeTrainer(vocab_size=150, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                  unk_token="<unk>")  # fmt: skip
+    folder = tmp_path_factory.mktemp("metaspace")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _tok(folder):
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_the_audit_tells_the_four_cases_apart(tiny_teacher_dir, metaspace_tok):
+    bpe = _tok(tiny_teacher_dir)
+    same = audit_tokenizers(bpe, _tok(tiny_teacher_dir))
+    assert same.verdict == "same" and same.token_level and all(same.checks.values())
+    padded = audit_tokenizers(bpe, _tok(tiny_teacher_dir), len(bpe), len(bpe) + 13)
+    assert padded.verdict == "padded" and padded.token_level and "padding" in " ".join(padded.notes)
+    extended = _tok(tiny_teacher_dir)
+    extended.add_tokens(["<tool>", "</tool>"])
+    ext = audit_tokenizers(bpe, extended)
+    assert ext.verdict == "extension" and ext.shared_same_id == len(bpe) and ext.student_vocab == len(bpe) + 2
+    other = audit_tokenizers(bpe, _tok(metaspace_tok))
+    assert other.verdict == "different" and not other.token_level
+    assert not other.checks["merges"] and not other.checks["pre-tokenizer"]
+    # the same vocabulary with another normaliser: the same text gives other ids, so "different"
+    lower = _tok(tiny_teacher_dir)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    rules = audit_tokenizers(bpe, lower)
+    assert rules.verdict == "different" and not rules.checks["normalizer"]
+    assert "the same vocabulary but other tokenisation rules" in " ".join(rules.notes)
+
+
+def test_distill_audit_prints_the_verdict(tmp_path, tiny_teacher_dir, metaspace_tok):
+    student = tmp_path / "student"
+    build_llama(student, _tok(metaspace_tok), layers=1, seed=1)
+    out = CliRunner().invoke(app, ["audit", str(tiny_teacher_dir), str(student)])
+    assert out.exit_code == 0, out.output
+    assert "verdict: different" in out.output and "valid methods:" in out.output
+    out = CliRunner().invoke(app, ["audit", str(tiny_teacher_dir), str(tmp_path / "nowhere")])
+    assert out.exit_code == 2 and "nowhere" in out.output and "Traceback" not in out.output
+
+
+def test_a_token_level_loss_between_different_tokenizers_is_refused_before_any_work(
+    tmp_path, tiny_teacher_dir, metaspace_tok, prompts_file
+):
+    import yaml
+
+    from conftest import tiny_recipe
+
+    student = tmp_path / "student"
+    build_llama(student, _tok(metaspace_tok), layers=1, seed=1)
+    recipe = tiny_recipe(
+        tmp_path / "runs", tiny_teacher_dir, prompts_file, student={"init": "model", "model": str(student)}
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = CliRunner().invoke(app, ["generate", "-c", str(tmp_path / "r.yaml")])
+    said = " ".join(out.output.split())
+    assert out.exit_code == 2 and "verdict: different" in said and "train.alpha=0" in said, out.output
+    assert not (tmp_path / "runs" / "tiny").exists()
+    # text only (sequence-level KD) is valid for any pair: the check lets it through
+    out = CliRunner().invoke(app, ["generate", "-c", str(tmp_path / "r.yaml"), "--set", "train.alpha=0"])
+    assert out.exit_code == 0, out.output
+
+
+def test_alignment_by_character_spans(tiny_teacher_dir, metaspace_tok):
+    bpe, sp = _tok(tiny_teacher_dir), _tok(metaspace_tok)
+    text = "the cat sat on the mat, two plus two is four"
+    t_ids, t_spans = crosstok.token_offsets(bpe, text)
+    s_ids, s_spans = crosstok.token_offsets(sp, text)
+    chunks = crosstok.align(s_spans, t_spans)
+    # every token on both sides in exactly one chunk, in order, chunks tiling the text
+    assert [i for c in chunks for i in c.student] == list(range(len(s_ids)))
+    assert [i for c in chunks for i in c.teacher] == list(range(len(t_ids)))
+    assert chunks[0].start == 0 and chunks[-1].end == len(text)
+    assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    # each chunk is the same text on both sides
+    for c in chunks:
+        s_text = sp.decode([s_ids[i] for i in c.student]).strip()
+        t_text = bpe.decode([t_ids[i] for i in c.teacher]).strip()
+        assert s_text == t_text == text[c.start : c.end].strip()
+    plus = next(c for c in chunks if text[c.start : c.end] == " plus")
+    assert len(plus.student) == 1 and len(plus.teacher) == 3  # "▁plus" vs "Ġp", "lu", "s"
+    shares = crosstok.alignment_shares(chunks, len(s_ids))
+    assert shares["any"] == 1.0 and shares["one_to_one"] == sum(c.one_to_one for c in chunks) / len(s_ids)
+
+
+def test_alignment_keeps_the_pieces_of_one_character_together():
+    # byte-level tokenizers give both pieces of "é" the character's span: no boundary between them
+    teacher = [(0, 1), (1, 2), (1, 2), (2, 3)]  # "c", "é"[0], "é"[1], "a"
+    student = [(0, 2), (2, 3)]  # "cé", "a"
+    chunks = crosstok.align(student, teacher)
+    assert [(list(c.student), list(c.teacher)) for c in chunks] == [([0], [0, 1, 2]), ([1], [3])]
+    with pytest.raises(crosstok.AlignmentError, match="not the same text"):
+        crosstok.align([(0, 3)], [(0, 4)])
+
+
+def test_vocab_map_matches_tokens_by_their_text_mid_sentence(tiny_teacher_dir, metaspace_tok):
+    bpe, sp = _tok(tiny_teacher_dir), _tok(metaspace_tok)
+    vmap = crosstok.vocab_map(bpe, sp)
+    assert vmap.shape == (len(bpe),)
+    the_t, the_s = bpe.convert_tokens_to_ids("Ġthe"), sp.convert_tokens_to_ids("▁the")
+    assert vmap[the_t] == the_s  # " the" in both, though spelt Ġthe and ▁the
+    assert vmap[bpe.pad_token_id] == -1  # special tokens map to nothing
+    t_text, s_text = crosstok.surfaces(bpe), crosstok.surfaces(sp)
+    for t, s in enumerate(vmap.tolist()):
+        if s >= 0:
+            assert t_text[t] == s_text[s]
+
+
+def test_uld_against_hand_values():
+    student = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))  # sorted: 0.5, 0.3, 0.2
+    teacher = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    # |0.5-0.6| + |0.3-0.25| + |0.2-0.1| + |0-0.05| (the student's vocabulary padded with a zero)
+    got = crosstok.uld_loss(student, teacher, torch.tensor([0.0]))
+    assert float(got) == pytest.approx(0.3, abs=1e-6)
+    # the teacher's top 2 only, 0.15 left: ranks past 2 count as one, |0.2 - 0.15|
+    got = crosstok.uld_loss(student, teacher[:, :2], torch.tensor([0.15]))
+    assert float(got) == pytest.approx(0.1 + 0.05 + 0.05, abs=1e-6)
+    # no id is matched: the order of the student's vocabulary does not matter
+    again = crosstok.uld_loss(student[:, [2, 0, 1]], teacher, torch.tensor([0.0]))
+    assert float(again) == pytest.approx(0.3, abs=1e-6)
+    logits = student.clone().requires_grad_(True)
+    crosstok.uld_loss(logits, teacher, torch.tensor([0.0]), num_tokens=2).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_span_kl_and_chunk_kl_against_hand_values():
+    q = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    # the teacher's top 2: 0.6 on a token the student has (id 0), 0.3 on one it lacks; 0.1 elsewhere
+    got = crosstok.span_kl(q, torch.tensor([[0, -1]]), torch.log(torch.tensor([[0.6, 0.3]])))
+    want = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)  # the 0.4 unmatched vs the student's 0.5
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # two teacher tokens with the same text as student id 1: their mass adds up
+    got = crosstok.span_kl(q, torch.tensor([[1, 1]]), torch.log(torch.tensor([[0.3, 0.2]])))
+    assert float(got) == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), rel=1e-5)
+    # the same distribution on the same ids: zero
+    same = crosstok.span_kl(q, torch.tensor([[0, 1, 2]]), q)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    # a chunk the teacher gives 1/2 and the student 1/4 (chain rule: the sum of its tokens' log-probs)
+    ls = torch.log(torch.tensor([0.5])) + torch.log(torch.tensor([0.5]))
+    got = crosstok.chunk_kl(ls, torch.log(torch.tensor([0.5])))
+    assert float(got) == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), rel=1e-5)
+
+
+def test_teacher_rows_block_by_block_equal_the_whole():
+    torch.manual_seed(0)
+    hidden, head = torch.randn(10, 8), torch.randn(40, 8)
+    vmap = torch.arange(40) % 7 - 1  # some ids unmapped (-1)
+    small = crosstok.teacher_rows(hidden, head, 5, vmap=vmap, chunk_size=3)
+    whole = crosstok.teacher_rows(hidden, head, 5, vmap=vmap, chunk_size=100)
+    for name in ("sorted", "tail", "ids", "logprobs"):
+        torch.testing.assert_close(small[name], whole[name])
+    p = torch.softmax(hidden @ head.T, -1)
+    top, ids = p.topk(5, -1)
+    torch.testing.assert_close(whole["sorted"], top)
+    torch.testing.assert_close(whole["tail"], 1 - top.sum(-1))
+    assert torch.equal(whole["ids"], vmap[ids])
+
+
+def test_a_padded_vocabulary_pair_trains_and_evaluates(tmp_path, tiny_teacher_dir, prompts_file):
+    """The audit lets a student whose head is padded past the shared vocabulary through, and the
+    padding columns are masked in training and evaluation."""
+    import json
+
+    import yaml
+
+    from distill import pipeline
+    from distill.audit import audit_models
+    from distill.config import load_config
+
+    from conftest import tiny_recipe
+
+    tok = _tok(tiny_teacher_dir)
+    student = build_llama(tmp_path / "student", tok, layers=2, seed=3)
+    student.resize_token_embeddings(len(tok) + 13, mean_resizing=False)
+    student.save_pretrained(tmp_path / "student")
+    assert audit_models(str(tiny_teacher_dir), str(tmp_path / "student")).verdict == "padded"
+    recipe = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file,
+                         student={"init": "model", "model": str(tmp_path / "student")},
+                         evaluate={"measure_memory": False})  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cfg = load_config(tmp_path / "r.yaml")
+    for stage in ("generate", "shrink", "train_student", "evaluate"):
+        getattr(pipeline, stage)(cfg)
+    res = json.loads((cfg.run_dir / "eval.json").read_text())
+    assert math.isfinite(res["student"]["kl"]) and 0 <= res["student"]["top1_agreement"] <= 1
+    steps = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(steps) == 6 and all(math.isfinite(json.loads(s)["loss"]) for s in steps)
