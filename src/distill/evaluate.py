@@ -154,11 +154,15 @@ def peak_memory(folder: Path, prompt: list[int], new_tokens: int, dtype: torch.d
     answers ``prompt`` with ``new_tokens`` tokens (MiB): all of it (``peak_rss_mib``), the Python,
     torch and transformers runtime it held before loading (``runtime_rss_mib``), and the difference,
     the model's own share (``model_peak_mib``: weights, activations, KV cache)."""
-    import multiprocessing as mp
+    import json
+    import subprocess
+    import sys
 
-    with mp.get_context("spawn").Pool(1) as pool:
-        name = str(dtype).removeprefix("torch.")
-        return pool.apply(_memory_child, (str(folder), prompt, new_tokens, name))
+    args = json.dumps([str(folder), prompt, new_tokens, str(dtype).removeprefix("torch.")])
+    code = ("import json, sys; from distill.evaluate import _memory_child; "
+            "print(json.dumps(_memory_child(*json.loads(sys.argv[1]))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def evaluate_model(

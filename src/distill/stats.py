@@ -148,6 +148,7 @@ def quality_intervals(
     draws: int = 2000,
     seed: int = 0,
     metrics: tuple[str, ...] | None = None,
+    what: tuple[str, str] = ("held-out prompts", "raise data.heldout_size"),
 ) -> dict:
     """Every quality metric of every model with its interval, the student's "kept" share of the
     teacher's, and the student's difference from the untrained student (a paired interval; where it
@@ -183,11 +184,12 @@ def quality_intervals(
             ci = bootstrap(difference(name, "student", "untrained_student"), cols, draws=draws, seed=seed)
             out["vs_untrained"][name] = ci.as_dict()
             shown = f"{ci.value:+.3g}, 95% interval [{ci.low:+.3g}, {ci.high:+.3g}]"
+            if ci.low == ci.high == 0.0:
+                continue  # the same on every prompt: no difference to tell from noise
             if ci.contains(0.0):
                 out["warnings"].append(
                     f"{name}: the student's difference from the untrained student ({shown}) is within the "
-                    f"noise of {n} held-out prompts: the interval is wider than the difference; raise "
-                    "data.heldout_size"
+                    f"noise of {n} {what[0]}: the interval is wider than the difference; {what[1]}"
                 )
             elif (ci.value > 0) != up:
                 out["warnings"].append(

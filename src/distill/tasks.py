@@ -209,7 +209,9 @@ def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:
                     right = sum(r["correct"] for r in rows)
                     bar.update(task, advance=len(gens), info=f"{right:.0f}/{len(rows)} right")
             per_prompt[model_name] = rows
-        iv = quality_intervals(per_prompt, draws=ev.bootstrap_draws, metrics=("reference_accuracy",))
+        more = "use a larger task (evaluate.task_size, or a longer file)"
+        iv = quality_intervals(per_prompt, draws=ev.bootstrap_draws, metrics=("reference_accuracy",),
+                               what=("items", more))  # fmt: skip
         iv["warnings"] = [
             f"{name}: " + w.replace("reference_accuracy", "accuracy", 1) for w in iv["warnings"]
         ]
