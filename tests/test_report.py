@@ -224,3 +224,10 @@ def test_compare_two_tiny_runs(tmp_path, tiny_teacher_dir, prompts_file):
     assert out.exit_code == 2 and "at least two" in out.output
     out = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
     assert out.exit_code == 2 and "no eval.json" in out.output and "Traceback" not in out.output
+
+
+def test_bits_per_byte_is_nats_per_byte_over_ln2():
+    cols = {"m:ce": np.array([2.0, 1.0]), "m:bytes": np.array([4.0, 2.0])}
+    assert stats.metric("bits_per_byte", "m")(cols) == pytest.approx(3 / 6 / math.log(2))
+    both = {**cols, "t:ce": np.array([1.0, 0.5]), "t:bytes": np.array([4.0, 2.0])}
+    assert stats.kept("bits_per_byte", "m", "t")(both) == pytest.approx(0.5)

@@ -21,7 +21,8 @@ from distill.models import count_params, folder_bytes
 from distill.progress import progress_bar
 
 METRICS = [
-    "kl", "top1_agreement", "perplexity", "teacher_logprob", "exact_match", "rouge_l", "reference_accuracy",
+    "kl", "top1_agreement", "perplexity", "bits_per_byte", "teacher_logprob", "exact_match", "rouge_l",
+    "reference_accuracy",
     "tokens_per_s_batch1", "tokens_per_s_batched", "params", "bytes",
 ]  # fmt: skip
 
@@ -218,6 +219,10 @@ def evaluate_model(
     # each prompt's figures, for the intervals over prompts (distill.stats, the report)
     forced = dict(zip([p.id for p in scored], res.get("per_example") or [{}] * len(scored), strict=True))
     res.pop("per_example", None)
+    # the bytes of the scored answer text (as truncated to max_seq_len): bits per byte does not
+    # depend on the tokenizer, so models with different tokenizers compare on it
+    scored_bytes = {p.id: len(tok.decode([i for i, m in zip(*ex, strict=True) if m], skip_special_tokens=True)
+                              .encode()) for p, ex in zip(scored, examples, strict=True)}  # fmt: skip
     judged_ids = [o["id"] for o, e in zip(outputs, own, strict=True) if any(e[1])]
     judged = {}
     if teacher_fp32 is not None and judged_ids:
@@ -230,7 +235,7 @@ def evaluate_model(
         f, j = forced.get(o["id"], {}), judged.get(o["id"], {})
         per_prompt.append({
             "id": o["id"], "kl": f.get("kl"), "agree": f.get("agree"), "ce": f.get("ce"),
-            "tokens": f.get("tokens"), "answer_tokens": sum(e[1]),
+            "tokens": f.get("tokens"), "answer_tokens": sum(e[1]), "bytes": scored_bytes[o["id"]],
             "exact_match": float(o["text"].strip() == teacher_text[o["id"]].strip()),
             "rouge_l": rouge_l(o["text"], teacher_text[o["id"]]),
             "correct": float(matches_reference(o["text"], refs[o["id"]])) if o["id"] in refs else None,
@@ -240,6 +245,9 @@ def evaluate_model(
     judged_sum = sum(r["judge_logprob"] for r in per_prompt if r["judge_tokens"])
     res["teacher_logprob"] = judged_sum / judged_tokens if judged_tokens else None
     n = max(len(per_prompt), 1)
+    total_bytes = sum(r["bytes"] for r in per_prompt)
+    ce_sum = sum(r["ce"] for r in per_prompt if r["ce"] is not None)
+    res["bits_per_byte"] = ce_sum / math.log(2) / total_bytes if model is not None and total_bytes else None
     res["exact_match"] = sum(r["exact_match"] for r in per_prompt) / n
     res["rouge_l"] = sum(r["rouge_l"] for r in per_prompt) / n
     graded = [r["correct"] for r in per_prompt if r["correct"] is not None]

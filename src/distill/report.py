@@ -34,6 +34,7 @@ QUALITY = {  # metric -> what it is, for the tables
     "kl": "KL(teacher ‖ model), nats/token",
     "top1_agreement": "top-1 agreement with the teacher",
     "perplexity": "perplexity of the teacher's answers",
+    "bits_per_byte": "bits per byte of the teacher's answers",
     "teacher_logprob": "teacher's log-prob of the model's answers, nats/token",
     "exact_match": "exact match to the teacher's answer",
     "rouge_l": "ROUGE-L to the teacher's answer",

@@ -77,9 +77,21 @@ def ratio_of_sums(num: str, den: str) -> Statistic:
 
 # The quality metrics of ``evaluate_model``'s per-prompt rows, as statistics of columns named
 # ``<model>:<field>``, so that one resampling of the prompts serves every model (paired).
-HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True, "perplexity": False, "teacher_logprob": True,
+HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True, "perplexity": False, "bits_per_byte": False,
+                    "teacher_logprob": True,
                     "exact_match": True, "rouge_l": True, "reference_accuracy": True}  # fmt: skip
-FIELDS = ("kl", "agree", "ce", "tokens", "exact_match", "rouge_l", "correct", "judge_logprob", "judge_tokens")
+FIELDS = (
+    "kl",
+    "agree",
+    "ce",
+    "tokens",
+    "bytes",
+    "exact_match",
+    "rouge_l",
+    "correct",
+    "judge_logprob",
+    "judge_tokens",
+)
 
 
 def metric(name: str, model: str) -> Statistic:
@@ -92,6 +104,9 @@ def metric(name: str, model: str) -> Statistic:
     if name == "perplexity":
         ce = ratio_of_sums(p + "ce", p + "tokens")
         return lambda c: math.exp(ce(c))
+    if name == "bits_per_byte":  # nats per byte / ln 2
+        nats = ratio_of_sums(p + "ce", p + "bytes")
+        return lambda c: nats(c) / math.log(2)
     if name == "teacher_logprob":
         return ratio_of_sums(p + "judge_logprob", p + "judge_tokens")
     if name == "reference_accuracy":  # prompts without a reference are NaN and left out
@@ -104,8 +119,8 @@ def metric(name: str, model: str) -> Statistic:
 def kept(name: str, student: str = "student", teacher: str = "teacher") -> Statistic:
     """How much of the teacher's quality the student keeps on metric ``name``, 1 at the teacher:
     agreement with the teacher's answers (top-1, exact match, ROUGE-L) is 1 for the teacher, so kept
-    is the student's value; accuracy kept is the ratio of accuracies; perplexity kept is the teacher's
-    over the student's; the teacher's judgement (mean log-prob per token) kept is exp(student - teacher),
+    is the student's value; accuracy kept is the ratio of accuracies; perplexity and bits per byte
+    kept are the teacher's over the student's; the teacher's judgement (mean log-prob per token) kept is exp(student - teacher),
     the ratio of per-token likelihoods; KL kept is exp(-KL), the geometric-mean probability ratio of
     the teacher's distribution under the student's (1 when they are the same)."""
     s, t = metric(name, student), metric(name, teacher)
@@ -115,7 +130,7 @@ def kept(name: str, student: str = "student", teacher: str = "teacher") -> Stati
         return lambda c: math.exp(-s(c))
     if name == "teacher_logprob":
         return lambda c: math.exp(s(c) - t(c))
-    if name == "perplexity":
+    if name in ("perplexity", "bits_per_byte"):
         return lambda c: t(c) / s(c)
     return lambda c: s(c) / t(c) if t(c) else math.nan
 
