@@ -195,3 +195,33 @@ def test_a_failed_write_of_a_shard_or_a_checkpoint_names_it_leaves_nothing_half_
     assert out.returncode == 0, out.stdout + out.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and (run / "student" / "model.safetensors").is_file()
+
+
+def test_every_stage_stops_at_a_safe_point_when_asked(tmp_path, tiny_teacher_dir, prompts_file, monkeypatch):
+    """A signal already received when the stage reaches its first safe point: the cache stops after
+    one whole shard, evaluation before writing anything; each says so, exits 128 + the signal, and
+    the same command then finishes."""
+    from typer.testing import CliRunner
+
+    from distill import interrupt
+    from distill.cli import app
+
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, stages=("generate", "shrink"),
+                   cache={"use": True, "k": 8, "samples_per_shard": 3},
+                   evaluate={"measure_memory": False})  # fmt: skip
+    args = ["-c", str(tmp_path / "r.yaml")]
+    asked: list[int] = []
+    monkeypatch.setattr(interrupt, "_requested", asked)
+    asked.append(signal.SIGTERM)
+    out = CliRunner().invoke(app, ["cache", *args])
+    assert out.exit_code == 143 and "stopped after shard 1 of" in " ".join(out.output.split()), out.output
+    assert len(list((cfg.run_dir / "teacher_cache").glob("shard-*.safetensors"))) == 1
+    out = CliRunner().invoke(app, ["cache", *args])  # the context cleared the request on the way out
+    assert out.exit_code == 0 and len(list((cfg.run_dir / "teacher_cache").glob("shard-*.safetensors"))) > 1
+    pipeline.train_student(cfg)
+    asked.append(signal.SIGINT)
+    out = CliRunner().invoke(app, ["evaluate", *args])
+    assert out.exit_code == 130 and "nothing was half-written" in " ".join(out.output.split()), out.output
+    assert not (cfg.run_dir / "eval.json").exists()
+    out = CliRunner().invoke(app, ["evaluate", *args])
+    assert out.exit_code == 0 and (cfg.run_dir / "eval.json").is_file()

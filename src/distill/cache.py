@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from distill import __version__, fsio
+from distill import __version__, fsio, interrupt
 from distill.data import Batch, collate
 from distill.losses import TopKTeacher
 from distill.progress import progress_bar
@@ -213,6 +213,9 @@ def build_cache(
                     start += len(row[0])
             _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": meta.tail_samples}, id_np)
             bar.update(task, advance=1, info=f"{start} tokens")
+            if s + 1 < n_shards:
+                interrupt.check(f"stopped after shard {s + 1} of {n_shards}, each written whole to "
+                                f"{out_dir}; run the same command again to resume")  # fmt: skip
     return out_dir
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill import interrupt
 from distill.config import EvaluateConfig
 from distill.data import Prompt, collate, make_example
 from distill.filters import NUMBER, last_number_matches
@@ -71,6 +72,7 @@ def forced_metrics(
     """
     rows: list[dict] = []
     for i in range(0, len(examples), batch_size):
+        interrupt.check()
         b = collate(examples[i : i + batch_size], pad_id).to(model.device)
         s = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
         s = s[..., :vocab_size] if vocab_size else s  # (B, T-1, V)
@@ -130,6 +132,7 @@ def compare_speed(
         for m in fast.values():  # warm-up
             _timed_generation(m, tok, rows, cfg.speed_new_tokens)
         for _ in range(cfg.speed_repeats):
+            interrupt.check()
             for name, m in fast.items():
                 out[name][key] = max(out[name][key], _timed_generation(m, tok, rows, cfg.speed_new_tokens))
     return out
@@ -208,6 +211,7 @@ def evaluate_model(
         bar.update(task, advance=len(outputs))
         for i in range(0, len(scored) if not reference_answers else 0, cfg.batch_size):
             chunk = scored[i : i + cfg.batch_size]
+            interrupt.check()
             gens = generate_batch(
                 model, tok, [prompt_ids[p.id] for p in chunk], max_new_tokens=cfg.max_new_tokens
             )

@@ -36,6 +36,17 @@ def stop(message: str) -> None:
     raise Stopped(message, requested() or signal.SIGINT)
 
 
+# for stages that write their results only when they finish (shrink, evaluate, export)
+WRITES_AT_THE_END = ("stopped before the stage finished; it writes its results only at the end, so nothing "
+                     "was half-written: run the same command again")  # fmt: skip
+
+
+def check(message: str = WRITES_AT_THE_END) -> None:
+    """A safe point: stop with ``message`` if a signal asked for it, else nothing."""
+    if _requested:
+        stop(message)
+
+
 @contextmanager
 def stop_at_safe_points() -> Iterator[None]:
     """While inside, SIGINT and SIGTERM ask for a stop at the next safe point (main thread only)."""

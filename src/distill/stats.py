@@ -120,9 +120,10 @@ def kept(name: str, student: str = "student", teacher: str = "teacher") -> Stati
     """How much of the teacher's quality the student keeps on metric ``name``, 1 at the teacher:
     agreement with the teacher's answers (top-1, exact match, ROUGE-L) is 1 for the teacher, so kept
     is the student's value; accuracy kept is the ratio of accuracies; perplexity and bits per byte
-    kept are the teacher's over the student's; the teacher's judgement (mean log-prob per token) kept is exp(student - teacher),
-    the ratio of per-token likelihoods; KL kept is exp(-KL), the geometric-mean probability ratio of
-    the teacher's distribution under the student's (1 when they are the same)."""
+    kept are the teacher's over the student's; the teacher's judgement (mean log-prob per token)
+    kept is exp(student - teacher), the ratio of per-token likelihoods; KL kept is exp(-KL), the
+    geometric-mean probability ratio of the teacher's distribution under the student's (1 when
+    they are the same)."""
     s, t = metric(name, student), metric(name, teacher)
     if name in ("top1_agreement", "exact_match", "rouge_l"):
         return s

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from distill import interrupt
 from distill.data import DataError, Prompt, read_prompts
 from distill.evaluate import matches_reference
 
@@ -198,6 +199,7 @@ def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:
             with progress_bar("answer") as bar:
                 task = bar.add_task(f"{name}: {model_name}", total=len(items), info="")
                 for i in range(0, len(items), ev.batch_size):
+                    interrupt.check()
                     gens = generate_batch(model, tok, ids[i : i + ev.batch_size], max_new_tokens=new_tokens)
                     for it, g in zip(items[i : i + ev.batch_size], gens, strict=True):
                         text = tok.decode(g.token_ids, skip_special_tokens=True)
