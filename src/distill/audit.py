@@ -24,7 +24,11 @@ METHODS = {
     "same": ["any train.loss (token level)", "sequence-level KD (train.alpha: 0)"],
     "padded": ["any train.loss on the real vocabulary (padding columns masked)", "sequence-level KD"],
     "extension": ["token-level losses on the shared ids", "sequence-level KD"],
-    "different": ["sequence-level KD (train.alpha: 0: the teacher's answers as text)"],
+    "different": [
+        "train.cross_tokenizer: span (alignment by character spans)",
+        "train.cross_tokenizer: uld (Universal Logit Distillation)",
+        "sequence-level KD (train.alpha: 0: the teacher's answers as text)",
+    ],
 }
 
 

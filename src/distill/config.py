@@ -293,6 +293,14 @@ class TrainConfig(_Strict):
         "there comes with the same forward pass; no CE on them; needs a live teacher)",
     )  # fmt: skip
     hidden_loss: Literal["cosine", "mse"] = Field("cosine", description="the hidden-state alignment distance")
+    cross_tokenizer: Literal["off", "uld", "span"] = Field(
+        "off", description="logit-level KD between different tokenizers (distill audit says which pair is "
+        "which): uld (sorted probabilities, Universal Logit Distillation) or span (alignment by character "
+        "spans, KL on the tokens both vocabularies have, chunk probabilities by the chain rule)",
+    )  # fmt: skip
+    cross_topk: int = Field(
+        128, ge=1, description="teacher probabilities kept per position for cross_tokenizer"
+    )
     onpolicy_fraction: float = Field(
         0.0, ge=0, le=1, description="lambda: share of sequences whose answer the student samples itself "
         "and the teacher grades token by token (on-policy distillation, GKD); 0: off-policy only",

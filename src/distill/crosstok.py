@@ -124,13 +124,27 @@ def vocab_map(teacher_tok, student_tok) -> Tensor:
 
 @torch.no_grad()
 def teacher_rows(
-    hidden: Tensor, head: Tensor, k: int, *, vmap: Tensor | None = None, transform=None, chunk_size: int = 64
+    hidden: Tensor,
+    head: Tensor,
+    k: int,
+    *,
+    vmap: Tensor | None = None,
+    transform=None,
+    chunk_size: int = 64,
+    targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """From the teacher's final hidden states ``(M, H)`` at the positions that matter and its LM head
     ``(V, H)``, block by block: ``sorted`` its top-k probabilities, descending (M, k) and ``tail`` the
     rest (M,) for ULD; with ``vmap``, ``ids`` its top-k ids in the student's vocabulary (-1: no such
-    token) with their ``logprobs`` for span alignment. Peak memory: one ``(chunk_size, V)`` block."""
-    parts: dict[str, list[Tensor]] = {"sorted": [], "tail": [], "ids": [], "logprobs": []}
+    token) with their ``logprobs`` for span alignment; with ``targets`` (M,) teacher ids, their
+    ``target_logprob`` (M,). Peak memory: one ``(chunk_size, V)`` block."""
+    parts: dict[str, list[Tensor]] = {
+        "sorted": [],
+        "tail": [],
+        "ids": [],
+        "logprobs": [],
+        "target_logprob": [],
+    }
     for start in range(0, hidden.shape[0], chunk_size):
         logits = F.linear(hidden[start : start + chunk_size].float(), head.float())
         if transform is not None:
@@ -142,6 +156,10 @@ def teacher_rows(
         if vmap is not None:
             parts["ids"].append(vmap[ids])
             parts["logprobs"].append(top)
+        if targets is not None:
+            parts["target_logprob"].append(
+                logp.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)
+            )
     return {name: torch.cat(v) for name, v in parts.items() if v}
 
 
@@ -190,3 +208,172 @@ def chunk_kl(student_logp: Tensor, teacher_logp: Tensor, *, num_tokens=None) -> 
     log1m = lambda x: torch.log(-torch.expm1(x.clamp_max(-1e-7)))  # noqa: E731 - log(1 - e^x), stable
     kl = pt * (lt - ls) + (1 - pt) * (log1m(lt) - log1m(ls))
     return kl.sum() / (num_tokens if num_tokens is not None else max(student_logp.shape[0], 1))
+
+
+# ---- training: a live teacher with another tokenizer -------------------------------------------------
+
+
+@dataclass
+class CrossItem:
+    """One training sample as the teacher reads it, and how its answer aligns with the student's."""
+
+    teacher_ids: list[int]  # the teacher's prompt (its own template) and the answer in its tokens
+    teacher_start: int  # index of the teacher's first answer token
+    student_start: int  # index of the student's first answer token within its sample
+    chunks: list[Chunk]  # over the answer tokens (indices relative to each answer's start)
+    student_answer: int  # the student's answer tokens in the sample (after truncation)
+
+
+def student_answer_ids(s_tok, text: str, eos: bool) -> list[int]:
+    """The student's own tokens of a teacher's answer ``text``, then its EOS when the teacher stopped."""
+    ids = token_offsets(s_tok, text)[0]
+    return [*ids, s_tok.eos_token_id] if eos and s_tok.eos_token_id is not None else ids
+
+
+def build_item(student_prompt: list[int], teacher_prompt: list[int], text: str, s_tok, t_tok, eos: bool,
+               max_len: int) -> CrossItem | None:  # fmt: skip
+    """The teacher's view of a sample whose answer the student reads as ``student_answer_ids(s_tok,
+    text, eos)`` after ``student_prompt``, truncated to ``max_len`` as ``make_example`` does; None when
+    the two tokenisations cannot be aligned."""
+    s_ids, s_spans = token_offsets(s_tok, text)
+    t_ids, t_spans = token_offsets(t_tok, text)
+    try:
+        chunks = align(s_spans, t_spans)
+    except AlignmentError:
+        return None
+    n_student = len(s_ids)
+    if eos and s_tok.eos_token_id is not None:
+        n_student += 1
+        if t_tok.eos_token_id is not None:  # the two stops pair up: a chunk of no text
+            end = len(text)
+            chunks.append(
+                Chunk(range(len(s_ids), len(s_ids) + 1), range(len(t_ids), len(t_ids) + 1), end, end)
+            )
+            t_ids = [*t_ids, t_tok.eos_token_id]
+    kept = max(0, min(n_student, max_len - len(student_prompt)))
+    chunks = [c for c in chunks if c.student.stop <= kept]
+    t_len = chunks[-1].teacher.stop if chunks else 0
+    return CrossItem(
+        [*teacher_prompt, *t_ids[:t_len]], len(teacher_prompt), len(student_prompt), chunks, kept
+    )
+
+
+@dataclass
+class CrossSignal:
+    """The teacher's signal at a batch's student positions, for ``loss``. ``rows``: flat indices of
+    the (B, T-1) student positions with a distribution to match; ``chunk_rows``/``chunk_of``/
+    ``chunk_labels``: the student positions, chunk numbers and token ids of the multi-token chunks
+    (span alignment), whose teacher log-probabilities are ``chunk_teacher``."""
+
+    method: str
+    rows: Tensor
+    sorted: Tensor | None = None
+    tail: Tensor | None = None
+    ids: Tensor | None = None
+    logprobs: Tensor | None = None
+    chunk_rows: Tensor | None = None
+    chunk_of: Tensor | None = None
+    chunk_labels: Tensor | None = None
+    chunk_teacher: Tensor | None = None
+
+    def loss(self, logits: Tensor, *, num_tokens) -> Tensor:
+        """The cross-tokenizer KD term from the student's ``(B, T-1, V)`` logits, summed over the
+        aligned positions and chunks, divided by ``num_tokens`` (the student's counted tokens)."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        total = flat.new_zeros((), dtype=torch.float32)
+        if self.rows.numel():
+            rows = flat[self.rows]
+            if self.method == "uld":
+                total = total + uld_loss(rows, self.sorted, self.tail, num_tokens=num_tokens)
+            else:
+                total = total + span_kl(rows, self.ids, self.logprobs, num_tokens=num_tokens)
+        if self.chunk_rows is not None and self.chunk_rows.numel():
+            logq = torch.log_softmax(flat[self.chunk_rows].float(), -1)
+            tok_lp = logq.gather(-1, self.chunk_labels[:, None]).squeeze(-1)
+            student = torch.zeros_like(self.chunk_teacher).index_add_(0, self.chunk_of, tok_lp)
+            total = total + chunk_kl(student, self.chunk_teacher, num_tokens=num_tokens)
+        return total
+
+
+class CrossTeacher:
+    """A live teacher whose tokenizer differs from the student's: each batch is read again in the
+    teacher's tokens, the teacher runs once, and its signal is reduced to ``k`` numbers per aligned
+    student position, block by block (``teacher_rows``)."""
+
+    def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, vmap: Tensor | None,
+                 pad_id: int) -> None:  # fmt: skip
+        from distill.losses import LogitTransform
+
+        self.model, self.items, self.method, self.k = model.eval(), items, method, k
+        self.vmap, self.pad_id = vmap, pad_id
+        self.transform = LogitTransform.of(model.config)
+
+    def shares(self, n_student_tokens: int) -> dict[str, float]:
+        chunks = [c for it in self.items.values() for c in it.chunks]
+        return alignment_shares(chunks, n_student_tokens)
+
+    @torch.no_grad()
+    def signal(self, batch, lazy: bool = False) -> CrossSignal:
+        from distill.cache import sample_key
+        from distill.data import collate
+
+        width = batch.input_ids.shape[1] - 1  # the student's shifted positions per row
+        samples = []
+        for i, start, n in batch.samples():
+            key = sample_key(batch.input_ids[i, start : start + n].tolist())
+            item = self.items.get(key)
+            if item is not None and item.chunks:
+                samples.append((i, start, item))
+        if not samples:
+            return CrossSignal(self.method, torch.zeros(0, dtype=torch.long))
+        t_batch = collate(
+            [(it.teacher_ids, [True] * len(it.teacher_ids)) for _, _, it in samples], self.pad_id
+        )
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=t_batch.input_ids.to(dev), attention_mask=t_batch.attention_mask.to(dev),
+                         output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        hidden = out.hidden_states[-1]  # (b, T_t, H) after the final norm
+        t_width = hidden.shape[1]
+        dist_s, dist_t, ch_s, ch_t, ch_of, ch_lab = [], [], [], [], [], []
+        n_chunks = 0
+        for b, (i, start, it) in enumerate(samples):
+            s_base = i * width + start + it.student_start - 1  # predicts the student's answer token 0
+            t_base = b * t_width + it.teacher_start - 1
+            s_row_ids = batch.input_ids[i]
+            for c in it.chunks:
+                if self.method == "uld" or c.one_to_one:
+                    dist_s.append(s_base + c.student[0])
+                    dist_t.append(t_base + c.teacher[0])
+                if self.method == "span" and not c.one_to_one:
+                    for j in c.student:
+                        ch_s.append(s_base + j)
+                        ch_of.append(n_chunks)
+                        ch_lab.append(int(s_row_ids[start + it.student_start + j]))
+                    for j in c.teacher:
+                        ch_t.append((t_base + j, it.teacher_ids[it.teacher_start + j], n_chunks))
+                    n_chunks += 1
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings().weight
+        vmap = self.vmap if self.method == "span" else None
+        picked = flat_h[torch.tensor(dist_t, dtype=torch.long)]
+        rows = teacher_rows(picked, head, self.k, vmap=vmap, transform=self.transform)
+        sig = CrossSignal(self.method, torch.tensor(dist_s, dtype=torch.long), rows.get("sorted"),
+                          rows.get("tail"), rows.get("ids"), rows.get("logprobs"))  # fmt: skip
+        if ch_t:
+            pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long)
+            tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long)
+            lp = teacher_rows(flat_h[pos], head, 1, transform=self.transform, targets=tgt)["target_logprob"]
+            chunk_teacher = torch.zeros(n_chunks).index_add_(
+                0, torch.tensor([c for _, _, c in ch_t]), lp.float()
+            )
+            sig.chunk_rows = torch.tensor(ch_s, dtype=torch.long)
+            sig.chunk_of = torch.tensor(ch_of, dtype=torch.long)
+            sig.chunk_labels = torch.tensor(ch_lab, dtype=torch.long)
+            sig.chunk_teacher = chunk_teacher
+        dev_s = batch.input_ids.device
+        for name in ("rows", "sorted", "tail", "ids", "logprobs", "chunk_rows", "chunk_of", "chunk_labels",
+                     "chunk_teacher"):  # fmt: skip
+            v = getattr(sig, name)
+            if v is not None:
+                setattr(sig, name, v.to(dev_s))
+        return sig

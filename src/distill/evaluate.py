@@ -117,24 +117,28 @@ def _timed_generation(model, tok, rows: list[list[int]], new_tokens: int) -> flo
 
 
 def compare_speed(
-    models: dict[str, PreTrainedModel], tok: Tokenizer, prompt_ids: list[list[int]],
-    cfg: EvaluateConfig, dtype: torch.dtype,
+    models: dict[str, PreTrainedModel], tok: Tokenizer | dict[str, Tokenizer],
+    prompt_ids: list[list[int]] | dict[str, list[list[int]]], cfg: EvaluateConfig, dtype: torch.dtype,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Batch-1 and batched generation tokens/s of each model, measured side by side.
 
     Every round times each model once, in turn, and each keeps its best round: a slow moment
     of a shared machine then hits all models alike instead of whichever was measured then.
+    ``tok`` and ``prompt_ids`` may be given per model (models with their own tokenizers).
     """
     fast = {name: copy.deepcopy(m).to(dtype) for name, m in models.items()}
+    toks = tok if isinstance(tok, dict) else dict.fromkeys(fast, tok)
+    prompts = prompt_ids if isinstance(prompt_ids, dict) else dict.fromkeys(fast, prompt_ids)
     out = {name: {"tokens_per_s_batch1": 0.0, "tokens_per_s_batched": 0.0} for name in fast}
     for key, batch in (("tokens_per_s_batch1", 1), ("tokens_per_s_batched", cfg.speed_batch_size)):
-        rows = (prompt_ids * batch)[:batch]
-        for m in fast.values():  # warm-up
-            _timed_generation(m, tok, rows, cfg.speed_new_tokens)
+        rows = {name: (prompts[name] * batch)[:batch] for name in fast}
+        for name, m in fast.items():  # warm-up
+            _timed_generation(m, toks[name], rows[name], cfg.speed_new_tokens)
         for _ in range(cfg.speed_repeats):
             interrupt.check()
             for name, m in fast.items():
-                out[name][key] = max(out[name][key], _timed_generation(m, tok, rows, cfg.speed_new_tokens))
+                rate = _timed_generation(m, toks[name], rows[name], cfg.speed_new_tokens)
+                out[name][key] = max(out[name][key], rate)
     return out
 
 

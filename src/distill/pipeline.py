@@ -342,10 +342,13 @@ def shrink(cfg: RunConfig) -> Path:
         student = load_model(cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code)
         s_tok = load_tokenizer(cfg.student.model)
         if cfg.teacher.model and s_tok.get_vocab() != tok.get_vocab():
-            raise StageError(
-                f"student {cfg.student.model} has a different tokenizer from teacher "
-                f"{cfg.teacher.model}; token-level distillation needs the same vocabulary"
-            )
+            if cfg.train.alpha > 0 and cfg.train.cross_tokenizer == "off":
+                raise StageError(
+                    f"student {cfg.student.model} has a different tokenizer from teacher "
+                    f"{cfg.teacher.model}; token-level distillation needs the same vocabulary "
+                    "(set train.cross_tokenizer, or train.alpha=0 for the teacher's text alone)"
+                )
+            tok = s_tok  # it keeps its own tokenizer and reads the teacher's answers as text
     tmp = out.with_name("student_init.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -399,6 +402,56 @@ def _kept(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) 
                                    max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
             out.append((make_example(ids, rec["token_ids"], cfg.train.max_seq_len), rec))
     return out, report
+
+
+def _kept_text(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> tuple[list, dict]:
+    """``_kept`` for a student with its own tokenizer: the teacher's answers read as text, in the
+    student's tokens (and its EOS where the teacher stopped); ((ids, mask), record, prompt)."""
+    from distill.crosstok import student_answer_ids
+
+    pairs, report = filter_answers(prompts, answers, cfg.filter)
+    out = []
+    for p, rec in pairs:
+        answer = student_answer_ids(tok, rec["text"], rec.get("finish_reason") == "stop")
+        if answer:
+            ids = prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt,
+                                   max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
+            out.append((make_example(ids, answer, cfg.train.max_seq_len), rec, p))
+    return out, report
+
+
+def _own_tokenizer(cfg: RunConfig, student_tok):
+    """The teacher's tokenizer when the student's is another one (None: they are the same)."""
+    if not cfg.teacher.model:
+        return None
+    t_tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
+    return t_tok if t_tok.get_vocab() != student_tok.get_vocab() else None
+
+
+def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list) -> tuple:
+    """A ``CrossTeacher`` for the kept samples, and the share of the student's tokens it aligns."""
+    from distill.cache import sample_key
+    from distill.crosstok import CrossTeacher, alignment_shares, build_item, vocab_map
+
+    items, chunks, n_tokens = {}, [], 0
+    for (ids, mask), rec, p in kept:
+        kw = {"system_prompt": cfg.data.system_prompt, "max_tokens": cfg.data.max_prompt_tokens}
+        s_prompt, t_prompt = prompt_token_ids(s_tok, p, **kw), prompt_token_ids(t_tok, p, **kw)
+        stop = rec.get("finish_reason") == "stop"
+        item = build_item(s_prompt, t_prompt, rec["text"], s_tok, t_tok, stop, cfg.train.max_seq_len)
+        n_tokens += sum(mask)
+        if item is not None:
+            items[sample_key(ids)] = item
+            chunks += item.chunks
+    vmap = None
+    if cfg.train.cross_tokenizer == "span":
+        vmap = vocab_map(t_tok, s_tok)
+        if t_tok.eos_token_id is not None and s_tok.eos_token_id is not None:
+            vmap[t_tok.eos_token_id] = s_tok.eos_token_id  # the two stops are one event
+    model = _training_teacher(cfg)
+    teacher = CrossTeacher(model, items, method=cfg.train.cross_tokenizer, k=cfg.train.cross_topk, vmap=vmap,
+                           pad_id=t_tok.pad_token_id)  # fmt: skip
+    return teacher, alignment_shares(chunks, n_tokens)
 
 
 def training_examples(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> list:
@@ -506,7 +559,12 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = AutoTokenizer.from_pretrained(init)
-    kept, filter_report = _kept(cfg, tok, train_p, answers)
+    t_tok = _own_tokenizer(cfg, tok)  # the teacher's, when the student has its own
+    if t_tok is not None:
+        kept_text, filter_report = _kept_text(cfg, tok, train_p, answers)
+        kept = [(ex, rec) for ex, rec, _ in kept_text]
+    else:
+        kept, filter_report = _kept(cfg, tok, train_p, answers)
     examples = [ex for ex, _ in kept]
     if not examples:
         raise StageError(f"no training answers left after the filter ({filter_report}); loosen `filter`")
@@ -514,7 +572,19 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     teacher = None
     tcfg = cfg.train
     api = cfg.teacher.kind == "openai"
-    if cfg.train.alpha > 0 and (cfg.cache.use or (api and cfg.teacher.api.top_logprobs)):
+    alignment = None
+    if t_tok is not None and cfg.train.alpha > 0 and cfg.train.cross_tokenizer != "off":
+        teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text)
+        tcfg = cfg.train.model_copy(update={"chunked_loss": False})  # the student's logits are kept whole
+        method, share, one = cfg.train.cross_tokenizer, alignment["any"], alignment["one_to_one"]
+        source = (f"live teacher, another tokenizer: {method} on {share:.0%} of the student's answer tokens "
+                  f"({one:.0%} one token to one)")  # fmt: skip
+    elif t_tok is not None and cfg.train.alpha > 0:
+        raise StageError("the student's tokenizer is not the teacher's: set train.cross_tokenizer (span or "
+                         "uld), or train.alpha=0 for the teacher's text alone")  # fmt: skip
+    elif t_tok is not None:
+        source = "the teacher's text only, in the student's own tokens (alpha = 0)"
+    elif cfg.train.alpha > 0 and (cfg.cache.use or (api and cfg.teacher.api.top_logprobs)):
         cache_dir = _need(run / "teacher_cache", "cache")
         teacher = CachedTeacher(cache_dir, _cache_expectations(cfg, tok), examples, tail=_cache_tail(cfg))
         source = f"cached top-{teacher.meta.k} teacher log-probs" + (" from the API" if api else "")
@@ -572,6 +642,8 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     summary = train(student, teacher, examples, tcfg, run, pad_id=tok.pad_token_id,
                     vocab_size=len(tok), resume=resume, accelerator=acc, onpolicy_teacher=grader)  # fmt: skip
     summary["teacher_signal"] = source
+    if alignment is not None:
+        summary["cross_tokenizer_alignment"] = alignment
     if healed is not None:
         summary["heal"] = healed
     out = run / "student"
@@ -722,22 +794,46 @@ def evaluate(cfg: RunConfig) -> dict:
         "untrained_student": (None, _need(run / "student_init", "shrink")),
         "student": (None, _need(run / "student", "train")),
     }
+    # a student with its own tokenizer reads prompts and the teacher's answers in its tokens; KL and
+    # top-1 agreement pair ids, so they are left out for it (bits per byte compares across tokenizers)
+    s_tok = load_tokenizer(str(candidates["student"][1]))
+    own = teacher is not None and s_tok.get_vocab() != tok.get_vocab()
+    toks = {name: s_tok if own and name != "teacher" else tok for name in candidates}
+    s_ids, s_answers = ids, answers
+    if own:
+        from distill.crosstok import student_answer_ids
+
+        s_ids = {p.id: prompt_token_ids(s_tok, p, system_prompt=cfg.data.system_prompt,
+                                        max_tokens=cfg.data.max_prompt_tokens) for p in held}  # fmt: skip
+
+        def restated(rec: dict) -> dict:
+            return {
+                **rec,
+                "token_ids": student_answer_ids(s_tok, rec["text"], rec.get("finish_reason") == "stop"),
+            }
+
+        s_answers = {k: restated(rec) for k, rec in answers.items()}
     results, outputs, models = {}, [], {}
     for name, (model, folder) in candidates.items():
         if model is None and folder is not None:  # a student (an API-only teacher has neither)
             model = (
                 AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(student_device).eval()
             )
+        mine = own and name != "teacher"
         res, outs = evaluate_model(
-            name, model, teacher, tok, held, ids, answers, cfg.evaluate, weights_dir=folder,
+            name, model, None if mine else teacher, toks[name], held, s_ids if mine else ids,
+            s_answers if mine else answers, cfg.evaluate, weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
         )  # fmt: skip
         results[name], outputs = res, outputs + outs
         if model is not None:
             models[name] = model
     console.print("[dim]measuring generation speed, the models in turn...[/dim]")
-    speed_prompts = [ids[p.id] for p in held[:4]]
-    speeds = compare_speed(models, tok, speed_prompts, cfg.evaluate, DTYPES[cfg.evaluate.speed_dtype])
+    speed_prompts = {name: [(s_ids if toks[name] is s_tok and own else ids)[p.id] for p in held[:4]]
+                     for name in candidates}  # fmt: skip
+    speed_toks = {name: toks[name] for name in models}
+    speeds = compare_speed(models, speed_toks, {n: speed_prompts[n] for n in models}, cfg.evaluate,
+                           DTYPES[cfg.evaluate.speed_dtype])  # fmt: skip
     for name, figures in speeds.items():
         results[name].update(figures)
     per_prompt = {name: r.pop("per_prompt") for name, r in results.items()}
@@ -745,20 +841,20 @@ def evaluate(cfg: RunConfig) -> dict:
     if cfg.evaluate.tasks:
         from distill.tasks import evaluate_tasks
 
-        task_results, task_answers = evaluate_tasks(models, tok, cfg)
+        task_results, task_answers = evaluate_tasks(models, {n: toks[n] for n in models}, cfg)
     for name, r in results.items():  # latency: its mean answer length at its batch-1 rate
         lengths = [row["answer_tokens"] for row in per_prompt[name]]
         r["mean_answer_tokens"] = sum(lengths) / len(lengths) if lengths else None
         rate = r.get("tokens_per_s_batch1")
         r["seconds_per_answer"] = r["mean_answer_tokens"] / rate if rate and lengths else None
-    if cfg.evaluate.measure_memory and speed_prompts:
+    if cfg.evaluate.measure_memory and held:
         console.print("[dim]measuring peak memory, each model in a fresh process...[/dim]")
         for name in ("teacher", "student"):
             if name in models:
                 folder = candidates[name][1]
                 dtype = DTYPES[cfg.evaluate.speed_dtype]
                 results[name].update(
-                    peak_memory(folder, speed_prompts[0], cfg.evaluate.speed_new_tokens, dtype)
+                    peak_memory(folder, speed_prompts[name][0], cfg.evaluate.speed_new_tokens, dtype)
                 )
     intervals = quality_intervals(per_prompt, draws=cfg.evaluate.bootstrap_draws)
     t, s, u = results["teacher"], results["student"], results["untrained_student"]
@@ -768,7 +864,7 @@ def evaluate(cfg: RunConfig) -> dict:
         "speedup_batch1": s["tokens_per_s_batch1"] / t["tokens_per_s_batch1"] if local else None,
         "speedup_batched": s["tokens_per_s_batched"] / t["tokens_per_s_batched"] if local else None,
         "size_ratio": s["params"] / t["params"] if local else None,
-        "kl_untrained_over_trained": u["kl"] / max(s["kl"], 1e-12) if local else None,
+        "kl_untrained_over_trained": u["kl"] / max(s["kl"], 1e-12) if local and s["kl"] is not None else None,
     }
     gen_summary = run / "generate_summary.json"
     if gen_summary.is_file():

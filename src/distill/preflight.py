@@ -183,8 +183,13 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
             )
     if cfg.student.init == "model":
         facts["student"] = model_facts(cfg.student.model, trust_remote_code=trust)
-        if cfg.teacher.model and cfg.train.alpha > 0:
+        if cfg.teacher.model and (cfg.train.alpha > 0 or cfg.train.cross_tokenizer != "off"):
             _check_tokenizers(cfg, facts)
+    elif cfg.train.cross_tokenizer != "off":
+        raise ConfigError(
+            "train.cross_tokenizer is for a student with its own tokenizer (student.init: model); "
+            "a shrunk student has the teacher's: set train.cross_tokenizer=off"
+        )
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
     _check_export(cfg, facts)
@@ -198,20 +203,33 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
 
 def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
     """A token-level loss (train.alpha > 0) pairs the two models' logits id by id: refused, with
-    the audit, when the tokenizers differ (``distill audit``)."""
+    the audit, when the tokenizers differ (``distill audit``); a cross-tokenizer loss needs a live
+    local teacher on the answer tokens."""
     from distill.audit import audit_models
 
     result = audit_models(
         cfg.teacher.model, cfg.student.model, trust_remote_code=cfg.teacher.trust_remote_code
     )
+    t = cfg.train
+    if t.cross_tokenizer != "off":
+        unsupported = {
+            "cache.use": cfg.cache.use, "train.hidden_weight": t.hidden_weight > 0,
+            "train.prompt_weight": t.prompt_weight > 0, "train.onpolicy_fraction": t.onpolicy_fraction > 0,
+            "teacher.kind=openai": cfg.teacher.kind == "openai",
+        }  # fmt: skip
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ConfigError(f"train.cross_tokenizer={t.cross_tokenizer} needs a live local teacher on the "
+                              f"answer tokens; turn off {', '.join(bad)}")  # fmt: skip
+        return
     if not result.token_level:
         raise ConfigError(
-            f"train.alpha={cfg.train.alpha} distils the teacher's logits token by token, but "
-            f"{cfg.teacher.model} and {cfg.student.model} do not share a tokenizer, so the ids would pair "
-            "unrelated tokens. "
+            f"train.alpha={t.alpha} distils the teacher's logits token by token, but {cfg.teacher.model} and "
+            f"{cfg.student.model} do not share a tokenizer, so the ids would pair unrelated tokens. "
             + "; ".join(result.lines())
-            + ". Set train.alpha=0 to train on the teacher's "
-            "answers as text (sequence-level KD), or choose a student with the teacher's tokenizer"
+            + ". Set train.cross_tokenizer=span (or uld) for logit-level KD across tokenizers, train.alpha=0 "
+            "to train on the teacher's answers as text (sequence-level KD), or choose a student with the "
+            "teacher's tokenizer"
         )
 
 

@@ -175,7 +175,7 @@ def score(item: TaskItem, answer: str, timeout: float = 10.0) -> tuple[float, st
 TASK_PROMPT_TOKENS = 1024  # a task's prompt is never cut below this (HumanEval's longest is ~600)
 
 
-def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:
+def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:  # tok: one, or one per model
     """Every model's greedy answers to every task of ``cfg.evaluate.tasks``, scored: per task the
     accuracies with their intervals, the student's kept share and its difference from the untrained
     student (``distill.stats.quality_intervals``), and every answer with its score."""
@@ -191,18 +191,20 @@ def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:
         code = bool(items and items[0].test)
         new_tokens = ev.code_max_new_tokens if code else ev.task_max_new_tokens
         limit = max(cfg.data.max_prompt_tokens, TASK_PROMPT_TOKENS)
-        ids = [prompt_token_ids(tok, it.prompt, system_prompt=cfg.data.system_prompt, max_tokens=limit)
-               for it in items]  # fmt: skip
+        toks = tok if isinstance(tok, dict) else dict.fromkeys(models, tok)
         per_prompt: dict[str, list[dict]] = {}
         for model_name, model in models.items():
+            m_tok = toks[model_name]
+            ids = [prompt_token_ids(m_tok, it.prompt, system_prompt=cfg.data.system_prompt, max_tokens=limit)
+                   for it in items]  # fmt: skip
             rows = []
             with progress_bar("answer") as bar:
                 task = bar.add_task(f"{name}: {model_name}", total=len(items), info="")
                 for i in range(0, len(items), ev.batch_size):
                     interrupt.check()
-                    gens = generate_batch(model, tok, ids[i : i + ev.batch_size], max_new_tokens=new_tokens)
+                    gens = generate_batch(model, m_tok, ids[i : i + ev.batch_size], max_new_tokens=new_tokens)
                     for it, g in zip(items[i : i + ev.batch_size], gens, strict=True):
-                        text = tok.decode(g.token_ids, skip_special_tokens=True)
+                        text = m_tok.decode(g.token_ids, skip_special_tokens=True)
                         correct, why = score(it, text, ev.code_timeout)
                         rows.append({"id": it.prompt.id, "correct": correct})
                         answers.append({"task": name, "id": it.prompt.id, "model": model_name,

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from distill import fsio, interrupt, onpolicy
 from distill.config import TrainConfig
+from distill.crosstok import CrossSignal
 from distill.data import Batch, collate, pack, prompt_part
 from distill.losses import (
     LOSSES,
@@ -168,7 +169,11 @@ def kd_ce_loss(cfg: TrainConfig, vocab_size: int | None, parts: dict[str, float]
     def loss(logits: torch.Tensor, targets: Targets, mask, *, num_tokens) -> torch.Tensor:
         targets = targets.made()
         total = logits.new_zeros((), dtype=torch.float32)
-        if cfg.alpha > 0:
+        if cfg.alpha > 0 and isinstance(targets.signal, CrossSignal):  # a teacher with another tokenizer
+            kd = targets.signal.loss(logits, num_tokens=num_tokens)
+            parts["kd"] += float(kd.detach())
+            total = total + cfg.alpha * kd
+        elif cfg.alpha > 0:
             kd = LOSSES[cfg.loss](
                 logits, targets.signal, mask, temperature=cfg.distill_temperature,
                 num_tokens=num_tokens, vocab_size=vocab_size, **loss_options(cfg),
