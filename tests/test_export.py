@@ -142,6 +142,7 @@ def test_width_pruned_student_keeps_its_shape_in_gguf(tiny, tmp_path):
 def test_unsupported_students_are_refused_with_the_way_out(tmp_path, tiny_teacher_dir, prompts_file):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300))
     gpt2.save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(tmp_path / "gpt2")  # 300 tokens
     with pytest.raises(GGUFExportError, match="convert_hf_to_gguf"):
         gguf_arch(gpt2.config)
     # checked before any work: a run whose export cannot be written does not start

@@ -132,12 +132,16 @@ def load_audit_tokenizer(ref: str, *, trust_remote_code: bool = False):
     """A model reference's tokenizer, read from a GGUF's header when it is one (no weights converted)."""
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_gguf, resolve_model_dir
+    from distill.models import ModelError, resolve_gguf, resolve_model_dir
 
     gguf = resolve_gguf(ref)
     if gguf is not None:
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(resolve_model_dir(ref), trust_remote_code=trust_remote_code)
+    folder = resolve_model_dir(ref)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        raise ModelError(f"{folder} has no tokenizer ({', '.join(names)}); save it beside the model")
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def audit_models(teacher: str, student: str, *, trust_remote_code: bool = False) -> Audit:

@@ -183,8 +183,6 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
             )
     if cfg.student.init == "model":
         facts["student"] = model_facts(cfg.student.model, trust_remote_code=trust)
-        if cfg.teacher.model and (cfg.train.alpha > 0 or cfg.train.cross_tokenizer != "off"):
-            _check_tokenizers(cfg, facts)
     elif cfg.train.cross_tokenizer != "off":
         raise ConfigError(
             "train.cross_tokenizer is for a student with its own tokenizer (student.init: model); "
@@ -193,6 +191,12 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
     _check_export(cfg, facts)
+    if (
+        cfg.student.init == "model"
+        and cfg.teacher.model
+        and (cfg.train.alpha > 0 or cfg.train.cross_tokenizer != "off")
+    ):
+        _check_tokenizers(cfg, facts)
     vocab = facts.get("teacher", facts.get("student"))
     if cfg.cache.use and vocab is not None and vocab.vocab_size and cfg.cache.k > vocab.vocab_size:
         raise ConfigError(f"cache.k={cfg.cache.k} exceeds the vocabulary ({vocab.vocab_size} tokens)")

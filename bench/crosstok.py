@@ -1,0 +1,153 @@
+"""Across tokenizers: Gemma 3 270M teaches SmolLM2-135M-Instruct. Which signal helps the student most?
+
+    python bench/crosstok.py [--steps 60] [--methods seqkd,uld,span] [--lr 1e-4]
+
+The teacher (`gemma3-270m`, vocabulary 262,144, a base model) answers the embedded prompt set once;
+every method then trains a copy of SmolLM2-135M-Instruct (vocabulary 49,152) on the same answers
+for the same number of steps:
+
+- ``seqkd``: sequence-level KD, the teacher's answers as text in the student's tokens (train.alpha 0);
+- ``uld``: Universal Logit Distillation beside the CE (train.cross_tokenizer uld, alpha 0.5);
+- ``span``: alignment by character spans beside the CE (train.cross_tokenizer span, alpha 0.5).
+
+Each student, and the untrained one, is scored on the 32 held-out prompts by the bits per byte of
+the teacher's answers under it (cross-entropy per byte of text: no tokenizer enters it), with a 95%
+bootstrap interval over the prompts. Figures: bench/results/crosstok.json, key
+``logit_vs_seqkd_bits_per_byte_ratio`` (the best logit method / sequence-level KD; target <= 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "crosstok.json"
+METHODS = {
+    "seqkd": ["train.alpha=0"],
+    "uld": ["train.alpha=0.5", "train.cross_tokenizer=uld"],
+    "span": ["train.alpha=0.5", "train.cross_tokenizer=span"],
+}
+
+
+def base(args) -> list[str]:
+    return ["teacher.model=gemma3-270m", "student.init=model", "student.model=smollm2-135m-instruct",
+            "data.heldout_size=32", "generate.max_new_tokens=64", f"train.max_steps={args.steps}",
+            "train.time_budget=null", f"train.lr={args.lr}", "train.warmup_steps=5", "train.hidden_weight=0",
+            "train.prompt_weight=0", "train.batch_size=8", "train.checkpoint_every=1000",
+            f"train.cross_topk={args.topk}", "evaluate.tasks=[]"]  # fmt: skip
+
+
+def bits_per_byte(folder: Path, cfg, draws: int = 2000) -> dict:
+    """Bits per byte of the teacher's held-out answers under the model in ``folder`` (its tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.crosstok import student_answer_ids
+    from distill.data import make_example, prompt_token_ids
+    from distill.evaluate import forced_metrics
+    from distill.generate import answer_key, read_answers
+    from distill.models import load_tokenizer
+    from distill.pipeline import load_split
+    from distill.stats import bootstrap, ratio_of_sums
+
+    tok = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    answers = read_answers(cfg.run_dir / "answers.jsonl")
+    _, held = load_split(cfg)
+    examples, sizes = [], []
+    for p in held:
+        rec = answers[answer_key(p.id)]
+        ids = prompt_token_ids(
+            tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
+        )
+        ans = student_answer_ids(tok, rec["text"], rec.get("finish_reason") == "stop")
+        ex = make_example(ids, ans, cfg.train.max_seq_len)
+        examples.append(ex)
+        kept = [i for i, m in zip(*ex, strict=True) if m]
+        sizes.append(len(tok.decode(kept, skip_special_tokens=True).encode()))
+    rows = forced_metrics(model, None, examples, tok.pad_token_id, 8)["per_example"]
+    cols = {"m:ce": np.array([r["ce"] for r in rows]), "m:bytes": np.array(sizes, dtype=float)}
+    ci = bootstrap(ratio_of_sums("m:ce", "m:bytes"), cols, draws=draws)
+    scale = 1 / math.log(2)
+    return {"value": ci.value * scale, "low": ci.low * scale, "high": ci.high * scale, "prompts": len(rows),
+            "per_prompt_nats": [r["ce"] for r in rows], "per_prompt_bytes": sizes}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--topk", type=int, default=128)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--runs", default=str(ROOT / "runs"))
+    args = ap.parse_args()
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.hardware import cpu_model
+    from distill.stats import bootstrap
+
+    methods = args.methods.split(",")
+    cfgs = {m: load_config(None, [*base(args), *METHODS[m], f"name=bench-crosstok-{m}",
+                                  f"runs_dir={args.runs}"]) for m in methods}  # fmt: skip
+    first = cfgs[methods[0]]
+    t0 = time.perf_counter()
+    pipeline.generate(first)  # the teacher's answers once, for every method
+    generate_s = time.perf_counter() - t0
+    out: dict = {"methods": {}, "steps": args.steps, "lr": args.lr, "cross_topk": args.topk}
+    for m in methods:
+        cfg = cfgs[m]
+        if cfg is not first:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("answers.jsonl", "split.json"):
+                shutil.copy(first.run_dir / name, cfg.run_dir / name)
+        pipeline.shrink(cfg)
+        t0 = time.perf_counter()
+        pipeline.train_student(cfg, resume=False)
+        seconds = time.perf_counter() - t0
+        summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+        bpb = bits_per_byte(cfg.run_dir / "student", cfg)
+        out["methods"][m] = {"bits_per_byte": bpb, "train_seconds": round(seconds, 1),
+                             "steps": summary["steps"], "alignment": summary.get("cross_tokenizer_alignment"),
+                             "signal": summary["teacher_signal"]}  # fmt: skip
+        print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
+    out["untrained_student"] = {"bits_per_byte": bits_per_byte(first.run_dir / "student_init", first)}
+    if "seqkd" in out["methods"]:
+        seq = out["methods"]["seqkd"]["bits_per_byte"]
+        logit = [m for m in ("uld", "span") if m in out["methods"]]
+        if logit:
+            best = min(logit, key=lambda m: out["methods"][m]["bits_per_byte"]["value"])
+            b = out["methods"][best]["bits_per_byte"]
+            # the ratio's interval: the same prompts resampled for both (paired)
+            cols = {"b:ce": np.array(b["per_prompt_nats"]), "s:ce": np.array(seq["per_prompt_nats"]),
+                    "bytes": np.array(b["per_prompt_bytes"], dtype=float)}  # fmt: skip
+            ci = bootstrap(lambda c: float(np.sum(c["b:ce"]) / np.sum(c["s:ce"])), cols)
+            out["best_logit_method"] = best
+            out["logit_vs_seqkd_bits_per_byte_ratio"] = round(b["value"] / seq["value"], 4)
+            out["ratio_interval"] = [round(ci.low, 4), round(ci.high, 4)]
+            out["tokens_aligned_share"] = out["methods"][best]["alignment"]
+    out["generate_seconds"] = round(generate_s, 1)
+    out["cpu"] = cpu_model()
+    out["torch"] = torch.__version__
+    out["python"] = platform.python_version()
+    out["command"] = " ".join(["python", *sys.argv])
+    out["date"] = dt.date.today().isoformat()
+    out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                   cwd=ROOT).stdout.strip()  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "methods"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
