@@ -50,7 +50,11 @@ def chatterbot_prompts(n: int, rng: random.Random) -> list[dict]:
     return out[:n]
 
 
-def maths_prompts(n: int, rng: random.Random) -> list[dict]:
+def easy_modules(seed: int, *packages: str) -> dict:
+    """mathematics_dataset's generators of ``packages`` (arithmetic, algebra, ...) at the easiest third
+    of the training difficulty, with Python's and numpy's generators seeded with ``seed``."""
+    import importlib
+
     # mathematics_dataset imports a sympy name that moved; put it back where it looks.
     import sympy.solvers.diophantine  # noqa: F401
 
@@ -58,12 +62,16 @@ def maths_prompts(n: int, rng: random.Random) -> list[dict]:
         "sympy.solvers.diophantine.diophantine"
     ].base_solution_linear
     import numpy as np
-    from mathematics_dataset.modules import arithmetic
 
-    np.random.seed(SEED)
-    random.seed(SEED)
+    mods = {p: importlib.import_module(f"mathematics_dataset.modules.{p}") for p in packages}
+    np.random.seed(seed)
+    random.seed(seed)
     easy = lambda r: (r[0], r[0] + (r[1] - r[0]) / 3)  # noqa: E731 - difficulty level 0 of 3
-    mods = arithmetic.train(easy)
+    return {p: m.train(easy) for p, m in mods.items()}
+
+
+def maths_prompts(n: int, rng: random.Random) -> list[dict]:
+    mods = easy_modules(SEED, "arithmetic")["arithmetic"]
     names = ["add_or_sub", "mul", "div", "add_sub_multiple", "mixed"]
     out = []
     while len(out) < n:

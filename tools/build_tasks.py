@@ -14,7 +14,7 @@ score is an exact comparison of numbers.
 from __future__ import annotations
 
 import json
-import random
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,19 +30,12 @@ PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def main() -> None:
-    # mathematics_dataset imports a sympy name that moved; put it back where it looks.
-    import sympy.solvers.diophantine  # noqa: F401
+    if os.environ.get("PYTHONHASHSEED") != "0":  # sympy's set order, and so the algebra questions,
+        env = {**os.environ, "PYTHONHASHSEED": "0"}  # follow the string hash: fix it
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    from build_default_prompts import easy_modules  # tools/ is on the path when run as a script
 
-    sys.modules["sympy.solvers.diophantine"].base_solution_linear = sys.modules[
-        "sympy.solvers.diophantine.diophantine"
-    ].base_solution_linear
-    import numpy as np
-    from mathematics_dataset.modules import algebra, arithmetic
-
-    np.random.seed(SEED)
-    random.seed(SEED)
-    easy = lambda r: (r[0], r[0] + (r[1] - r[0]) / 3)  # noqa: E731 - difficulty level 0 of 3
-    modules = {"arithmetic": arithmetic.train(easy), "algebra": algebra.train(easy)}
+    modules = easy_modules(SEED, "arithmetic", "algebra")
     taken = {json.loads(x)["prompt"] for x in (ROOT / "prompts" / "default.jsonl").open()}
     rows = []
     for task, names in SETS.items():
@@ -54,8 +47,9 @@ def main() -> None:
             if len(q) > 120 or q in taken or not PLAIN_NUMBER.fullmatch(a):
                 continue
             taken.add(q)
-            rows.append({"id": f"{task}-{n:03d}", "task": task, "prompt": q, "reference": a,
-                         "source": f"mathematics_dataset/{task}/{name}", "license": "Apache-2.0"})  # fmt: skip
+            source = f"mathematics_dataset/{task}/{name}"
+            rows.append({"id": f"{task}-{n:03d}", "task": task, "prompt": q, "reference": a, "source": source,
+                         "license": "Apache-2.0"})  # fmt: skip
             n += 1
     out = ROOT / "prompts" / "maths_tasks.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
