@@ -134,7 +134,9 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
     s = results.get("summary") or {}
     kept = (results.get("intervals") or {}).get("kept") or {}
     out = []
-    for name in ("top1_agreement", "kl", "reference_accuracy"):
+    # across tokenizers there is no KL or top-1 agreement: bits per byte stands in
+    names = ("top1_agreement", "kl") if "top1_agreement" in kept else ("bits_per_byte",)
+    for name in (*names, "reference_accuracy"):
         if name in kept:
             out.append((f"kept: {QUALITY[name].split(',')[0]}", f"{100 * kept[name]['value']:.1f}%",
                         f"95% CI {100 * kept[name]['low']:.1f}–{100 * kept[name]['high']:.1f}%"))  # fmt: skip
