@@ -1,6 +1,7 @@
 """Across tokenizers: Gemma 3 270M teaches SmolLM2-135M-Instruct. Which signal helps the student most?
 
-    python bench/crosstok.py [--steps 60] [--methods seqkd,uld,span] [--lr 1e-4]
+    python bench/crosstok.py [--steps 60] [--methods seqkd,uld,span] [--lr 1e-4] [--alpha 0.5]
+    python bench/crosstok.py --methods span --alpha 0.2 --append   # one more, on the same answers
 
 The teacher (`gemma3-270m`, vocabulary 262,144, a base model) answers the embedded prompt set once;
 every method then trains a copy of SmolLM2-135M-Instruct (vocabulary 49,152) on the same answers
@@ -36,9 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "crosstok.json"
 METHODS = {
     "seqkd": ["train.alpha=0"],
-    "uld": ["train.alpha=0.5", "train.cross_tokenizer=uld"],
-    "span": ["train.alpha=0.5", "train.cross_tokenizer=span"],
+    "uld": ["train.cross_tokenizer=uld"],
+    "span": ["train.cross_tokenizer=span"],
 }
+
+
+def key(method: str, alpha: float) -> str:
+    """A run's name in the results: the method, and its alpha when it is not the default 0.5."""
+    return method if method == "seqkd" or alpha == 0.5 else f"{method}_alpha{alpha:g}"
 
 
 def base(args) -> list[str]:
@@ -90,6 +96,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--topk", type=int, default=128)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the logit term (uld, span)")
+    ap.add_argument(
+        "--append", action="store_true", help="add to crosstok.json, on the answers it was made with"
+    )
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     args = ap.parse_args()
     from distill import pipeline
@@ -98,16 +108,23 @@ def main() -> None:
     from distill.stats import bootstrap
 
     methods = args.methods.split(",")
-    cfgs = {m: load_config(None, [*base(args), *METHODS[m], f"name=bench-crosstok-{m}",
-                                  f"runs_dir={args.runs}"]) for m in methods}  # fmt: skip
-    first = cfgs[methods[0]]
-    t0 = time.perf_counter()
-    pipeline.generate(first)  # the teacher's answers once, for every method
-    generate_s = time.perf_counter() - t0
+    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}"] for m in methods}
+    names = {m: f"name=bench-crosstok-{key(m, args.alpha)}" for m in methods}
+    cfgs = {m: load_config(None, [*base(args), *METHODS[m], *alpha[m], names[m], f"runs_dir={args.runs}"])
+            for m in methods}  # fmt: skip
     out: dict = {"methods": {}, "steps": args.steps, "lr": args.lr, "cross_topk": args.topk}
+    if args.append:  # the answers of the recorded runs: copied, not generated again
+        out = json.loads(RESULTS.read_text())
+        first = load_config(None, [*base(args), "name=bench-crosstok-seqkd", f"runs_dir={args.runs}"])
+        generate_s = out.get("generate_seconds")
+    else:
+        first = cfgs[methods[0]]
+        t0 = time.perf_counter()
+        pipeline.generate(first)  # the teacher's answers once, for every method
+        generate_s = time.perf_counter() - t0
     for m in methods:
         cfg = cfgs[m]
-        if cfg is not first:
+        if cfg.run_dir != first.run_dir:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             for name in ("answers.jsonl", "split.json"):
                 shutil.copy(first.run_dir / name, cfg.run_dir / name)
@@ -117,14 +134,17 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
-        out["methods"][m] = {"bits_per_byte": bpb, "train_seconds": round(seconds, 1),
-                             "steps": summary["steps"], "alignment": summary.get("cross_tokenizer_alignment"),
-                             "signal": summary["teacher_signal"]}  # fmt: skip
+        out["methods"][key(m, args.alpha)] = {
+            "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
+            "alpha": cfg.train.alpha, "alignment": summary.get("cross_tokenizer_alignment"),
+            "signal": summary["teacher_signal"],
+        }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
-    out["untrained_student"] = {"bits_per_byte": bits_per_byte(first.run_dir / "student_init", first)}
+    if "untrained_student" not in out:
+        out["untrained_student"] = {"bits_per_byte": bits_per_byte(first.run_dir / "student_init", first)}
     if "seqkd" in out["methods"]:
         seq = out["methods"]["seqkd"]["bits_per_byte"]
-        logit = [m for m in ("uld", "span") if m in out["methods"]]
+        logit = [m for m in out["methods"] if m != "seqkd"]
         if logit:
             best = min(logit, key=lambda m: out["methods"][m]["bits_per_byte"]["value"])
             b = out["methods"][best]["bits_per_byte"]
