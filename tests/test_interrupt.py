@@ -225,3 +225,7 @@ def test_every_stage_stops_at_a_safe_point_when_asked(tmp_path, tiny_teacher_dir
     assert not (cfg.run_dir / "eval.json").exists()
     out = CliRunner().invoke(app, ["evaluate", *args])
     assert out.exit_code == 0 and (cfg.run_dir / "eval.json").is_file()
+    asked.append(signal.SIGTERM)  # the export: its temporary folder removed, no export/ made
+    out = CliRunner().invoke(app, ["export", *args, "--format", "hf"])
+    assert out.exit_code == 143 and "nothing was half-written" in " ".join(out.output.split()), out.output
+    assert not (cfg.run_dir / "export").exists() and not (cfg.run_dir / "export.tmp").exists()

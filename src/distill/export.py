@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill import fsio
+from distill import fsio, interrupt
 from distill.config import RunConfig
 from distill.evaluate import METRICS
 
@@ -48,10 +48,12 @@ def export_student(
             fsio.save_pretrained(model, tok, tmp)
             del model
         ggufs: dict[str, Path] = {}
+        interrupt.check()  # safe points: the export is written in export.tmp/ and renamed at the end
         if "gguf" in ex.formats:
             paths = {kind: tmp / f"{cfg.name}-{kind}.gguf" for kind in ex.gguf_types}
             ggufs = write_ggufs(student_dir, paths, teacher_gguf=teacher_gguf, name=cfg.name)
             fsio.write_text(tmp / "Modelfile", ollama_modelfile(ggufs, student_dir))
+        interrupt.check()
         check = check_export(student_dir, tmp if "hf" in ex.formats else None, ggufs, check_rows, cfg)
         summary = student_dir.parent / "train_summary.json"
         steps = json.loads(summary.read_text())["steps"] if summary.is_file() else cfg.train.max_steps
