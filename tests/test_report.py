@@ -231,3 +231,16 @@ def test_bits_per_byte_is_nats_per_byte_over_ln2():
     assert stats.metric("bits_per_byte", "m")(cols) == pytest.approx(3 / 6 / math.log(2))
     both = {**cols, "t:ce": np.array([1.0, 0.5]), "t:bytes": np.array([4.0, 2.0])}
     assert stats.kept("bits_per_byte", "m", "t")(both) == pytest.approx(0.5)
+
+
+def test_peak_memory_is_the_childs_own_not_its_parents(tiny_teacher_dir):
+    """Linux keeps ru_maxrss across exec, so a child measured that way reports its parent's peak:
+    with 1.5 GiB held here, the tiny model's process must still report far less."""
+    import torch
+
+    from distill.evaluate import peak_memory
+
+    held = np.ones(3 << 27, dtype=np.float32)  # 1.5 GiB, touched
+    got = peak_memory(tiny_teacher_dir, [1, 2, 3], 4, torch.float32)
+    assert held.sum() > 0
+    assert 100 < got["runtime_rss_mib"] <= got["peak_rss_mib"] < 1200, got

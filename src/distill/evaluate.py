@@ -142,17 +142,29 @@ def compare_speed(
     return out
 
 
-def _memory_child(folder: str, prompt: list[int], new_tokens: int, dtype: str) -> dict:
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: ``VmHWM``, which starts afresh at exec (Linux's
+    ``ru_maxrss`` does not: a child would report its parent's peak), else ``ru_maxrss``."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _memory_child(folder: str, prompt: list[int], new_tokens: int, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM as Auto  # imported before the baseline
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = peak_rss_kib()
     model = Auto.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
         model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0)  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     mib = {"peak_rss_mib": peak, "runtime_rss_mib": before, "model_peak_mib": peak - before}
     return {k: v / 1024 for k, v in mib.items()}
 
