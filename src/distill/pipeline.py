@@ -829,7 +829,7 @@ def evaluate(cfg: RunConfig) -> dict:
         if model is not None:
             models[name] = model
     console.print("[dim]measuring generation speed, the models in turn...[/dim]")
-    speed_prompts = {name: [(s_ids if toks[name] is s_tok and own else ids)[p.id] for p in held[:4]]
+    speed_prompts = {name: [(s_ids if own and name != "teacher" else ids)[p.id] for p in held[:4]]
                      for name in candidates}  # fmt: skip
     speed_toks = {name: toks[name] for name in models}
     speeds = compare_speed(models, speed_toks, {n: speed_prompts[n] for n in models}, cfg.evaluate,

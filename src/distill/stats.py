@@ -147,7 +147,8 @@ def prompt_columns(per_prompt: Mapping[str, list[dict]]) -> dict[str, np.ndarray
     ids = None
     for rows in per_prompt.values():
         got = [r["id"] for r in rows]
-        ids = got if ids is None else [i for i in ids if i in set(got)]
+        seen = set(got)
+        ids = got if ids is None else [i for i in ids if i in seen]
     cols: dict[str, np.ndarray] = {}
     for model, rows in per_prompt.items():
         by_id = {r["id"]: r for r in rows}
