@@ -89,3 +89,18 @@ def test_sampled_generation_is_seeded(teacher, prompts_file, tmp_path):
     a = gen.generate_answers(model, tok, prompts, tmp_path / "a.jsonl", cfg)
     b = gen.generate_answers(model, tok, prompts, tmp_path / "b.jsonl", cfg)
     assert {k: v["token_ids"] for k, v in a.items()} == {k: v["token_ids"] for k, v in b.items()}
+
+
+def test_sampling_draws_from_the_whole_distribution_not_a_default_cut(teacher, prompts_file, tmp_path):
+    """A model's generation config may cut sampling to its top k (Gemma ships 64, transformers' own
+    default is 50); distill samples from the whole distribution, as its llama.cpp engine does. A
+    config cut to top-1 would make every 'sampled' answer the greedy one."""
+    model, tok = teacher
+    model.generation_config.top_k = 1
+    prompts = read_prompts(prompts_file)[:4]
+    greedy = gen.generate_answers(model, tok, prompts, tmp_path / "g.jsonl", GenerateConfig(max_new_tokens=8))
+    cfg = GenerateConfig(max_new_tokens=8, batch_size=2, do_sample=True, generation_temperature=1.5, seed=7)
+    sampled = gen.generate_answers(model, tok, prompts, tmp_path / "s.jsonl", cfg)
+    assert model.generation_config.top_k == 1  # the model's own setting is left as it was
+    differ = [k for k in greedy if greedy[k]["token_ids"] != sampled[k]["token_ids"]]
+    assert len(differ) >= 3, differ

@@ -228,8 +228,8 @@ def generate_answers(
             rows = [encoded[p.id] for p in chunk]
             if engine is not None:
                 gens = engine(rows, seed=seed % 2**31, **kwargs)
-            else:
-                gens = generate_batch(model, tok, rows, **kwargs)
+            else:  # top_k 0: the whole distribution, as llama.cpp samples, not the model's default cut
+                gens = generate_batch(model, tok, rows, top_k=0, **kwargs)
             records = [
                 {
                     "id": p.id,
