@@ -278,3 +278,37 @@ def test_the_cross_signal_loss_is_its_parts_on_the_aligned_positions():
     student = lq[2, 5] + lq[4, 6]
     want = crosstok.chunk_kl(student[None], torch.log(torch.tensor([0.3])), num_tokens=6)
     assert float(span.loss(logits.detach(), num_tokens=6)) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["span", "uld"])
+def test_the_chunked_cross_loss_equals_the_loss_on_whole_logits(method):
+    """From hidden states, two positions of logits at a time (a chunk of student tokens straddling
+    blocks, a soft-capped head with a bias): the same value and the same gradients for the hidden
+    states, the head and its bias as the loss on logits made whole."""
+    from distill.losses import LogitTransform
+
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    weight = torch.randn(12, 6, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    rows = torch.tensor([0, 3, 4, 8])
+    top = torch.softmax(torch.randn(4, 12), -1).topk(5, -1)
+    if method == "uld":
+        sig = crosstok.CrossSignal("uld", rows, top.values, 1 - top.values.sum(-1))
+    else:
+        ids = torch.where(top.indices % 4 == 0, -1, top.indices)  # some teacher tokens the student lacks
+        sig = crosstok.CrossSignal(
+            "span", rows, ids=ids, logprobs=top.values.log(), chunk_rows=torch.tensor([1, 2, 5, 6, 7]),
+            chunk_of=torch.tensor([0, 0, 1, 1, 1]), chunk_labels=torch.tensor([3, 9, 0, 11, 4]),
+            chunk_teacher=torch.log(torch.tensor([0.2, 0.05])),
+        )  # fmt: skip
+    cap = 3.0
+    whole = cap * torch.tanh((hidden @ weight.T + bias) / cap)  # the reference: every logit at once
+    want = sig.loss(whole, num_tokens=7)
+    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    cut = LogitTransform(1.0, cap)
+    got = sig.chunked_loss(hidden, weight, bias, num_tokens=7, transform=cut, chunk_size=2)
+    got_grads = torch.autograd.grad(got, (hidden, weight, bias))
+    assert float(want.detach()) > 0 and float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ top-k ids mapped into the student's vocabulary) block by block (``teacher_rows``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -280,19 +281,57 @@ class CrossSignal:
         """The cross-tokenizer KD term from the student's ``(B, T-1, V)`` logits, summed over the
         aligned positions and chunks, divided by ``num_tokens`` (the student's counted tokens)."""
         flat = logits.reshape(-1, logits.shape[-1])
-        total = flat.new_zeros((), dtype=torch.float32)
-        if self.rows.numel():
-            rows = flat[self.rows]
-            if self.method == "uld":
-                total = total + uld_loss(rows, self.sorted, self.tail, num_tokens=num_tokens)
-            else:
-                total = total + span_kl(rows, self.ids, self.logprobs, num_tokens=num_tokens)
+        return self._total(flat, lambda x: x, max(flat.shape[0], 1), recompute=False, num_tokens=num_tokens)
+
+    def chunked_loss(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, num_tokens,
+                     transform=None, chunk_size: int | None = None) -> Tensor:  # fmt: skip
+        """``loss`` of the logits ``transform(hidden @ weight.T + bias)`` without making them for all
+        positions: ``hidden`` ``(B, T-1, H)`` (the student's final states), ``chunk_size`` positions at
+        a time (default: about 2**24 logits a block), each block's logits made again in backward
+        (activation checkpointing), so at most one ``(chunk_size, V)`` block lives at once."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunk = chunk_size or max(1, (1 << 24) // weight.shape[0])
+
+        def make(h: Tensor) -> Tensor:
+            out = F.linear(h, weight, bias)
+            return transform.apply(out)[0] if transform is not None else out
+
+        return self._total(flat, make, chunk, recompute=True, num_tokens=num_tokens)
+
+    def _total(self, source: Tensor, make, chunk: int, *, recompute: bool, num_tokens) -> Tensor:
+        """The term from ``source`` rows (logits, or hidden states that ``make`` turns into logits),
+        ``chunk`` rows of logits at a time."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(fn, x: Tensor) -> Tensor:
+            return checkpoint(fn, x, use_reentrant=False) if recompute else fn(x)
+
+        total = source.new_zeros((), dtype=torch.float32)
+        for lo in range(0, self.rows.numel(), chunk):
+            total = total + run(
+                partial(self._rows_term, make, lo, lo + chunk, num_tokens), source[self.rows[lo : lo + chunk]]
+            )
         if self.chunk_rows is not None and self.chunk_rows.numel():
-            logq = torch.log_softmax(flat[self.chunk_rows].float(), -1)
-            tok_lp = logq.gather(-1, self.chunk_labels[:, None]).squeeze(-1)
-            student = torch.zeros_like(self.chunk_teacher).index_add_(0, self.chunk_of, tok_lp)
+            parts = []
+            for lo in range(0, self.chunk_rows.numel(), chunk):
+                labels = self.chunk_labels[lo : lo + chunk, None]
+                parts.append(
+                    run(partial(_token_logprob, make, labels), source[self.chunk_rows[lo : lo + chunk]])
+                )
+            student = torch.zeros_like(self.chunk_teacher).index_add_(0, self.chunk_of, torch.cat(parts))
             total = total + chunk_kl(student, self.chunk_teacher, num_tokens=num_tokens)
         return total
+
+    def _rows_term(self, make, lo: int, hi: int, num_tokens, x: Tensor) -> Tensor:
+        """The distribution term of rows ``lo:hi`` of ``rows``, from their sources ``x``."""
+        if self.method == "uld":
+            return uld_loss(make(x), self.sorted[lo:hi], self.tail[lo:hi], num_tokens=num_tokens)
+        return span_kl(make(x), self.ids[lo:hi], self.logprobs[lo:hi], num_tokens=num_tokens)
+
+
+def _token_logprob(make, labels: Tensor, x: Tensor) -> Tensor:
+    """Each row's log-probability of its token ``labels`` (R, 1) under the logits ``make(x)``."""
+    return torch.log_softmax(make(x).float(), -1).gather(-1, labels).squeeze(-1)
 
 
 class CrossTeacher:

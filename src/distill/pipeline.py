@@ -575,7 +575,6 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     alignment = None
     if t_tok is not None and cfg.train.alpha > 0 and cfg.train.cross_tokenizer != "off":
         teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text)
-        tcfg = cfg.train.model_copy(update={"chunked_loss": False})  # the student's logits are kept whole
         method, share, one = cfg.train.cross_tokenizer, alignment["any"], alignment["one_to_one"]
         source = (f"live teacher, another tokenizer: {method} on {share:.0%} of the student's answer tokens "
                   f"({one:.0%} one token to one)")  # fmt: skip

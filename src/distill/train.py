@@ -289,8 +289,20 @@ def distill_loss(
             head = model.get_output_embeddings()
             hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
             transform = LogitTransform.of(model.config)  # soft-capping, a logit scale: what the head omits
-            loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask, lm_head_bias=head.bias,
-                                      num_tokens=num_tokens, transform=transform)  # fmt: skip
+            if isinstance(signal, CrossSignal):  # another tokenizer: the CE, then the term on its own rows
+                ce_fn = kd_ce_loss(cfg.model_copy(update={"alpha": 0.0}), vocab_size, parts)
+                loss = (1 - cfg.alpha) * chunked_divergence(
+                    ce_fn, hidden, head.weight, Targets(None, targets.labels), mask, lm_head_bias=head.bias,
+                    num_tokens=num_tokens, transform=transform,
+                ) if cfg.alpha < 1 else hidden.new_zeros((), dtype=torch.float32)  # fmt: skip
+                kd = signal.chunked_loss(
+                    hidden, head.weight, head.bias, num_tokens=num_tokens, transform=transform
+                )
+                parts["kd"] += float(kd.detach())
+                loss = loss + cfg.alpha * kd
+            else:
+                loss = chunked_divergence(loss_fn, hidden, head.weight, targets, mask, lm_head_bias=head.bias,
+                                          num_tokens=num_tokens, transform=transform)  # fmt: skip
             if on_prompt:
                 loss = loss + cfg.prompt_weight * chunked_divergence(
                     prompt_fn, hidden, head.weight, targets, prompt_mask, lm_head_bias=head.bias,
