@@ -312,3 +312,69 @@ def test_the_chunked_cross_loss_equals_the_loss_on_whole_logits(method):
     assert float(want.detach()) > 0 and float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_students_own_samples_are_read_again_and_aligned_for_the_teacher(tiny_teacher_dir, metaspace_tok):
+    """On-policy: a sample in non-canonical tokens (one token spelled as two pieces) is re-read as
+    the student's tokenizer reads its text, and the teacher's signal reaches it; a sample whose
+    prompt the teacher was never given gets none."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.data import collate, make_example
+
+    s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    question = "what is two plus two?"
+    s_prompt, t_prompt = s_tok(question)["input_ids"], t_tok(question)["input_ids"]
+    text = "the cat sat on the mat"
+    canonical = crosstok.student_answer_ids(s_tok, text, True)
+    vocab = s_tok.get_vocab()
+    split = next(  # the first token that is also two tokens of the vocabulary: (position, its two pieces)
+        (n, [vocab[piece[:c]], vocab[piece[c:]]])
+        for n, piece in enumerate(s_tok.convert_ids_to_tokens(canonical))
+        for c in range(1, len(piece))
+        if piece[:c] in vocab and piece[c:] in vocab
+    )
+    spelled = [*canonical[: split[0]], *split[1], *canonical[split[0] + 1 :]]
+    assert s_tok.decode(spelled, skip_special_tokens=True) == text and spelled != canonical
+    teacher = crosstok.CrossTeacher(model, {}, method="span", k=8, vmap=crosstok.vocab_map(t_tok, s_tok),
+                                    pad_id=t_tok.pad_token_id, tokenizers=(s_tok, t_tok),
+                                    prompts={tuple(s_prompt): t_prompt}, max_len=64)  # fmt: skip
+    other = s_tok("a prompt nobody gave")["input_ids"]
+    got = teacher.retokenize([s_prompt, other], [spelled, canonical], step=3)
+    assert got == [canonical, canonical]
+    assert teacher.sampled_counts["samples"] == 2 and teacher.sampled_counts["aligned"] == 1
+    assert teacher.sampled_counts["retokenized"] == 1
+    want = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
+    (item,) = teacher.sampled.values()
+    assert item == want
+    batch = collate(
+        [make_example(s_prompt, canonical, 64), make_example(other, canonical, 64)], s_tok.pad_token_id
+    )
+    sig = teacher.signal(batch)
+    width = batch.input_ids.shape[1] - 1
+    one = [c for c in want.chunks if c.one_to_one]
+    assert sig.rows.tolist() == [len(s_prompt) - 1 + c.student[0] for c in one]  # row 0 only
+    assert all(r < width for r in sig.rows.tolist())
+    teacher.retokenize([s_prompt], [canonical], step=4)  # a new step forgets the last one's samples
+    assert len(teacher.sampled) == 1 and teacher.sampled_counts["retokenized"] == 1
+
+
+def test_on_policy_training_across_tokenizers(tmp_path, tiny_teacher_dir, metaspace_tok, prompts_file):
+    """The student samples its own answers, the teacher (another tokenizer) grades them by span
+    alignment, end to end."""
+    import json
+
+    from conftest import tiny_run
+
+    build_llama(tmp_path / "student", _tok(metaspace_tok), layers=2, seed=4)
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file,
+                   student={"init": "model", "model": str(tmp_path / "student")},
+                   train={"cross_tokenizer": "span", "cross_topk": 16, "onpolicy_fraction": 0.5,
+                          "onpolicy_max_new_tokens": 8})  # fmt: skip
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    on = summary["cross_tokenizer_onpolicy"]
+    assert on["samples"] > 0 and on["aligned"] > 0.5 and 0 <= on["one_to_one"] <= 1
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["onpolicy_rows"] for r in rows) == on["samples"]
+    assert all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in rows)

@@ -340,16 +340,57 @@ class CrossTeacher:
     student position, block by block (``teacher_rows``)."""
 
     def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, vmap: Tensor | None,
-                 pad_id: int) -> None:  # fmt: skip
+                 pad_id: int, tokenizers: tuple | None = None, prompts: dict[tuple, list[int]] | None = None,
+                 max_len: int = 0) -> None:  # fmt: skip
+        """``tokenizers`` (student's, teacher's), ``prompts`` (the teacher's prompt ids by the student's)
+        and ``max_len``: what ``retokenize`` needs to align the student's own samples (on-policy)."""
         from distill.losses import LogitTransform
 
         self.model, self.items, self.method, self.k = model.eval(), items, method, k
         self.vmap, self.pad_id = vmap, pad_id
         self.transform = LogitTransform.of(model.config)
+        self.tokenizers, self.prompts, self.max_len = tokenizers, prompts or {}, max_len
+        self.sampled: dict[str, CrossItem] = {}  # this step's on-policy samples
+        self._step: int | None = None
+        self.sampled_counts = {"samples": 0, "aligned": 0, "retokenized": 0, "tokens": 0, "one_to_one": 0}
 
     def shares(self, n_student_tokens: int) -> dict[str, float]:
         chunks = [c for it in self.items.values() for c in it.chunks]
         return alignment_shares(chunks, n_student_tokens)
+
+    def retokenize(self, prompts: list[list[int]], answers: list[list[int]], *, step: int) -> list[list[int]]:
+        """The student's own answers (on-policy samples) to ``prompts``, as its tokenizer reads their
+        text (a sample in other tokens than the canonical ones, such as ``t``+``he`` for ``the``, is
+        re-read: the teacher's alignment is by the text), each with the item that aligns it with the
+        teacher's tokens; kept until the next step's samples."""
+        from distill.cache import sample_key
+        from distill.data import make_example
+
+        if self.tokenizers is None:
+            raise ValueError("CrossTeacher.retokenize needs the two tokenizers")
+        s_tok, t_tok = self.tokenizers
+        if step != self._step:
+            self.sampled, self._step = {}, step
+        special = set(s_tok.all_special_ids)
+        out = []
+        for prompt, ans in zip(prompts, answers, strict=True):
+            eos = bool(ans) and ans[-1] in special
+            text = s_tok.decode(ans[:-1] if eos else ans, skip_special_tokens=True)
+            ids = student_answer_ids(s_tok, text, eos)
+            counts = self.sampled_counts
+            counts["samples"] += 1
+            counts["retokenized"] += ids != ans
+            t_prompt = self.prompts.get(tuple(prompt))
+            item = None
+            if t_prompt is not None:
+                item = build_item(prompt, t_prompt, text, s_tok, t_tok, eos, self.max_len)
+            if item is not None and item.chunks:
+                self.sampled[sample_key(make_example(prompt, ids, self.max_len)[0])] = item
+                counts["aligned"] += 1
+                counts["tokens"] += item.student_answer
+                counts["one_to_one"] += sum(len(c.student) for c in item.chunks if c.one_to_one)
+            out.append(ids)
+        return out
 
     @torch.no_grad()
     def signal(self, batch, lazy: bool = False) -> CrossSignal:
@@ -360,7 +401,7 @@ class CrossTeacher:
         samples = []
         for i, start, n in batch.samples():
             key = sample_key(batch.input_ids[i, start : start + n].tolist())
-            item = self.items.get(key)
+            item = self.items.get(key) or self.sampled.get(key)
             if item is not None and item.chunks:
                 samples.append((i, start, item))
         if not samples:

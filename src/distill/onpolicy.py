@@ -64,10 +64,20 @@ def sample_answers(
 
 
 def mix(
-    batch: Batch, student: torch.nn.Module, cfg: TrainConfig, pad_id: int, *, step: int, micro: int, rank: int
+    batch: Batch,
+    student: torch.nn.Module,
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    step: int,
+    micro: int,
+    rank: int,
+    retokenize=None,
 ) -> list[tuple[Batch, bool]]:
     """The micro-batch as ``(batch, on_policy)`` parts: the rows kept off-policy, and the rows whose
-    answers the student sampled (each row independently with probability λ at this step)."""
+    answers the student sampled (each row independently with probability λ at this step).
+    ``retokenize(prompts, answers, step=)``: the samples as the grader will read them (a teacher with
+    another tokenizer re-reads their text)."""
     lam = fraction_at(step, cfg)
     rows = _rows(batch)
     seed = ((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 101 + rank
@@ -77,6 +87,8 @@ def mix(
         return [(batch, False)]
     prompts = [prompt_part(ids, m) for (ids, m), c in zip(rows, chosen, strict=True) if c]
     answers = sample_answers(student, prompts, cfg, pad_id, seed % 2**63)
+    if retokenize is not None:
+        answers = retokenize(prompts, answers, step=step)
     on = [make_example(p, a, cfg.max_seq_len) for p, a in zip(prompts, answers, strict=True)]
     off = [r for r, c in zip(rows, chosen, strict=True) if not c]
     device = batch.input_ids.device

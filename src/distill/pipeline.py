@@ -433,10 +433,11 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list) -> tuple:
     from distill.cache import sample_key
     from distill.crosstok import CrossTeacher, alignment_shares, build_item, vocab_map
 
-    items, chunks, n_tokens = {}, [], 0
+    items, chunks, n_tokens, prompts = {}, [], 0, {}
     for (ids, mask), rec, p in kept:
         kw = {"system_prompt": cfg.data.system_prompt, "max_tokens": cfg.data.max_prompt_tokens}
         s_prompt, t_prompt = prompt_token_ids(s_tok, p, **kw), prompt_token_ids(t_tok, p, **kw)
+        prompts[tuple(s_prompt)] = t_prompt  # for the student's own samples (on-policy)
         stop = rec.get("finish_reason") == "stop"
         item = build_item(s_prompt, t_prompt, rec["text"], s_tok, t_tok, stop, cfg.train.max_seq_len)
         n_tokens += sum(mask)
@@ -450,7 +451,8 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list) -> tuple:
             vmap[t_tok.eos_token_id] = s_tok.eos_token_id  # the two stops are one event
     model = _training_teacher(cfg)
     teacher = CrossTeacher(model, items, method=cfg.train.cross_tokenizer, k=cfg.train.cross_topk, vmap=vmap,
-                           pad_id=t_tok.pad_token_id)  # fmt: skip
+                           pad_id=t_tok.pad_token_id, tokenizers=(s_tok, t_tok), prompts=prompts,
+                           max_len=cfg.train.max_seq_len)  # fmt: skip
     return teacher, alignment_shares(chunks, n_tokens)
 
 
@@ -643,6 +645,13 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     summary["teacher_signal"] = source
     if alignment is not None:
         summary["cross_tokenizer_alignment"] = alignment
+        sampled = teacher.sampled_counts
+        if sampled["samples"]:  # the student's own answers, re-read in the teacher's tokens
+            summary["cross_tokenizer_onpolicy"] = {
+                "samples": sampled["samples"], "aligned": sampled["aligned"] / sampled["samples"],
+                "retokenized": sampled["retokenized"] / sampled["samples"],
+                "one_to_one": sampled["one_to_one"] / max(sampled["tokens"], 1),
+            }  # fmt: skip
     if healed is not None:
         summary["heal"] = healed
     out = run / "student"

@@ -218,7 +218,7 @@ def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
     if t.cross_tokenizer != "off":
         unsupported = {
             "cache.use": cfg.cache.use, "train.hidden_weight": t.hidden_weight > 0,
-            "train.prompt_weight": t.prompt_weight > 0, "train.onpolicy_fraction": t.onpolicy_fraction > 0,
+            "train.prompt_weight": t.prompt_weight > 0,
             "teacher.kind=openai": cfg.teacher.kind == "openai",
         }  # fmt: skip
         bad = [k for k, v in unsupported.items() if v]

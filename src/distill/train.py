@@ -638,7 +638,16 @@ def train(
                 batches = [
                     part
                     for m, (b, _) in enumerate(batches)
-                    for part in onpolicy.mix(b, model, cfg, pad_id, step=step, micro=m, rank=rank)
+                    for part in onpolicy.mix(
+                        b,
+                        model,
+                        cfg,
+                        pad_id,
+                        step=step,
+                        micro=m,
+                        rank=rank,
+                        retokenize=getattr(teacher, "retokenize", None),
+                    )  # fmt: skip
                 ]
                 sampling.append(time.perf_counter() - t_sample)
             n_prompt = sum(int(b.prompt_targets().sum()) for b, _ in batches) if cfg.prompt_weight else 0
