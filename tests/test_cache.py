@@ -293,3 +293,16 @@ def test_a_training_start_hashes_only_shards_changed_since_their_last_check(setu
     assert hashed == ["shard-00001.safetensors"]
     hashed.clear()
     assert len(C.verify_cache(tmp_path / "c")) == 1 and len(hashed) == 3  # --verify reads every shard
+
+
+def test_a_shard_is_checksummed_from_memory_not_read_back(setup, tmp_path, monkeypatch):
+    """Writing a shard hashes the bytes it writes: no second pass over the file; the checksums still
+    match the files."""
+    teacher, tok, examples, meta = setup
+    hashed = []
+    real = C.file_sha256
+    monkeypatch.setattr(C, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    C.build_cache(teacher, examples, tmp_path / "c", meta, pad_id=tok.pad_token_id)
+    assert hashed == []
+    for shard in sorted((tmp_path / "c").glob("shard-*.safetensors")):
+        assert shard.with_suffix(".sha256").read_text().strip() == real(shard)

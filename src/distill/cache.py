@@ -232,8 +232,8 @@ def _write_shard(path: Path, parts: dict[str, list[np.ndarray]], index, widths: 
     side = path.with_suffix(".sha256")
     side_tmp = side.with_name(side.name + ".tmp")
     try:
-        fsio.save_safetensors(tensors, tmp, metadata={"index": json.dumps(index)}, name=path)
-        fsio.write_bytes(side_tmp, (file_sha256(tmp) + "\n").encode())
+        digest = fsio.save_safetensors(tensors, tmp, metadata={"index": json.dumps(index)}, name=path)
+        fsio.write_bytes(side_tmp, (digest + "\n").encode())
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written shard does not stay behind
         side_tmp.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ and optimizer state are serialised in memory and written here; :func:`write_faul
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import re
@@ -49,14 +50,17 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None, *,
-                     name: Path | None = None) -> None:  # fmt: skip
-    """``safetensors`` ``save_file`` for torch or numpy tensors, with a failed write named."""
+                     name: Path | None = None) -> str:  # fmt: skip
+    """``safetensors`` ``save_file`` for torch or numpy tensors, with a failed write named; returns the
+    SHA-256 of the bytes written (hex), taken from memory rather than by reading the file back."""
     first = next(iter(tensors.values()), None)
     if isinstance(first, torch.Tensor) or first is None:
         from safetensors.torch import save
     else:
         from safetensors.numpy import save
-    write_bytes(path, save(tensors, metadata=metadata), name=name)
+    data = save(tensors, metadata=metadata)
+    write_bytes(path, data, name=name)
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_torch(obj, path: Path) -> None:
