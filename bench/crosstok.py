@@ -47,9 +47,11 @@ METHODS = {
 }
 
 
-def key(method: str, alpha: float) -> str:
-    """A run's name in the results: the method, and its alpha when it is not the default 0.5."""
-    return method if method == "seqkd" or alpha == 0.5 else f"{method}_alpha{alpha:g}"
+def key(method: str, alpha: float, topk: int = 128) -> str:
+    """A run's name in the results: the method, and its alpha and top-k where they are not 0.5 and 128."""
+    if method == "seqkd":
+        return method
+    return method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
 
 
 def base(args) -> list[str]:
@@ -101,8 +103,8 @@ ANSWERS = {
 }
 
 
-def run_name(answers: str, method: str, alpha: float) -> str:
-    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, alpha)}"
+def run_name(answers: str, method: str, alpha: float, topk: int = 128) -> str:
+    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, alpha, topk)}"
 
 
 def ratio(section: dict) -> None:
@@ -147,7 +149,7 @@ def main() -> None:
     methods = args.methods.split(",")
     common = [*base(args), *ANSWERS[args.answers], f"runs_dir={args.runs}"]
     alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}"] for m in methods}
-    names = {m: f"name={run_name(args.answers, m, args.alpha)}" for m in methods}
+    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk)}" for m in methods}
     cfgs = {m: load_config(None, [*common, *METHODS[m], *alpha[m], names[m]]) for m in methods}
     whole = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     fresh = {
@@ -182,10 +184,10 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
-        out["methods"][key(m, args.alpha)] = {
+        out["methods"][key(m, args.alpha, args.topk)] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
-            "alpha": cfg.train.alpha, "alignment": summary.get("cross_tokenizer_alignment"),
-            "signal": summary["teacher_signal"],
+            "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk,
+            "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
         }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
     if "untrained_student" not in out:
