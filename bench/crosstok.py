@@ -200,6 +200,7 @@ def main() -> None:
     out["torch"] = torch.__version__
     out["python"] = platform.python_version()
     out["command"] = " ".join(["python", *sys.argv])
+    out["commands"] = [*(out.get("commands", []) if args.append else []), out["command"]]  # every run in it
     out["date"] = dt.date.today().isoformat()
     out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=ROOT).stdout.strip()  # fmt: skip
