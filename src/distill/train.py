@@ -635,19 +635,13 @@ def train(
             ]
             if cfg.onpolicy_fraction > 0:  # some answers resampled by the student itself (GKD)
                 t_sample = time.perf_counter()
+                retok = getattr(teacher, "retokenize", None)  # another tokenizer: the samples re-read
                 batches = [
                     part
                     for m, (b, _) in enumerate(batches)
                     for part in onpolicy.mix(
-                        b,
-                        model,
-                        cfg,
-                        pad_id,
-                        step=step,
-                        micro=m,
-                        rank=rank,
-                        retokenize=getattr(teacher, "retokenize", None),
-                    )  # fmt: skip
+                        b, model, cfg, pad_id, step=step, micro=m, rank=rank, retokenize=retok
+                    )
                 ]
                 sampling.append(time.perf_counter() - t_sample)
             n_prompt = sum(int(b.prompt_targets().sum()) for b, _ in batches) if cfg.prompt_weight else 0
