@@ -184,6 +184,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
+        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # 1.7 GB a run, only for resuming
         out["methods"][key(m, args.alpha, args.topk)] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
             "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk,
