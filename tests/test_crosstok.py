@@ -239,10 +239,13 @@ def test_a_student_with_its_own_tokenizer_trains_and_evaluates(
                          evaluate={"measure_memory": False}, export={"formats": ["hf"]})  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     cfg = load_config(tmp_path / "r.yaml")
-    for stage in ("generate", "shrink", "train_student", "evaluate"):
+    for stage in ("generate", "shrink", "train_student", "evaluate", "export"):
         getattr(pipeline, stage)(cfg)
     run = cfg.run_dir
     assert _tok(run / "student").get_vocab() == _tok(metaspace_tok).get_vocab()  # it kept its tokenizer
+    # the export check reads the teacher's answers in the student's own tokens
+    check = json.loads((run / "export_check.json").read_text())
+    assert check["prompts"] > 0 and check["hf"]["greedy_match"] == 1.0
     summary = json.loads((run / "train_summary.json").read_text())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     if method == "text":

@@ -926,13 +926,17 @@ def export(cfg: RunConfig) -> Path:
 
 
 def _check_rows(cfg: RunConfig, student_dir: Path) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, teacher answer ids) of the first held-out prompts, for the export check."""
+    """(prompt ids, teacher answer ids) of the first held-out prompts, for the export check; a student
+    with its own tokenizer reads the answers' text in its own tokens."""
+    from distill.crosstok import student_answer_ids
+
     run = cfg.run_dir
     if not (run / "answers.jsonl").is_file():
         return []
     answers = read_answers(run / "answers.jsonl")
     _, held = load_split(cfg)
     tok = load_tokenizer(str(student_dir))
+    own = _own_tokenizer(cfg, tok) is not None  # the teacher's ids would index other tokens
     rows = []
     for p in held:
         rec = answers.get(answer_key(p.id))
@@ -941,7 +945,9 @@ def _check_rows(cfg: RunConfig, student_dir: Path) -> list[tuple[list[int], list
         ids = prompt_token_ids(
             tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
         )
-        rows.append((list(ids), list(rec["token_ids"])[: cfg.train.max_seq_len]))
+        stop = rec.get("finish_reason") == "stop"
+        answer = student_answer_ids(tok, rec["text"], stop) if own else rec["token_ids"]
+        rows.append((list(ids), list(answer)[: cfg.train.max_seq_len]))
         if len(rows) == cfg.export.check_prompts:
             break
     return rows
