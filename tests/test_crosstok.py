@@ -269,7 +269,7 @@ def test_the_cross_signal_loss_is_its_parts_on_the_aligned_positions():
     got = sig.loss(logits, num_tokens=6)
     flat = logits.reshape(-1, 12)
     want = crosstok.uld_loss(flat[rows], sorted_t[:, :4], 1 - sorted_t[:, :4].sum(-1), num_tokens=6)
-    assert float(got.detach()) == pytest.approx(float(want))
+    assert float(got.detach()) == pytest.approx(float(want.detach()))
     got.backward()
     touched = logits.grad.reshape(-1, 12).abs().sum(-1).nonzero().squeeze(-1).tolist()
     assert touched == [1, 3, 7]  # only the aligned positions get a gradient
