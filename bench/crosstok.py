@@ -47,11 +47,13 @@ METHODS = {
 }
 
 
-def key(method: str, alpha: float, topk: int = 128) -> str:
-    """A run's name in the results: the method, and its alpha and top-k where they are not 0.5 and 128."""
-    if method == "seqkd":
-        return method
-    return method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
+def key(method: str, alpha: float, topk: int = 128, lr: float = 1e-4) -> str:
+    """A run's name in the results: the method, and its alpha, top-k and lr where they are not 0.5,
+    128 and 1e-4."""
+    out = method if method == "seqkd" else (
+        method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
+    )  # fmt: skip
+    return out + ("" if lr == 1e-4 else f"_lr{lr:g}")
 
 
 def base(args) -> list[str]:
@@ -103,28 +105,29 @@ ANSWERS = {
 }
 
 
-def run_name(answers: str, method: str, alpha: float, topk: int = 128) -> str:
-    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, alpha, topk)}"
+def run_name(answers: str, method: str, alpha: float, topk: int = 128, lr: float = 1e-4) -> str:
+    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, alpha, topk, lr)}"
 
 
 def ratio(section: dict) -> None:
-    """The best logit method / sequence-level KD, with a paired interval over the held-out prompts."""
+    """The best logit method / the best sequence-level KD (each at its best learning rate, all at the
+    same steps), with a paired interval over the held-out prompts."""
     from distill.stats import bootstrap
 
-    if "seqkd" not in section["methods"]:
+    runs = section["methods"]
+    value = lambda m: runs[m]["bits_per_byte"]["value"]  # noqa: E731
+    text = [m for m in runs if m.startswith("seqkd")]
+    logit = [m for m in runs if not m.startswith("seqkd")]
+    if not text or not logit:
         return
-    seq = section["methods"]["seqkd"]["bits_per_byte"]
-    logit = [m for m in section["methods"] if m != "seqkd"]
-    if not logit:
-        return
-    best = min(logit, key=lambda m: section["methods"][m]["bits_per_byte"]["value"])
-    b = section["methods"][best]["bits_per_byte"]
+    best, base = min(logit, key=value), min(text, key=value)
+    b, seq = runs[best]["bits_per_byte"], runs[base]["bits_per_byte"]
     cols = {"b:ce": np.array(b["per_prompt_nats"]), "s:ce": np.array(seq["per_prompt_nats"])}
     ci = bootstrap(lambda c: float(np.sum(c["b:ce"]) / np.sum(c["s:ce"])), cols)
-    section["best_logit_method"] = best
+    section["best_logit_method"], section["best_seqkd"] = best, base
     section["logit_vs_seqkd_bits_per_byte_ratio"] = round(b["value"] / seq["value"], 4)
     section["ratio_interval"] = [round(ci.low, 4), round(ci.high, 4)]
-    section["tokens_aligned_share"] = section["methods"][best]["alignment"]
+    section["tokens_aligned_share"] = runs[best]["alignment"]
 
 
 def main() -> None:
@@ -149,7 +152,7 @@ def main() -> None:
     methods = args.methods.split(",")
     common = [*base(args), *ANSWERS[args.answers], f"runs_dir={args.runs}"]
     alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}"] for m in methods}
-    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk)}" for m in methods}
+    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk, args.lr)}" for m in methods}
     cfgs = {m: load_config(None, [*common, *METHODS[m], *alpha[m], names[m]]) for m in methods}
     whole = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     fresh = {
@@ -185,9 +188,9 @@ def main() -> None:
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # 1.7 GB a run, only for resuming
-        out["methods"][key(m, args.alpha, args.topk)] = {
+        out["methods"][key(m, args.alpha, args.topk, args.lr)] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
-            "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk,
+            "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk, "lr": cfg.train.lr,
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
         }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
