@@ -354,10 +354,6 @@ class CrossTeacher:
         self._step: int | None = None
         self.sampled_counts = {"samples": 0, "aligned": 0, "retokenized": 0, "tokens": 0, "one_to_one": 0}
 
-    def shares(self, n_student_tokens: int) -> dict[str, float]:
-        chunks = [c for it in self.items.values() for c in it.chunks]
-        return alignment_shares(chunks, n_student_tokens)
-
     def retokenize(self, prompts: list[list[int]], answers: list[list[int]], *, step: int) -> list[list[int]]:
         """The student's own answers (on-policy samples) to ``prompts``, as its tokenizer reads their
         text (a sample in other tokens than the canonical ones, such as ``t``+``he`` for ``the``, is
