@@ -47,13 +47,16 @@ METHODS = {
 }
 
 
-def key(method: str, alpha: float, topk: int = 128, lr: float = 1e-4) -> str:
-    """A run's name in the results: the method, and its alpha, top-k and lr where they are not 0.5,
-    128 and 1e-4."""
+def key(
+    method: str, alpha: float, topk: int = 128, lr: float = 1e-4, steps: int = 60, onpolicy: float = 0
+) -> str:
+    """A run's name in the results: the method, and its alpha, top-k, on-policy share, lr and steps
+    where they are not 0.5, 128, 0, 1e-4 and 60."""
     out = method if method == "seqkd" else (
         method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
+        + (f"_onpolicy{onpolicy:g}" if onpolicy else "")
     )  # fmt: skip
-    return out + ("" if lr == 1e-4 else f"_lr{lr:g}")
+    return out + ("" if lr == 1e-4 else f"_lr{lr:g}") + ("" if steps == 60 else f"_steps{steps}")
 
 
 def base(args) -> list[str]:
@@ -105,8 +108,8 @@ ANSWERS = {
 }
 
 
-def run_name(answers: str, method: str, alpha: float, topk: int = 128, lr: float = 1e-4) -> str:
-    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, alpha, topk, lr)}"
+def run_name(answers: str, method: str, *args) -> str:
+    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, *args)}"
 
 
 def ratio(section: dict) -> None:
@@ -135,6 +138,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--topk", type=int, default=128)
+    what = "share of each batch the student samples itself, graded by the teacher (uld, span)"
+    ap.add_argument("--onpolicy", type=float, default=0.0, help=what)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the logit term (uld, span)")
     what = "the teacher's answers: sampled at temperature 1 (the headline), or greedy"
@@ -151,8 +156,11 @@ def main() -> None:
 
     methods = args.methods.split(",")
     common = [*base(args), *ANSWERS[args.answers], f"runs_dir={args.runs}"]
-    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}"] for m in methods}
-    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk, args.lr)}" for m in methods}
+    onpolicy = [f"train.onpolicy_fraction={args.onpolicy}"] if args.onpolicy else []
+    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}", *onpolicy] for m in methods}
+    named = {m: key(m, args.alpha, args.topk, args.lr, args.steps, args.onpolicy) for m in methods}
+    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk, args.lr, args.steps, args.onpolicy)}"
+             for m in methods}  # fmt: skip
     cfgs = {m: load_config(None, [*common, *METHODS[m], *alpha[m], names[m]]) for m in methods}
     whole = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     fresh = {
@@ -188,10 +196,12 @@ def main() -> None:
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # 1.7 GB a run, only for resuming
-        out["methods"][key(m, args.alpha, args.topk, args.lr)] = {
+        out["methods"][named[m]] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
             "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk, "lr": cfg.train.lr,
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
+            "onpolicy_fraction": cfg.train.onpolicy_fraction,
+            "onpolicy": summary.get("cross_tokenizer_onpolicy"),
         }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
     if "untrained_student" not in out:

@@ -258,6 +258,34 @@ def test_a_student_with_its_own_tokenizer_trains_and_evaluates(
     assert res["student"]["kl"] is None and res["teacher"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert 0 < res["student"]["bits_per_byte"] < 50 and res["teacher"]["bits_per_byte"] > 0
     assert "bits_per_byte" in res["intervals"]["kept"]
+    # the teacher judges the student's answers in its own tokens: its mean log-prob per token of each
+    # answer's text after its own prompt, computed here token by token
+    from transformers import AutoModelForCausalLM
+
+    from distill.data import prompt_token_ids
+
+    teacher, t_tok = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval(), _tok(tiny_teacher_dir)
+    prompts = {p.id: p for p in pipeline.load_split(cfg)[1]}
+    outs = [json.loads(x) for x in (run / "eval_answers.jsonl").read_text().splitlines()]
+    judged = 0
+    for name in ("untrained_student", "student"):
+        total, count = 0.0, 0
+        for o in (o for o in outs if o["model"] == name):
+            ids = t_tok(o["text"], add_special_tokens=False)["input_ids"]
+            ids += [t_tok.eos_token_id] if o["finish_reason"] == "stop" else []
+            prompt = prompt_token_ids(t_tok, prompts[o["id"]], system_prompt=cfg.data.system_prompt,
+                                      max_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
+            seq = (prompt + ids)[: cfg.train.max_seq_len]
+            with torch.no_grad():
+                logp = torch.log_softmax(teacher(torch.tensor([seq])).logits[0].double(), -1)
+            for t in range(len(prompt), len(seq)):
+                total, count = total + float(logp[t - 1, seq[t]]), count + 1
+        if count:  # (a student that learned the tiny teacher's byte soup may answer with no text)
+            assert res[name]["teacher_logprob"] == pytest.approx(total / count, rel=1e-4)
+        else:
+            assert res[name]["teacher_logprob"] is None
+        judged += count
+    assert judged > 0
 
 
 def test_the_cross_signal_loss_is_its_parts_on_the_aligned_positions():

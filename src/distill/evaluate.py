@@ -198,6 +198,7 @@ def evaluate_model(
     weights_dir: Path | None,
     max_seq_len: int,
     reference_answers: bool = False,
+    judge: tuple[PreTrainedModel, Tokenizer, dict[str, list[int]]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Fidelity, answer quality and size of one model, and its greedy held-out answers
     (speed is measured for all models together by ``compare_speed``).
@@ -205,6 +206,9 @@ def evaluate_model(
     ``reference_answers``: the model is the teacher that wrote ``answers``; its answer
     metrics are computed on those stored answers rather than on a new generation.
     ``model`` None (a teacher reached only through an API): those answer metrics alone.
+    ``judge``: (teacher, its tokenizer, its prompt ids) for a model with another tokenizer than the
+    teacher's (``teacher_fp32`` None then): its answers' text is read again in the teacher's tokens
+    after the teacher's prompt, so ``teacher_logprob`` judges every model in the same tokens.
     """
     pad = tok.pad_token_id
     answers = {p.id: answers[answer_key(p.id)] for p in heldout if answer_key(p.id) in answers}  # sample 0
@@ -243,16 +247,28 @@ def evaluate_model(
     # depend on the tokenizer, so models with different tokenizers compare on it
     scored_bytes = {p.id: len(tok.decode([i for i, m in zip(*ex, strict=True) if m], skip_special_tokens=True)
                               .encode()) for p, ex in zip(scored, examples, strict=True)}  # fmt: skip
-    judged_ids = [o["id"] for o, e in zip(outputs, own, strict=True) if any(e[1])]
+    judge_model, judge_pad, to_judge = teacher_fp32, pad, own
+    if judge is not None:  # another tokenizer: the answers' text in the teacher's tokens
+        from distill.crosstok import student_answer_ids
+
+        judge_model, j_tok, j_prompts = judge
+        judge_pad = j_tok.pad_token_id if j_tok.pad_token_id is not None else j_tok.eos_token_id
+        ans = [student_answer_ids(j_tok, o["text"], o["finish_reason"] == "stop") for o in outputs]
+        to_judge = [
+            make_example(j_prompts[o["id"]], a, max_seq_len) for o, a in zip(outputs, ans, strict=True)
+        ]
+    judged_ids = [o["id"] for o, e in zip(outputs, to_judge, strict=True) if any(e[1])]
     judged = {}
-    if teacher_fp32 is not None and judged_ids:
-        rows = forced_metrics(teacher_fp32, None, [e for e in own if any(e[1])], pad, cfg.batch_size)
+    if judge_model is not None and judged_ids:
+        rows = forced_metrics(
+            judge_model, None, [e for e in to_judge if any(e[1])], judge_pad, cfg.batch_size
+        )
         judged = dict(zip(judged_ids, rows["per_example"], strict=True))
     teacher_text = {p.id: answers[p.id]["text"] for p in scored}
     refs = {p.id: p.reference for p in scored if p.reference}
     per_prompt = []
     for o, e in zip(outputs, own, strict=True):
-        f, j = forced.get(o["id"], {}), judged.get(o["id"], {})
+        f, j = forced.get(o["id"], {}), judged.get(o["id"], {})  # e: in the model's own tokens
         per_prompt.append({
             "id": o["id"], "kl": f.get("kl"), "agree": f.get("agree"), "ce": f.get("ce"),
             "tokens": f.get("tokens"), "answer_tokens": sum(e[1]), "bytes": scored_bytes[o["id"]],

@@ -803,7 +803,8 @@ def evaluate(cfg: RunConfig) -> dict:
         "student": (None, _need(run / "student", "train")),
     }
     # a student with its own tokenizer reads prompts and the teacher's answers in its tokens; KL and
-    # top-1 agreement pair ids, so they are left out for it (bits per byte compares across tokenizers)
+    # top-1 agreement pair ids, so they are left out for it (bits per byte compares across tokenizers);
+    # the teacher judges its answers' text read again in the teacher's tokens
     s_tok = load_tokenizer(str(candidates["student"][1]))
     own = teacher is not None and s_tok.get_vocab() != tok.get_vocab()
     toks = {name: s_tok if own and name != "teacher" else tok for name in candidates}
@@ -832,6 +833,7 @@ def evaluate(cfg: RunConfig) -> dict:
             name, model, None if mine else teacher, toks[name], held, s_ids if mine else ids,
             s_answers if mine else answers, cfg.evaluate, weights_dir=folder,
             max_seq_len=cfg.train.max_seq_len, reference_answers=name == "teacher",
+            judge=(teacher, tok, ids) if mine else None,  # its answers judged in the teacher's tokens
         )  # fmt: skip
         results[name], outputs = res, outputs + outs
         if model is not None:
