@@ -67,8 +67,9 @@ def base(args) -> list[str]:
             f"train.cross_topk={args.topk}", "evaluate.tasks=[]"]  # fmt: skip
 
 
-def bits_per_byte(folder: Path, cfg, draws: int = 2000) -> dict:
-    """Bits per byte of the teacher's held-out answers under the model in ``folder`` (its tokens)."""
+def bits_per_byte(folder: Path, cfg, draws: int = 2000, weights: Path | None = None) -> dict:
+    """Bits per byte of the teacher's held-out answers under the model in ``folder`` (its tokens), or
+    under the weights of a training checkpoint ``weights`` (a safetensors file) in that architecture."""
     from transformers import AutoModelForCausalLM
 
     from distill.crosstok import student_answer_ids
@@ -81,6 +82,10 @@ def bits_per_byte(folder: Path, cfg, draws: int = 2000) -> dict:
 
     tok = load_tokenizer(str(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(weights))
     answers = read_answers(cfg.run_dir / "answers.jsonl")
     _, held = load_split(cfg)
     examples, sizes = [], []
@@ -113,17 +118,25 @@ def run_name(answers: str, method: str, *args) -> str:
 
 
 def ratio(section: dict) -> None:
-    """The best logit method / the best sequence-level KD (each at its best learning rate, all at the
-    same steps), with a paired interval over the held-out prompts."""
+    """The best logit method / the best sequence-level KD, with a paired interval over the held-out
+    prompts. Each is its best over the learning rates tried; at equal steps: a logit run of S steps is
+    compared with the text-only runs of at most S steps (stopping early is the text alone's right), and
+    only where a text-only run of S steps was made too."""
     from distill.stats import bootstrap
 
-    runs = section["methods"]
+    runs = {}  # every scored model: each run's final one, and its checkpoints' (``name@step``)
+    for name, r in section["methods"].items():
+        runs[name] = r
+        for step, bpb in r.get("checkpoints", {}).items():
+            runs[f"{name}@{step}"] = {**r, "bits_per_byte": bpb, "steps": int(step)}
     value = lambda m: runs[m]["bits_per_byte"]["value"]  # noqa: E731
+    steps = lambda m: runs[m].get("steps", 60)  # noqa: E731
     text = [m for m in runs if m.startswith("seqkd")]
-    logit = [m for m in runs if not m.startswith("seqkd")]
+    logit = [m for m in runs if not m.startswith("seqkd") and any(steps(t) == steps(m) for t in text)]
     if not text or not logit:
         return
-    best, base = min(logit, key=value), min(text, key=value)
+    best = min(logit, key=value)
+    base = min((t for t in text if steps(t) <= steps(best)), key=value)
     b, seq = runs[best]["bits_per_byte"], runs[base]["bits_per_byte"]
     cols = {"b:ce": np.array(b["per_prompt_nats"]), "s:ce": np.array(seq["per_prompt_nats"])}
     ci = bootstrap(lambda c: float(np.sum(c["b:ce"]) / np.sum(c["s:ce"])), cols)
@@ -148,6 +161,8 @@ def main() -> None:
         "--append", action="store_true", help="add to crosstok.json, on the answers it was made with"
     )
     ap.add_argument("--runs", default=str(ROOT / "runs"))
+    what = "also score the checkpoints every N steps (each counts as a run of that many steps)"
+    ap.add_argument("--score-every", type=int, default=0, help=what)
     args = ap.parse_args()
     from distill import pipeline
     from distill.config import load_config
@@ -156,6 +171,8 @@ def main() -> None:
 
     methods = args.methods.split(",")
     common = [*base(args), *ANSWERS[args.answers], f"runs_dir={args.runs}"]
+    if args.score_every:
+        common += [f"train.checkpoint_every={args.score_every}", "train.keep_checkpoints=1000"]
     onpolicy = [f"train.onpolicy_fraction={args.onpolicy}"] if args.onpolicy else []
     alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}", *onpolicy] for m in methods}
     named = {m: key(m, args.alpha, args.topk, args.lr, args.steps, args.onpolicy) for m in methods}
@@ -195,6 +212,14 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
         bpb = bits_per_byte(cfg.run_dir / "student", cfg)
+        checkpoints = {}
+        for ckpt in sorted((cfg.run_dir / "checkpoints").glob("step-*")) if args.score_every else []:
+            step = int(ckpt.name.removeprefix("step-"))
+            if step < summary["steps"]:
+                checkpoints[str(step)] = bits_per_byte(
+                    cfg.run_dir / "student", cfg, weights=ckpt / "model.safetensors"
+                )
+                print(f"{m} at step {step}: bits per byte {checkpoints[str(step)]['value']:.4f}")
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # 1.7 GB a run, only for resuming
         out["methods"][named[m]] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
@@ -202,6 +227,7 @@ def main() -> None:
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
             "onpolicy_fraction": cfg.train.onpolicy_fraction,
             "onpolicy": summary.get("cross_tokenizer_onpolicy"),
+            **({"checkpoints": checkpoints} if checkpoints else {}),
         }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")
     if "untrained_student" not in out:
