@@ -346,9 +346,12 @@ class CrossTeacher:
         and ``max_len``: what ``retokenize`` needs to align the student's own samples (on-policy)."""
         from distill.losses import LogitTransform
 
-        self.model, self.items, self.method, self.k = model.eval(), items, method, k
+        self.model, self.items, self.method, self.k = model, items, method, k
         self.vmap, self.pad_id = vmap, pad_id
-        self.transform = LogitTransform.of(model.config)
+        self.transform = None
+        if model is not None:  # (none: a cache answers for the teacher)
+            self.model = model.eval()
+            self.transform = LogitTransform.of(model.config)
         self.tokenizers, self.prompts, self.max_len = tokenizers, prompts or {}, max_len
         self.sampled: dict[str, CrossItem] = {}  # this step's on-policy samples
         self._step: int | None = None
@@ -388,10 +391,69 @@ class CrossTeacher:
             out.append(ids)
         return out
 
+    def _dist_chunks(self, item: CrossItem) -> list[Chunk]:
+        """The item's chunks whose first position gets a whole distribution (ULD: every chunk; span:
+        the one-to-one chunks)."""
+        return [c for c in item.chunks if self.method == "uld" or c.one_to_one]
+
+    def _multi_chunks(self, item: CrossItem) -> list[Chunk]:
+        """The chunks compared as the probability of their text (span: the multi-token chunks)."""
+        return [c for c in item.chunks if self.method == "span" and not c.one_to_one]
+
     @torch.no_grad()
+    def item_parts(self, items: list[CrossItem]) -> list[dict[str, Tensor]]:
+        """The teacher's side of each item, from one forward pass over them: for every chunk of
+        ``_dist_chunks`` (in order) its ``k`` numbers (span: ``ids`` in the student's vocabulary and
+        ``logprobs``; ULD: ``sorted`` probabilities and ``tail``), and for every chunk of
+        ``_multi_chunks`` the teacher's log-probability of its text, ``chunk_teacher``. They depend on
+        the item alone, so a cache can keep them (``CachedCrossTeacher``)."""
+        from distill.data import collate
+
+        if self.model is None:
+            raise ValueError("this cross-tokenizer teacher has no model to score new samples with")
+        t_batch = collate([(it.teacher_ids, [True] * len(it.teacher_ids)) for it in items], self.pad_id)
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=t_batch.input_ids.to(dev), attention_mask=t_batch.attention_mask.to(dev),
+                         output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        hidden = out.hidden_states[-1]  # (b, T_t, H) after the final norm
+        t_width = hidden.shape[1]
+        dist_t, ch_t, counts = [], [], []
+        for b, it in enumerate(items):
+            t_base = b * t_width + it.teacher_start - 1  # predicts the teacher's answer token 0
+            dist = self._dist_chunks(it)
+            dist_t += [t_base + c.teacher[0] for c in dist]
+            multi = self._multi_chunks(it)
+            for n, c in enumerate(multi):  # (teacher position, its token, the chunk's number in the item)
+                ch_t += [(t_base + j, it.teacher_ids[it.teacher_start + j], n) for j in c.teacher]
+            counts.append((len(dist), len(multi), sum(len(c.teacher) for c in multi)))
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings().weight
+        vmap = self.vmap if self.method == "span" else None
+        rows = teacher_rows(flat_h[torch.tensor(dist_t, dtype=torch.long)], head, self.k, vmap=vmap,
+                            transform=self.transform)  # fmt: skip
+        names = ("ids", "logprobs") if self.method == "span" else ("sorted", "tail")
+        lp = None
+        if ch_t:
+            pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long)
+            tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long)
+            lp = teacher_rows(flat_h[pos], head, 1, transform=self.transform, targets=tgt)["target_logprob"]
+        parts, r0, t0 = [], 0, 0
+        for n_dist, n_multi, n_tok in counts:
+            part = {name: rows[name][r0 : r0 + n_dist].cpu() for name in names}
+            if self.method == "span":
+                which = torch.tensor([c for _, _, c in ch_t[t0 : t0 + n_tok]], dtype=torch.long)
+                got = lp[t0 : t0 + n_tok].float().cpu() if n_tok else torch.zeros(0)
+                part["chunk_teacher"] = torch.zeros(n_multi).index_add_(0, which, got)
+            parts.append(part)
+            r0, t0 = r0 + n_dist, t0 + n_tok
+        return parts
+
+    def parts_for(self, keys: list[str], items: list[CrossItem]) -> list[dict[str, Tensor]]:
+        """The teacher's side of the samples ``keys`` (``item_parts``); a cache answers from disk."""
+        return self.item_parts(items)
+
     def signal(self, batch, lazy: bool = False) -> CrossSignal:
         from distill.cache import sample_key
-        from distill.data import collate
 
         width = batch.input_ids.shape[1] - 1  # the student's shifted positions per row
         samples = []
@@ -399,57 +461,37 @@ class CrossTeacher:
             key = sample_key(batch.input_ids[i, start : start + n].tolist())
             item = self.items.get(key) or self.sampled.get(key)
             if item is not None and item.chunks:
-                samples.append((i, start, item))
+                samples.append((i, start, item, key))
         if not samples:
             return CrossSignal(self.method, torch.zeros(0, dtype=torch.long))
-        t_batch = collate(
-            [(it.teacher_ids, [True] * len(it.teacher_ids)) for _, _, it in samples], self.pad_id
-        )
-        dev = next(self.model.parameters()).device
-        out = self.model(input_ids=t_batch.input_ids.to(dev), attention_mask=t_batch.attention_mask.to(dev),
-                         output_hidden_states=True, logits_to_keep=1)  # fmt: skip
-        hidden = out.hidden_states[-1]  # (b, T_t, H) after the final norm
-        t_width = hidden.shape[1]
-        dist_s, dist_t, ch_s, ch_t, ch_of, ch_lab = [], [], [], [], [], []
+        parts = self.parts_for([k for *_, k in samples], [it for _, _, it, _ in samples])
+        names = ("ids", "logprobs") if self.method == "span" else ("sorted", "tail")
+        dist_s, fields, ch_s, ch_of, ch_lab, ch_teacher = [], {n: [] for n in names}, [], [], [], []
         n_chunks = 0
-        for b, (i, start, it) in enumerate(samples):
+        for (i, start, it, key), part in zip(samples, parts, strict=True):
             s_base = i * width + start + it.student_start - 1  # predicts the student's answer token 0
-            t_base = b * t_width + it.teacher_start - 1
+            dist = self._dist_chunks(it)
+            if len(part[names[0]]) != len(dist):
+                raise ValueError(f"sample {key}: the teacher's signal has {len(part[names[0]])} rows, the "
+                                 f"alignment {len(dist)}; rerun `distill cache`")  # fmt: skip
+            dist_s += [s_base + c.student[0] for c in dist]
+            for name in names:
+                fields[name].append(part[name])
             s_row_ids = batch.input_ids[i]
-            for c in it.chunks:
-                if self.method == "uld" or c.one_to_one:
-                    dist_s.append(s_base + c.student[0])
-                    dist_t.append(t_base + c.teacher[0])
-                if self.method == "span" and not c.one_to_one:
-                    for j in c.student:
-                        ch_s.append(s_base + j)
-                        ch_of.append(n_chunks)
-                        ch_lab.append(int(s_row_ids[start + it.student_start + j]))
-                    for j in c.teacher:
-                        ch_t.append((t_base + j, it.teacher_ids[it.teacher_start + j], n_chunks))
-                    n_chunks += 1
-        flat_h = hidden.reshape(-1, hidden.shape[-1])
-        head = self.model.get_output_embeddings().weight
-        vmap = self.vmap if self.method == "span" else None
-        picked = flat_h[torch.tensor(dist_t, dtype=torch.long)]
-        rows = teacher_rows(picked, head, self.k, vmap=vmap, transform=self.transform)
-        sig = CrossSignal(self.method, torch.tensor(dist_s, dtype=torch.long), rows.get("sorted"),
-                          rows.get("tail"), rows.get("ids"), rows.get("logprobs"))  # fmt: skip
-        if ch_t:
-            pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long)
-            tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long)
-            lp = teacher_rows(flat_h[pos], head, 1, transform=self.transform, targets=tgt)["target_logprob"]
-            chunk_teacher = torch.zeros(n_chunks).index_add_(
-                0, torch.tensor([c for _, _, c in ch_t]), lp.float()
-            )
-            sig.chunk_rows = torch.tensor(ch_s, dtype=torch.long)
-            sig.chunk_of = torch.tensor(ch_of, dtype=torch.long)
-            sig.chunk_labels = torch.tensor(ch_lab, dtype=torch.long)
-            sig.chunk_teacher = chunk_teacher
-        dev_s = batch.input_ids.device
-        for name in ("rows", "sorted", "tail", "ids", "logprobs", "chunk_rows", "chunk_of", "chunk_labels",
-                     "chunk_teacher"):  # fmt: skip
-            v = getattr(sig, name)
-            if v is not None:
-                setattr(sig, name, v.to(dev_s))
+            for c in self._multi_chunks(it):
+                for j in c.student:
+                    ch_s.append(s_base + j)
+                    ch_of.append(n_chunks)
+                    ch_lab.append(int(s_row_ids[start + it.student_start + j]))
+                n_chunks += 1
+            if "chunk_teacher" in part:
+                ch_teacher.append(part["chunk_teacher"])
+        dev = batch.input_ids.device
+        cat = {name: torch.cat(v).to(dev) for name, v in fields.items()}
+        sig = CrossSignal(self.method, torch.tensor(dist_s, dtype=torch.long, device=dev), **cat)
+        if n_chunks:
+            sig.chunk_rows = torch.tensor(ch_s, dtype=torch.long, device=dev)
+            sig.chunk_of = torch.tensor(ch_of, dtype=torch.long, device=dev)
+            sig.chunk_labels = torch.tensor(ch_lab, dtype=torch.long, device=dev)
+            sig.chunk_teacher = torch.cat(ch_teacher).float().to(dev)
         return sig
