@@ -409,3 +409,115 @@ def test_on_policy_training_across_tokenizers(tmp_path, tiny_teacher_dir, metasp
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["onpolicy_rows"] for r in rows) == on["samples"]
     assert all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["span", "uld"])
+def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_teacher_dir, metaspace_tok):
+    """The teacher's side of each sample written to shards and read back: the batch's signal and loss
+    equal the live teacher's (log-probs stored in float16); a sample the cache does not hold (the
+    student's own) is graded by the model given."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.cache import CachedCrossTeacher, CacheError, CacheMeta, build_cross_cache, sample_key
+    from distill.data import collate, make_example
+
+    s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    texts = ["the cat sat on the mat", "two plus two is four", "a dog ran after the ball"]
+    items, examples = {}, []
+    for n, text in enumerate(texts):
+        q = f"question {n}?"
+        s_prompt, t_prompt = s_tok(q)["input_ids"], t_tok(q)["input_ids"]
+        ex = make_example(s_prompt, crosstok.student_answer_ids(s_tok, text, True), 64)
+        items[sample_key(ex[0])] = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
+        examples.append(ex)
+    kw = {"method": method, "k": 8, "vmap": crosstok.vocab_map(t_tok, s_tok) if method == "span" else None,
+          "pad_id": t_tok.pad_token_id}  # fmt: skip
+    live = crosstok.CrossTeacher(model, items, **kw)
+    expected = {"teacher": "tiny", "teacher_weights_hash": "w", "tokenizer_hash": "t", "k": 8,
+                "scoring_temperature": 1.0, "tail_samples": 0, "cross_tokenizer": method,
+                "student_tokenizer_hash": "s"}  # fmt: skip
+    meta = CacheMeta(**expected, vocab_size=len(s_tok), id_dtype="int32", logprob_dtype="float16",
+                     samples_per_shard=2, num_samples=len(items))  # fmt: skip
+    build_cross_cache(live, tmp_path / "cache", meta, batch_size=2)
+    assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) == 2
+    # the first two samples come from the cache; the third, left out of it, from the model given
+    held = dict(list(items.items())[:2])
+    cached = CachedCrossTeacher(tmp_path / "cache", expected, held, model=model, **kw)
+    cached.sampled = {k: v for k, v in items.items() if k not in held}
+    del cached.where[next(k for k in items if k not in held)]
+    batch = collate(examples, s_tok.pad_token_id)
+    want, got = live.signal(batch), cached.signal(batch)
+    assert got.rows.tolist() == want.rows.tolist() and got.rows.numel() > 0
+    for name in (
+        "ids",
+        "logprobs",
+        "sorted",
+        "tail",
+        "chunk_rows",
+        "chunk_of",
+        "chunk_labels",
+        "chunk_teacher",
+    ):
+        w, g = getattr(want, name), getattr(got, name)
+        assert (w is None) == (g is None), name
+        if w is not None and w.dtype == torch.long:
+            assert g.tolist() == w.tolist(), name
+        elif w is not None:
+            torch.testing.assert_close(g, w.float(), rtol=2e-3, atol=2e-3)
+    if method == "span":
+        assert want.chunk_teacher is not None and want.chunk_teacher.numel() > 0
+    logits = torch.randn(*batch.input_ids.shape[:1], batch.input_ids.shape[1] - 1, len(s_tok))
+    assert float(got.loss(logits, num_tokens=10)) == pytest.approx(
+        float(want.loss(logits, num_tokens=10)), rel=1e-3
+    )
+    with pytest.raises(CacheError, match="cross_tokenizer"):  # made for the other method: refused
+        CachedCrossTeacher(tmp_path / "cache", {**expected, "cross_tokenizer": "other"}, held, **kw)
+    with pytest.raises(CacheError, match="lacks 1 of 4"):
+        CachedCrossTeacher(tmp_path / "cache", expected, {**items, "x": items[next(iter(items))]}, **kw)
+
+
+def test_training_across_tokenizers_from_the_cache_never_loads_the_teacher(
+    tmp_path, tiny_teacher_dir, metaspace_tok, prompts_file, monkeypatch
+):
+    """`distill cache` on a run across tokenizers writes the span signal; training then reads it and
+    the teacher is never loaded, and the student learns what the live teacher teaches it (equal
+    losses, step by step, up to the cache's float16)."""
+    import json
+
+    from distill import pipeline
+    from distill.cache import CacheError
+    from distill.config import load_config
+
+    from conftest import tiny_run
+
+    build_llama(tmp_path / "student", _tok(metaspace_tok), layers=2, seed=4)
+    student = {"init": "model", "model": str(tmp_path / "student")}
+    train = {"cross_tokenizer": "span", "cross_topk": 16, "max_steps": 3}
+    for d in ("live", "cached"):
+        (tmp_path / d).mkdir()
+    live = tiny_run(tmp_path / "live", tiny_teacher_dir, prompts_file, student=student, train=train)
+    cfg = tiny_run(tmp_path / "cached", tiny_teacher_dir, prompts_file, stages=("generate", "shrink"),
+                   student=student, train=train, cache={"use": True, "samples_per_shard": 3})  # fmt: skip
+    pipeline.build_teacher_cache(cfg)
+    meta = json.loads((cfg.run_dir / "teacher_cache" / "meta.json").read_text())
+    assert meta["cross_tokenizer"] == "span" and meta["k"] == 16 and meta["num_samples"] > 3
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(pipeline, "_training_teacher", no_teacher)
+    pipeline.train_student(cfg)
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    assert summary["teacher_signal"].startswith("cached teacher, another tokenizer: span")
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (live.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(want) == 3
+    for r, w in zip(rows, want, strict=True):
+        assert r["kd"] == pytest.approx(w["kd"], rel=1e-2) and r["ce"] == pytest.approx(w["ce"], rel=1e-2)
+    # a cache made for span does not serve ULD: refused, naming the field
+    (tmp_path / "cached" / "r.yaml").write_text(
+        (tmp_path / "cached" / "r.yaml").read_text().replace("cross_tokenizer: span", "cross_tokenizer: uld")
+    )
+    with pytest.raises(CacheError, match="cross_tokenizer: cache has 'span', run needs 'uld'"):
+        pipeline.train_student(load_config(tmp_path / "cached" / "r.yaml"), resume=False)

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill import __version__, fsio, interrupt
+from distill.crosstok import CrossTeacher
 from distill.data import Batch, collate
 from distill.losses import TopKTeacher
 from distill.progress import progress_bar
@@ -88,6 +89,10 @@ class CacheMeta:
     tail_samples: int = 0  # ids drawn per position from the teacher's mass outside the top k
     samples_hash: str = ""  # of the sorted sample keys: which training sequences the shards hold
     version: str = __version__
+    # across tokenizers (CrossTeacher.item_parts): the method and the student's tokenizer; "off": a
+    # token-level cache, rows at the student's positions in the one shared vocabulary
+    cross_tokenizer: str = "off"
+    student_tokenizer_hash: str = ""
 
     def check_against(self, expected: dict) -> None:
         """Raise ``CacheError`` naming every field that differs from ``expected``."""
@@ -170,16 +175,8 @@ def build_cache(
     logprobs (n, k), tail log-mass (n,))`` (e.g. log-probs an API returned), followed by
     ``(sample ids (n, m), sample log-probs (n, m))`` when ``meta.tail_samples`` is m > 0.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / "meta.json"
     uniq = {sample_key(ex[0]): ex for ex in examples}
-    meta = dataclasses.replace(meta, samples_hash=samples_hash(list(uniq)))
-    if meta_path.is_file():
-        old = CacheMeta(**json.loads(meta_path.read_text()))
-        old.check_samples(meta.samples_hash, out_dir)
-        old.check_against({k: v for k, v in meta.__dict__.items() if k not in ("version", "samples_hash")})
-    else:
-        fsio.write_text(meta_path, json.dumps(meta.__dict__, indent=1))
+    meta = _begin(out_dir, meta, list(uniq))
     keys = sorted(uniq)
     n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
     id_np = np.uint16 if meta.id_dtype == "uint16" else np.int32
@@ -220,6 +217,21 @@ def build_cache(
 
 
 _FIELDS = ("ids", "logprobs", "tail", "sample_ids", "sample_logprobs")  # a shard's tensors, in row order
+
+
+def _begin(out_dir: Path, meta: CacheMeta, keys: list[str]) -> CacheMeta:
+    """``meta`` with the samples' hash, written to a new cache folder, or checked against the one a
+    folder begun earlier holds (a resumed build adds to it only for the same samples and settings)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "meta.json"
+    meta = dataclasses.replace(meta, samples_hash=samples_hash(keys))
+    if meta_path.is_file():
+        old = CacheMeta(**json.loads(meta_path.read_text()))
+        old.check_samples(meta.samples_hash, out_dir)
+        old.check_against({k: v for k, v in meta.__dict__.items() if k not in ("version", "samples_hash")})
+    else:
+        fsio.write_text(meta_path, json.dumps(meta.__dict__, indent=1))
+    return meta
 
 
 def _write_shard(path: Path, parts: dict[str, list[np.ndarray]], index, widths: dict[str, int], id_np):
@@ -417,3 +429,100 @@ class CachedTeacher:
         samples = (s_ids.to(dev), s_lps.to(dev)) if m else (None, None)
         return TopKTeacher(ids.to(dev), lps.to(dev), self.tail, tails.to(dev), *samples,
                            temperature=self.meta.scoring_temperature)  # fmt: skip
+
+
+# ---- across tokenizers ----------------------------------------------------------------------------
+
+# a cross-tokenizer shard's tensors: per distribution row, then per multi-token chunk (span)
+_CROSS_FIELDS = {"span": ("ids", "logprobs", "chunk_teacher"), "uld": ("sorted", "tail")}
+_CROSS_DTYPES = {"ids": np.int32, "logprobs": np.float16, "sorted": np.float16, "tail": np.float16,
+                 "chunk_teacher": np.float32}  # fmt: skip
+
+
+def build_cross_cache(teacher: CrossTeacher, out_dir: Path, meta: CacheMeta, *, batch_size: int = 8) -> Path:
+    """The teacher's side of every training sample of a run across tokenizers
+    (``CrossTeacher.item_parts``: its top-k mapped into the student's vocabulary, or its sorted
+    probabilities, and its log-probability of each multi-token chunk), in shards as ``build_cache``
+    writes them (resumes; each shard appears whole and checksummed). A shard's index holds
+    ``[key, first row, rows, first chunk, chunks]`` per sample."""
+    keys = sorted(teacher.items)
+    meta = _begin(out_dir, meta, keys)
+    fields = _CROSS_FIELDS[meta.cross_tokenizer]
+    n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
+    with progress_bar("shard") as bar:
+        task = bar.add_task("cache", total=n_shards, info="")
+        for s in range(n_shards):
+            path = out_dir / f"shard-{s:05d}.safetensors"
+            if path.is_file():
+                bar.update(task, advance=1, info="exists")
+                continue
+            group = keys[s * meta.samples_per_shard : (s + 1) * meta.samples_per_shard]
+            parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+            index, row, chunk = [], 0, 0
+            for j in range(0, len(group), batch_size):
+                batch = group[j : j + batch_size]
+                for key, part in zip(
+                    batch, teacher.item_parts([teacher.items[k] for k in batch]), strict=True
+                ):
+                    for name in fields:
+                        parts[name].append(part[name].numpy().astype(_CROSS_DTYPES[name]))
+                    n, c = len(part[fields[0]]), len(part.get("chunk_teacher", ()))
+                    index.append([key, row, n, chunk, c])
+                    row, chunk = row + n, chunk + c
+            _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": 0}, np.int32)
+            bar.update(task, advance=1, info=f"{row} rows")
+            if s + 1 < n_shards:
+                interrupt.check(f"stopped after shard {s + 1} of {n_shards}, each written whole to "
+                                f"{out_dir}; run the same command again to resume")  # fmt: skip
+    return out_dir
+
+
+class CachedCrossTeacher(CrossTeacher):
+    """A ``CrossTeacher`` whose signal for the training samples is read from a cache
+    (``build_cross_cache``); ``model`` (optional) scores only samples the cache cannot hold: the
+    student's own, on-policy."""
+
+    def __init__(self, cache_dir: Path, expected: dict, items: dict, *, model=None, **kw) -> None:
+        meta_path = cache_dir / "meta.json"
+        if not meta_path.is_file():
+            raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
+        self.meta = CacheMeta(**json.loads(meta_path.read_text()))
+        self.meta.check_against(expected)
+        problems = verify_cache(cache_dir, quick=True)
+        if problems:
+            raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
+        self.shards = sorted(cache_dir.glob("shard-*.safetensors"))
+        self.where: dict[str, tuple[int, int, int, int, int]] = {}
+        for s, path in enumerate(self.shards):
+            for key, row, n, chunk, c in json.loads(_shard_header(path)[1]["__metadata__"]["index"]):
+                self.where[key] = (s, row, n, chunk, c)
+        missing = [k for k in items if k not in self.where]
+        if missing:
+            raise CacheError(
+                f"teacher cache {cache_dir} lacks {len(missing)} of {len(items)} training samples "
+                "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
+            )
+        self._mapped = functools.lru_cache(maxsize=256)(lambda s: _map_shard(self.shards[s]))
+        super().__init__(model, items, **kw)
+
+    def parts_for(self, keys: list[str], items: list) -> list[dict[str, torch.Tensor]]:
+        out: list = [None] * len(keys)
+        live = [j for j, key in enumerate(keys) if key not in self.where]
+        if live:  # the student's own samples: graded by the model, live
+            for j, part in zip(live, self.item_parts([items[j] for j in live]), strict=True):
+                out[j] = part
+        for j, key in enumerate(keys):
+            if key in self.where:
+                s, row, n, chunk, c = self.where[key]
+                tensors = self._mapped(s)
+                out[j] = {
+                    name: torch.from_numpy(
+                        np.asarray(
+                            tensors[name][chunk : chunk + c]
+                            if name == "chunk_teacher"
+                            else tensors[name][row : row + n]
+                        ).astype(np.int64 if name == "ids" else np.float32)  # fmt: skip
+                    )
+                    for name in _CROSS_FIELDS[self.meta.cross_tokenizer]
+                }
+        return out

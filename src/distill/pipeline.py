@@ -428,8 +428,10 @@ def _own_tokenizer(cfg: RunConfig, student_tok):
     return t_tok if t_tok.get_vocab() != student_tok.get_vocab() else None
 
 
-def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list) -> tuple:
-    """A ``CrossTeacher`` for the kept samples, and the share of the student's tokens it aligns."""
+def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list, cache_dir: Path | None = None) -> tuple:
+    """A ``CrossTeacher`` for the kept samples, and the share of the student's tokens it aligns. With
+    ``cache_dir`` the samples' signal is read from that cache, and the teacher is loaded only to grade
+    the student's own samples (train.onpolicy_fraction > 0)."""
     from distill.cache import sample_key
     from distill.crosstok import CrossTeacher, alignment_shares, build_item, vocab_map
 
@@ -449,10 +451,17 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list) -> tuple:
         vmap = vocab_map(t_tok, s_tok)
         if t_tok.eos_token_id is not None and s_tok.eos_token_id is not None:
             vmap[t_tok.eos_token_id] = s_tok.eos_token_id  # the two stops are one event
-    model = _training_teacher(cfg)
-    teacher = CrossTeacher(model, items, method=cfg.train.cross_tokenizer, k=cfg.train.cross_topk, vmap=vmap,
-                           pad_id=t_tok.pad_token_id, tokenizers=(s_tok, t_tok), prompts=prompts,
-                           max_len=cfg.train.max_seq_len)  # fmt: skip
+    kw = {"method": cfg.train.cross_tokenizer, "k": cfg.train.cross_topk, "vmap": vmap,
+          "pad_id": t_tok.pad_token_id, "tokenizers": (s_tok, t_tok), "prompts": prompts,
+          "max_len": cfg.train.max_seq_len}  # fmt: skip
+    if cache_dir is not None:
+        from distill.cache import CachedCrossTeacher
+
+        model = _training_teacher(cfg) if cfg.train.onpolicy_fraction > 0 else None
+        expected = _cross_cache_expectations(cfg, t_tok, s_tok)
+        teacher = CachedCrossTeacher(cache_dir, expected, items, model=model, **kw)
+    else:
+        teacher = CrossTeacher(_training_teacher(cfg), items, **kw)
     return teacher, alignment_shares(chunks, n_tokens)
 
 
@@ -471,6 +480,7 @@ def _cache_expectations(cfg: RunConfig, tok) -> dict:
             "k": api.top_logprobs,
             "scoring_temperature": 1.0,
             "tail_samples": 0,
+            "cross_tokenizer": "off",
         }
     return {
         "teacher": cfg.teacher.model,
@@ -479,6 +489,22 @@ def _cache_expectations(cfg: RunConfig, tok) -> dict:
         "k": cfg.cache.k,
         "scoring_temperature": cfg.cache.scoring_temperature,
         "tail_samples": cfg.cache.tail_samples,
+        "cross_tokenizer": "off",
+    }
+
+
+def _cross_cache_expectations(cfg: RunConfig, t_tok, s_tok) -> dict:
+    """What a cache across tokenizers must have been made with: the teacher's weights, both
+    tokenizers, the method and train.cross_topk (its k)."""
+    return {
+        "teacher": cfg.teacher.model,
+        "teacher_weights_hash": weights_hash(resolve_model_dir(cfg.teacher.model)),
+        "tokenizer_hash": tokenizer_hash(t_tok),
+        "student_tokenizer_hash": tokenizer_hash(s_tok),
+        "cross_tokenizer": cfg.train.cross_tokenizer,
+        "k": cfg.train.cross_topk,
+        "scoring_temperature": 1.0,
+        "tail_samples": 0,
     }
 
 
@@ -524,6 +550,20 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
+    s_tok = AutoTokenizer.from_pretrained(_need(run / "student_init", "shrink"))
+    if cfg.train.cross_tokenizer != "off" and _own_tokenizer(cfg, s_tok) is not None:
+        from distill.cache import build_cross_cache
+
+        kept_text, _ = _kept_text(cfg, s_tok, train_p, answers)
+        teacher, _ = _cross_teacher(cfg, tok, s_tok, kept_text)
+        expected = _cross_cache_expectations(cfg, tok, s_tok)
+        meta = CacheMeta(**expected, vocab_size=len(s_tok), id_dtype="int32", logprob_dtype="float16",
+                         samples_per_shard=cfg.cache.samples_per_shard,
+                         num_samples=len(teacher.items))  # fmt: skip
+        out = build_cross_cache(teacher, run / "teacher_cache", meta, batch_size=cfg.cache.batch_size)
+        console.print(f"teacher cache ({cfg.train.cross_tokenizer}, across tokenizers) for "
+                      f"{len(teacher.items)} samples in {out}")  # fmt: skip
+        return out
     kept, _ = _kept(cfg, tok, train_p, answers)
     examples = [ex for ex, _ in kept]
     expected = _cache_expectations(cfg, tok)
@@ -576,10 +616,12 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     api = cfg.teacher.kind == "openai"
     alignment = None
     if t_tok is not None and cfg.train.alpha > 0 and cfg.train.cross_tokenizer != "off":
-        teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text)
+        cache_dir = _need(run / "teacher_cache", "cache") if cfg.cache.use else None
+        teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text, cache_dir)
         method, share, one = cfg.train.cross_tokenizer, alignment["any"], alignment["one_to_one"]
-        source = (f"live teacher, another tokenizer: {method} on {share:.0%} of the student's answer tokens "
-                  f"({one:.0%} one token to one)")  # fmt: skip
+        where = "cached" if cache_dir else "live"
+        source = (f"{where} teacher, another tokenizer: {method} on {share:.0%} of the student's answer "
+                  f"tokens ({one:.0%} one token to one)")  # fmt: skip
     elif t_tok is not None and cfg.train.alpha > 0:
         raise StageError("the student's tokenizer is not the teacher's: set train.cross_tokenizer (span or "
                          "uld), or train.alpha=0 for the teacher's text alone")  # fmt: skip

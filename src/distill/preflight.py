@@ -217,7 +217,7 @@ def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
     t = cfg.train
     if t.cross_tokenizer != "off":
         unsupported = {
-            "cache.use": cfg.cache.use, "train.hidden_weight": t.hidden_weight > 0,
+            "train.hidden_weight": t.hidden_weight > 0,
             "train.prompt_weight": t.prompt_weight > 0,
             "teacher.kind=openai": cfg.teacher.kind == "openai",
         }  # fmt: skip
