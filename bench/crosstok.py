@@ -48,13 +48,14 @@ METHODS = {
 
 
 def key(
-    method: str, alpha: float, topk: int = 128, lr: float = 1e-4, steps: int = 60, onpolicy: float = 0
-) -> str:
+    method: str, alpha: float, topk: int = 128, lr: float = 1e-4, steps: int = 60, onpolicy: float = 0,
+    cached: bool = False,
+) -> str:  # fmt: skip
     """A run's name in the results: the method, and its alpha, top-k, on-policy share, lr and steps
-    where they are not 0.5, 128, 0, 1e-4 and 60."""
+    where they are not 0.5, 128, 0, 1e-4 and 60, and whether the teacher's signal came from a cache."""
     out = method if method == "seqkd" else (
         method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
-        + (f"_onpolicy{onpolicy:g}" if onpolicy else "")
+        + (f"_onpolicy{onpolicy:g}" if onpolicy else "") + ("_cached" if cached else "")
     )  # fmt: skip
     return out + ("" if lr == 1e-4 else f"_lr{lr:g}") + ("" if steps == 60 else f"_steps{steps}")
 
@@ -161,6 +162,8 @@ def main() -> None:
         "--append", action="store_true", help="add to crosstok.json, on the answers it was made with"
     )
     ap.add_argument("--runs", default=str(ROOT / "runs"))
+    what = "the teacher's signal from a cache (distill cache, timed apart) instead of live (uld, span)"
+    ap.add_argument("--cache", action="store_true", help=what)
     what = "also score the checkpoints every N steps (each counts as a run of that many steps)"
     ap.add_argument("--score-every", type=int, default=0, help=what)
     args = ap.parse_args()
@@ -174,10 +177,13 @@ def main() -> None:
     if args.score_every:
         common += [f"train.checkpoint_every={args.score_every}", "train.keep_checkpoints=1000"]
     onpolicy = [f"train.onpolicy_fraction={args.onpolicy}"] if args.onpolicy else []
-    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}", *onpolicy] for m in methods}
-    named = {m: key(m, args.alpha, args.topk, args.lr, args.steps, args.onpolicy) for m in methods}
-    names = {m: f"name={run_name(args.answers, m, args.alpha, args.topk, args.lr, args.steps, args.onpolicy)}"
-             for m in methods}  # fmt: skip
+    cached = ["cache.use=true"] if args.cache else []
+    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}", *onpolicy, *cached] for m in methods}
+    settings = (args.alpha, args.topk, args.lr, args.steps, args.onpolicy, args.cache)
+    named = {m: key(m, *settings[:-1], args.cache and m != "seqkd") for m in methods}
+    names = {
+        m: f"name={run_name(args.answers, m, *settings[:-1], args.cache and m != 'seqkd')}" for m in methods
+    }
     cfgs = {m: load_config(None, [*common, *METHODS[m], *alpha[m], names[m]]) for m in methods}
     whole = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     fresh = {
@@ -207,6 +213,11 @@ def main() -> None:
             for name in ("answers.jsonl", "split.json"):
                 shutil.copy(first.run_dir / name, cfg.run_dir / name)
         pipeline.shrink(cfg)
+        cache_s = None
+        if cfg.cache.use:
+            t0 = time.perf_counter()
+            pipeline.build_teacher_cache(cfg)
+            cache_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pipeline.train_student(cfg, resume=False)
         seconds = time.perf_counter() - t0
@@ -223,6 +234,7 @@ def main() -> None:
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # 1.7 GB a run, only for resuming
         out["methods"][named[m]] = {
             "bits_per_byte": bpb, "train_seconds": round(seconds, 1), "steps": summary["steps"],
+            **({"cache_seconds": round(cache_s, 1)} if cache_s is not None else {}),
             "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk, "lr": cfg.train.lr,
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
             "onpolicy_fraction": cfg.train.onpolicy_fraction,
