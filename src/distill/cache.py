@@ -515,14 +515,13 @@ class CachedCrossTeacher(CrossTeacher):
             if key in self.where:
                 s, row, n, chunk, c = self.where[key]
                 tensors = self._mapped(s)
-                out[j] = {
-                    name: torch.from_numpy(
-                        np.asarray(
-                            tensors[name][chunk : chunk + c]
-                            if name == "chunk_teacher"
-                            else tensors[name][row : row + n]
-                        ).astype(np.int64 if name == "ids" else np.float32)  # fmt: skip
+                part = {}
+                for name in _CROSS_FIELDS[self.meta.cross_tokenizer]:
+                    rows = (
+                        tensors[name][chunk : chunk + c]
+                        if name == "chunk_teacher"
+                        else tensors[name][row : row + n]
                     )
-                    for name in _CROSS_FIELDS[self.meta.cross_tokenizer]
-                }
+                    part[name] = torch.from_numpy(np.asarray(rows, np.int64 if name == "ids" else np.float32))
+                out[j] = part
         return out
