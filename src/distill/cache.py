@@ -522,6 +522,8 @@ class CachedCrossTeacher(CrossTeacher):
                         if name == "chunk_teacher"
                         else tensors[name][row : row + n]
                     )
-                    part[name] = torch.from_numpy(np.asarray(rows, np.int64 if name == "ids" else np.float32))
+                    part[name] = torch.from_numpy(
+                        np.array(rows, np.int64 if name == "ids" else np.float32)
+                    )  # a copy
                 out[j] = part
         return out
