@@ -550,8 +550,12 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
-    s_tok = AutoTokenizer.from_pretrained(_need(run / "student_init", "shrink"))
-    if cfg.train.cross_tokenizer != "off" and _own_tokenizer(cfg, s_tok) is not None:
+    s_tok = (
+        None  # a student with its own tokenizer (its untrained copy has it) gets a cache across tokenizers
+    )
+    if cfg.train.cross_tokenizer != "off":
+        s_tok = AutoTokenizer.from_pretrained(_need(run / "student_init", "shrink"))
+    if s_tok is not None and _own_tokenizer(cfg, s_tok) is not None:
         from distill.cache import build_cross_cache
 
         kept_text, _ = _kept_text(cfg, s_tok, train_p, answers)
