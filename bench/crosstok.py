@@ -49,13 +49,15 @@ METHODS = {
 
 def key(
     method: str, alpha: float, topk: int = 128, lr: float = 1e-4, steps: int = 60, onpolicy: float = 0,
-    cached: bool = False,
+    cached: bool = False, chunk: str = "bernoulli",
 ) -> str:  # fmt: skip
     """A run's name in the results: the method, and its alpha, top-k, on-policy share, lr and steps
-    where they are not 0.5, 128, 0, 1e-4 and 60, and whether the teacher's signal came from a cache."""
+    where they are not 0.5, 128, 0, 1e-4 and 60, whether the teacher's signal came from a cache, and
+    how span taught chunks of several tokens where not by the Bernoulli KL."""
     out = method if method == "seqkd" else (
         method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
-        + (f"_onpolicy{onpolicy:g}" if onpolicy else "") + ("_cached" if cached else "")
+        + (f"_onpolicy{onpolicy:g}" if onpolicy else "") + ("" if chunk == "bernoulli" else f"_chunk{chunk}")
+        + ("_cached" if cached else "")
     )  # fmt: skip
     return out + ("" if lr == 1e-4 else f"_lr{lr:g}") + ("" if steps == 60 else f"_steps{steps}")
 
@@ -162,6 +164,8 @@ def main() -> None:
         "--append", action="store_true", help="add to crosstok.json, on the answers it was made with"
     )
     ap.add_argument("--runs", default=str(ROOT / "runs"))
+    what = "span: how chunks of several tokens are taught (train.cross_chunk)"
+    ap.add_argument("--chunk", choices=["bernoulli", "ce"], default="bernoulli", help=what)
     what = "the teacher's signal from a cache (distill cache, timed apart) instead of live (uld, span)"
     ap.add_argument("--cache", action="store_true", help=what)
     what = "also score the checkpoints every N steps (each counts as a run of that many steps)"
@@ -237,7 +241,7 @@ def main() -> None:
             **({"cache_seconds": round(cache_s, 1)} if cache_s is not None else {}),
             "alpha": cfg.train.alpha, "cross_topk": cfg.train.cross_topk, "lr": cfg.train.lr,
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
-            "onpolicy_fraction": cfg.train.onpolicy_fraction,
+            "onpolicy_fraction": cfg.train.onpolicy_fraction, "cross_chunk": cfg.train.cross_chunk,
             "onpolicy": summary.get("cross_tokenizer_onpolicy"),
             **({"checkpoints": checkpoints} if checkpoints else {}),
         }  # fmt: skip

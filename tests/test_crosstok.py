@@ -309,6 +309,9 @@ def test_the_cross_signal_loss_is_its_parts_on_the_aligned_positions():
     student = lq[2, 5] + lq[4, 6]
     want = crosstok.chunk_kl(student[None], torch.log(torch.tensor([0.3])), num_tokens=6)
     assert float(span.loss(logits.detach(), num_tokens=6)) == pytest.approx(float(want), rel=1e-5)
+    # train.cross_chunk ce: the chunk's text by its cross-entropy, at full weight
+    span.chunk_ce = torch.tensor([True])
+    assert float(span.loss(logits.detach(), num_tokens=6)) == pytest.approx(-float(student) / 6, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["span", "uld"])
@@ -467,6 +470,14 @@ def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_te
             torch.testing.assert_close(g, w.float(), rtol=2e-3, atol=2e-3)
     if method == "span":
         assert want.chunk_teacher is not None and want.chunk_teacher.numel() > 0
+        # with chunks taught by their CE, only the teacher's answers' chunks are; the student's own
+        # samples (on-policy) keep the Bernoulli KL: their tokens are no target
+        mixed = crosstok.CrossTeacher(model, held, **kw, chunk_loss="ce")
+        mixed.sampled = cached.sampled
+        sig = mixed.signal(batch)
+        own = sum(len(live._multi_chunks(it)) for it in cached.sampled.values())
+        assert sig.chunk_ce.tolist() == [True] * (len(sig.chunk_teacher) - own) + [False] * own
+        assert own > 0 and sig.chunk_ce.any()
     logits = torch.randn(*batch.input_ids.shape[:1], batch.input_ids.shape[1] - 1, len(s_tok))
     assert float(got.loss(logits, num_tokens=10)) == pytest.approx(
         float(want.loss(logits, num_tokens=10)), rel=1e-3

@@ -301,6 +301,13 @@ class TrainConfig(_Strict):
     cross_topk: int = Field(
         128, ge=1, description="teacher probabilities kept per position for cross_tokenizer"
     )
+    cross_chunk: Literal["bernoulli", "ce"] = Field(
+        "bernoulli", description="span: how a chunk of several tokens (on either side) is taught. "
+        "bernoulli: the two models' probabilities of its text compared as one event, KL(Bernoulli(p_t) || "
+        "Bernoulli(p_s)) (as GOLD); ce: the cross-entropy of its text at full weight, as sequence-level KD "
+        "(on sampled answers an unbiased estimate of the teacher's cross-entropy, which the Bernoulli KL "
+        "under-weights by the chunk's probability)",
+    )  # fmt: skip
     onpolicy_fraction: float = Field(
         0.0, ge=0, le=1, description="lambda: share of sequences whose answer the student samples itself "
         "and the teacher grades token by token (on-policy distillation, GKD); 0: off-policy only",

@@ -276,6 +276,7 @@ class CrossSignal:
     chunk_of: Tensor | None = None
     chunk_labels: Tensor | None = None
     chunk_teacher: Tensor | None = None
+    chunk_ce: Tensor | None = None  # (C,) bool: chunks taught by the CE of their text (train.cross_chunk ce)
 
     def loss(self, logits: Tensor, *, num_tokens) -> Tensor:
         """The cross-tokenizer KD term from the student's ``(B, T-1, V)`` logits, summed over the
@@ -319,7 +320,10 @@ class CrossSignal:
                     run(partial(_token_logprob, make, labels), source[self.chunk_rows[lo : lo + chunk]])
                 )
             student = torch.zeros_like(self.chunk_teacher).index_add_(0, self.chunk_of, torch.cat(parts))
-            total = total + chunk_kl(student, self.chunk_teacher, num_tokens=num_tokens)
+            ce = self.chunk_ce if self.chunk_ce is not None else torch.zeros_like(student, dtype=torch.bool)
+            denom = num_tokens if num_tokens is not None else max(student.shape[0], 1)
+            total = total - student[ce].sum() / denom  # the text's cross-entropy, at full weight
+            total = total + chunk_kl(student[~ce], self.chunk_teacher[~ce], num_tokens=denom)
         return total
 
     def _rows_term(self, make, lo: int, hi: int, num_tokens, x: Tensor) -> Tensor:
@@ -341,13 +345,13 @@ class CrossTeacher:
 
     def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, vmap: Tensor | None,
                  pad_id: int, tokenizers: tuple | None = None, prompts: dict[tuple, list[int]] | None = None,
-                 max_len: int = 0) -> None:  # fmt: skip
+                 max_len: int = 0, chunk_loss: str = "bernoulli") -> None:  # fmt: skip
         """``tokenizers`` (student's, teacher's), ``prompts`` (the teacher's prompt ids by the student's)
         and ``max_len``: what ``retokenize`` needs to align the student's own samples (on-policy)."""
         from distill.losses import LogitTransform
 
         self.model, self.items, self.method, self.k = model, items, method, k
-        self.vmap, self.pad_id = vmap, pad_id
+        self.vmap, self.pad_id, self.chunk_loss = vmap, pad_id, chunk_loss
         self.transform = None
         if model is not None:  # (none: a cache answers for the teacher)
             self.model = model.eval()
@@ -467,6 +471,7 @@ class CrossTeacher:
         parts = self.parts_for([k for *_, k in samples], [it for _, _, it, _ in samples])
         names = ("ids", "logprobs") if self.method == "span" else ("sorted", "tail")
         dist_s, fields, ch_s, ch_of, ch_lab, ch_teacher = [], {n: [] for n in names}, [], [], [], []
+        ch_ce = []  # per chunk: taught by the CE of its text (teacher answers only, not the student's own)
         n_chunks = 0
         for (i, start, it, key), part in zip(samples, parts, strict=True):
             s_base = i * width + start + it.student_start - 1  # predicts the student's answer token 0
@@ -484,6 +489,7 @@ class CrossTeacher:
                     ch_of.append(n_chunks)
                     ch_lab.append(int(s_row_ids[start + it.student_start + j]))
                 n_chunks += 1
+                ch_ce.append(self.chunk_loss == "ce" and key in self.items)
             if "chunk_teacher" in part:
                 ch_teacher.append(part["chunk_teacher"])
         dev = batch.input_ids.device
@@ -494,4 +500,5 @@ class CrossTeacher:
             sig.chunk_of = torch.tensor(ch_of, dtype=torch.long, device=dev)
             sig.chunk_labels = torch.tensor(ch_lab, dtype=torch.long, device=dev)
             sig.chunk_teacher = torch.cat(ch_teacher).float().to(dev)
+            sig.chunk_ce = torch.tensor(ch_ce, dtype=torch.bool, device=dev)
         return sig

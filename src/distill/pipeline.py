@@ -453,7 +453,7 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list, cache_dir: Path | N
             vmap[t_tok.eos_token_id] = s_tok.eos_token_id  # the two stops are one event
     kw = {"method": cfg.train.cross_tokenizer, "k": cfg.train.cross_topk, "vmap": vmap,
           "pad_id": t_tok.pad_token_id, "tokenizers": (s_tok, t_tok), "prompts": prompts,
-          "max_len": cfg.train.max_seq_len}  # fmt: skip
+          "max_len": cfg.train.max_seq_len, "chunk_loss": cfg.train.cross_chunk}  # fmt: skip
     if cache_dir is not None:
         from distill.cache import CachedCrossTeacher
 
