@@ -182,12 +182,12 @@ def main() -> None:
         common += [f"train.checkpoint_every={args.score_every}", "train.keep_checkpoints=1000"]
     onpolicy = [f"train.onpolicy_fraction={args.onpolicy}"] if args.onpolicy else []
     cached = ["cache.use=true"] if args.cache else []
-    alpha = {m: [] if m == "seqkd" else [f"train.alpha={args.alpha}", *onpolicy, *cached] for m in methods}
-    settings = (args.alpha, args.topk, args.lr, args.steps, args.onpolicy, args.cache)
-    named = {m: key(m, *settings[:-1], args.cache and m != "seqkd") for m in methods}
-    names = {
-        m: f"name={run_name(args.answers, m, *settings[:-1], args.cache and m != 'seqkd')}" for m in methods
-    }
+    logit = [f"train.alpha={args.alpha}", *onpolicy, *cached, f"train.cross_chunk={args.chunk}"]
+    alpha = {m: [] if m == "seqkd" else logit for m in methods}
+    settings = (args.alpha, args.topk, args.lr, args.steps, args.onpolicy)
+    extra = {m: (args.cache, args.chunk) if m != "seqkd" else () for m in methods}
+    named = {m: key(m, *settings, *extra[m]) for m in methods}
+    names = {m: f"name={run_name(args.answers, m, *settings, *extra[m])}" for m in methods}
     cfgs = {m: load_config(None, [*common, *METHODS[m], *alpha[m], names[m]]) for m in methods}
     whole = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     fresh = {
