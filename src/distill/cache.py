@@ -178,7 +178,6 @@ def build_cache(
     uniq = {sample_key(ex[0]): ex for ex in examples}
     meta = _begin(out_dir, meta, list(uniq))
     keys = sorted(uniq)
-    n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
     id_np = np.uint16 if meta.id_dtype == "uint16" else np.int32
     if isinstance(teacher, torch.nn.Module):
         model = teacher.eval()
@@ -186,6 +185,34 @@ def build_cache(
         def teacher(batch: list[Example]) -> list[tuple]:
             return _score(model, batch, pad_id, meta.k, meta.scoring_temperature, meta.tail_samples)
 
+    for path, group, done in _missing_shards(out_dir, keys, meta.samples_per_shard):
+        fields = _FIELDS[: 5 if meta.tail_samples else 3]
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        index, start = [], 0
+        for j in range(0, len(group), batch_size):
+            chunk = group[j : j + batch_size]
+            scored = teacher([uniq[c] for c in chunk])
+            for key, row in zip(chunk, scored, strict=True):
+                if len(row) != len(parts):
+                    got, need = len(row), len(parts)
+                    raise CacheError(f"the teacher scorer gave {got} arrays per sample, not {need}")
+                for (name, arrays), a in zip(parts.items(), row, strict=True):
+                    arrays.append(a.astype(id_np if name.endswith("ids") else np.float16))
+                index.append([key, start, len(row[0])])
+                start += len(row[0])
+        _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": meta.tail_samples}, id_np)
+        done.append(f"{start} tokens")
+    return out_dir
+
+
+_FIELDS = ("ids", "logprobs", "tail", "sample_ids", "sample_logprobs")  # a shard's tensors, in row order
+
+
+def _missing_shards(out_dir: Path, keys: list[str], per_shard: int):
+    """``(path, sample keys, done)`` for each shard of ``keys`` (sorted) not yet written, in order, under
+    a progress bar; the caller writes the shard whole and appends a line for the bar to ``done``.
+    Between shards a stop request ends the build (the shards written stay; the same command resumes)."""
+    n_shards = (len(keys) + per_shard - 1) // per_shard
     with progress_bar("shard") as bar:
         task = bar.add_task("cache", total=n_shards, info="")
         for s in range(n_shards):
@@ -193,30 +220,12 @@ def build_cache(
             if path.is_file():
                 bar.update(task, advance=1, info="exists")
                 continue
-            group = keys[s * meta.samples_per_shard : (s + 1) * meta.samples_per_shard]
-            fields = _FIELDS[: 5 if meta.tail_samples else 3]
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-            index, start = [], 0
-            for j in range(0, len(group), batch_size):
-                chunk = group[j : j + batch_size]
-                scored = teacher([uniq[c] for c in chunk])
-                for key, row in zip(chunk, scored, strict=True):
-                    if len(row) != len(parts):
-                        got, need = len(row), len(parts)
-                        raise CacheError(f"the teacher scorer gave {got} arrays per sample, not {need}")
-                    for (name, arrays), a in zip(parts.items(), row, strict=True):
-                        arrays.append(a.astype(id_np if name.endswith("ids") else np.float16))
-                    index.append([key, start, len(row[0])])
-                    start += len(row[0])
-            _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": meta.tail_samples}, id_np)
-            bar.update(task, advance=1, info=f"{start} tokens")
+            done: list[str] = []
+            yield path, keys[s * per_shard : (s + 1) * per_shard], done
+            bar.update(task, advance=1, info=done[-1] if done else "")
             if s + 1 < n_shards:
                 interrupt.check(f"stopped after shard {s + 1} of {n_shards}, each written whole to "
                                 f"{out_dir}; run the same command again to resume")  # fmt: skip
-    return out_dir
-
-
-_FIELDS = ("ids", "logprobs", "tail", "sample_ids", "sample_logprobs")  # a shard's tensors, in row order
 
 
 def _begin(out_dir: Path, meta: CacheMeta, keys: list[str]) -> CacheMeta:
@@ -448,32 +457,19 @@ def build_cross_cache(teacher: CrossTeacher, out_dir: Path, meta: CacheMeta, *, 
     keys = sorted(teacher.items)
     meta = _begin(out_dir, meta, keys)
     fields = _CROSS_FIELDS[meta.cross_tokenizer]
-    n_shards = (len(keys) + meta.samples_per_shard - 1) // meta.samples_per_shard
-    with progress_bar("shard") as bar:
-        task = bar.add_task("cache", total=n_shards, info="")
-        for s in range(n_shards):
-            path = out_dir / f"shard-{s:05d}.safetensors"
-            if path.is_file():
-                bar.update(task, advance=1, info="exists")
-                continue
-            group = keys[s * meta.samples_per_shard : (s + 1) * meta.samples_per_shard]
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-            index, row, chunk = [], 0, 0
-            for j in range(0, len(group), batch_size):
-                batch = group[j : j + batch_size]
-                for key, part in zip(
-                    batch, teacher.item_parts([teacher.items[k] for k in batch]), strict=True
-                ):
-                    for name in fields:
-                        parts[name].append(part[name].numpy().astype(_CROSS_DTYPES[name]))
-                    n, c = len(part[fields[0]]), len(part.get("chunk_teacher", ()))
-                    index.append([key, row, n, chunk, c])
-                    row, chunk = row + n, chunk + c
-            _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": 0}, np.int32)
-            bar.update(task, advance=1, info=f"{row} rows")
-            if s + 1 < n_shards:
-                interrupt.check(f"stopped after shard {s + 1} of {n_shards}, each written whole to "
-                                f"{out_dir}; run the same command again to resume")  # fmt: skip
+    for path, group, done in _missing_shards(out_dir, keys, meta.samples_per_shard):
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        index, row, chunk = [], 0, 0
+        for j in range(0, len(group), batch_size):
+            batch = group[j : j + batch_size]
+            for key, part in zip(batch, teacher.item_parts([teacher.items[k] for k in batch]), strict=True):
+                for name in fields:
+                    parts[name].append(part[name].numpy().astype(_CROSS_DTYPES[name]))
+                n, c = len(part[fields[0]]), len(part.get("chunk_teacher", ()))
+                index.append([key, row, n, chunk, c])
+                row, chunk = row + n, chunk + c
+        _write_shard(path, parts, index, {"ids": meta.k, "sample_ids": 0}, np.int32)
+        done.append(f"{row} rows")
     return out_dir
 
 
