@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "crosstok_cache.json"
 SOURCE = ROOT / "runs" / "bench-crosstok-sampled-seqkd"  # the teacher's sampled answers and split
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def overrides(args, name: str, cached: bool) -> list[str]:
-    sys.path.insert(0, str(ROOT / "bench"))
     from crosstok import ANSWERS, base  # the headline bench's settings, to the letter
 
     settings = argparse.Namespace(steps=args.steps, lr=1e-4, topk=128)

@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill import __version__, fsio, interrupt
-from distill.crosstok import CrossTeacher
+from distill.crosstok import ROW_FIELDS, CrossTeacher
 from distill.data import Batch, collate
 from distill.losses import TopKTeacher
 from distill.progress import progress_bar
@@ -357,6 +357,29 @@ class _ShardRows(Mapping):
         return len(self.where)
 
 
+def _open(cache_dir: Path, expected: dict | None) -> CacheMeta:
+    """A cache folder's ``meta.json``, checked against what the run needs (``expected``), once every
+    shard is found intact (``verify_cache``, quick): nothing reads a damaged shard's header."""
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
+    meta = CacheMeta(**json.loads(meta_path.read_text()))
+    if expected:
+        meta.check_against(expected)
+    problems = verify_cache(cache_dir, quick=True)
+    if problems:
+        raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
+    return meta
+
+
+def _require_samples(cache_dir: Path, missing: int, needed: int) -> None:
+    if missing:
+        raise CacheError(
+            f"teacher cache {cache_dir} lacks {missing} of {needed} training samples "
+            "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
+        )
+
+
 class CachedTeacher:
     """The teacher signal read from a cache; the teacher model is never loaded."""
 
@@ -369,12 +392,7 @@ class CachedTeacher:
     ):
         """``tail``: how the losses treat the mass outside the k ids (``TopKTeacher``); ``auto``
         takes the tail samples when the cache holds them, else a bucket."""
-        meta_path = cache_dir / "meta.json"
-        if not meta_path.is_file():
-            raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
-        self.meta = CacheMeta(**json.loads(meta_path.read_text()))
-        if expected:
-            self.meta.check_against(expected)
+        self.meta = _open(cache_dir, expected)
         if tail == "auto":  # tail mass and samples are known only at temperature 1
             tail = ("renormalize" if self.meta.scoring_temperature != 1.0
                     else "sample" if self.meta.tail_samples else "bucket")  # fmt: skip
@@ -389,21 +407,13 @@ class CachedTeacher:
                 f"cache.tail is 'sample' but {cache_dir} holds no tail samples (tail_samples: 0); "
                 "set cache.tail_samples (e.g. 4) and rerun `distill cache`, or use cache.tail: bucket"
             )
-        problems = verify_cache(cache_dir, quick=True)
-        if problems:
-            raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
         # key -> (ids, logprobs, tail[, sample_ids, sample_logprobs]) rows of that sample,
         # read from memory-mapped shards: a cache larger than RAM trains as well as a small one
         self.rows = _ShardRows(
             sorted(cache_dir.glob("shard-*.safetensors")), _FIELDS[: 5 if self.meta.tail_samples else 3]
         )
-        if examples is not None:
-            missing = [ex for ex in examples if sample_key(ex[0]) not in self.rows]
-            if missing:
-                raise CacheError(
-                    f"teacher cache {cache_dir} lacks {len(missing)} of {len(examples)} training samples "
-                    "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
-                )
+        examples = examples or []
+        _require_samples(cache_dir, sum(sample_key(ex[0]) not in self.rows for ex in examples), len(examples))
 
     def signal(self, batch: Batch, *, lazy: bool = False) -> TopKTeacher:
         """Top-k teacher for the shifted positions of ``batch``: ``(B, T-1, k)`` ids and log-probs.
@@ -443,7 +453,7 @@ class CachedTeacher:
 # ---- across tokenizers ----------------------------------------------------------------------------
 
 # a cross-tokenizer shard's tensors: per distribution row, then per multi-token chunk (span)
-_CROSS_FIELDS = {"span": ("ids", "logprobs", "chunk_teacher"), "uld": ("sorted", "tail")}
+_CROSS_FIELDS = {"span": (*ROW_FIELDS["span"], "chunk_teacher"), "uld": ROW_FIELDS["uld"]}
 _CROSS_DTYPES = {"ids": np.int32, "logprobs": np.float16, "sorted": np.float16, "tail": np.float16,
                  "chunk_teacher": np.float32}  # fmt: skip
 
@@ -464,7 +474,7 @@ def build_cross_cache(teacher: CrossTeacher, out_dir: Path, meta: CacheMeta, *, 
             batch = group[j : j + batch_size]
             for key, part in zip(batch, teacher.item_parts([teacher.items[k] for k in batch]), strict=True):
                 for name in fields:
-                    parts[name].append(part[name].numpy().astype(_CROSS_DTYPES[name]))
+                    parts[name].append(part[name].cpu().numpy().astype(_CROSS_DTYPES[name]))
                 n, c = len(part[fields[0]]), len(part.get("chunk_teacher", ()))
                 index.append([key, row, n, chunk, c])
                 row, chunk = row + n, chunk + c
@@ -479,25 +489,13 @@ class CachedCrossTeacher(CrossTeacher):
     student's own, on-policy."""
 
     def __init__(self, cache_dir: Path, expected: dict, items: dict, *, model=None, **kw) -> None:
-        meta_path = cache_dir / "meta.json"
-        if not meta_path.is_file():
-            raise CacheError(f"{cache_dir} is not a teacher cache (no meta.json): run `distill cache`")
-        self.meta = CacheMeta(**json.loads(meta_path.read_text()))
-        self.meta.check_against(expected)
-        problems = verify_cache(cache_dir, quick=True)
-        if problems:
-            raise CacheError(f"teacher cache {cache_dir} is damaged:\n  " + "\n  ".join(problems))
+        self.meta = _open(cache_dir, expected)
         self.shards = sorted(cache_dir.glob("shard-*.safetensors"))
         self.where: dict[str, tuple[int, int, int, int, int]] = {}
         for s, path in enumerate(self.shards):
             for key, row, n, chunk, c in json.loads(_shard_header(path)[1]["__metadata__"]["index"]):
                 self.where[key] = (s, row, n, chunk, c)
-        missing = [k for k in items if k not in self.where]
-        if missing:
-            raise CacheError(
-                f"teacher cache {cache_dir} lacks {len(missing)} of {len(items)} training samples "
-                "(different data, tokenizer or max_seq_len?); rerun `distill cache`"
-            )
+        _require_samples(cache_dir, sum(k not in self.where for k in items), len(items))
         self._mapped = functools.lru_cache(maxsize=256)(lambda s: _map_shard(self.shards[s]))
         super().__init__(model, items, **kw)
 

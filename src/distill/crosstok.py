@@ -211,6 +211,10 @@ def chunk_kl(student_logp: Tensor, teacher_logp: Tensor, *, num_tokens=None) -> 
     return kl.sum() / (num_tokens if num_tokens is not None else max(student_logp.shape[0], 1))
 
 
+# the teacher's numbers per distribution row, by method (``CrossSignal`` fields; a cache stores them)
+ROW_FIELDS = {"span": ("ids", "logprobs"), "uld": ("sorted", "tail")}
+
+
 # ---- training: a live teacher with another tokenizer -------------------------------------------------
 
 
@@ -433,21 +437,22 @@ class CrossTeacher:
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings().weight
         vmap = self.vmap if self.method == "span" else None
-        rows = teacher_rows(flat_h[torch.tensor(dist_t, dtype=torch.long)], head, self.k, vmap=vmap,
-                            transform=self.transform)  # fmt: skip
-        names = ("ids", "logprobs") if self.method == "span" else ("sorted", "tail")
+        dev = flat_h.device  # the parts stay there: the student's device takes them in ``signal``
+        picked = flat_h[torch.tensor(dist_t, dtype=torch.long, device=dev)]
+        rows = teacher_rows(picked, head, self.k, vmap=vmap, transform=self.transform)
+        names = ROW_FIELDS[self.method]
         lp = None
         if ch_t:
-            pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long)
-            tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long)
+            pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long, device=dev)
+            tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long, device=dev)
             lp = teacher_rows(flat_h[pos], head, 1, transform=self.transform, targets=tgt)["target_logprob"]
         parts, r0, t0 = [], 0, 0
         for n_dist, n_multi, n_tok in counts:
-            part = {name: rows[name][r0 : r0 + n_dist].cpu() for name in names}
+            part = {name: rows[name][r0 : r0 + n_dist] for name in names}
             if self.method == "span":
-                which = torch.tensor([c for _, _, c in ch_t[t0 : t0 + n_tok]], dtype=torch.long)
-                got = lp[t0 : t0 + n_tok].float().cpu() if n_tok else torch.zeros(0)
-                part["chunk_teacher"] = torch.zeros(n_multi).index_add_(0, which, got)
+                which = torch.tensor([c for _, _, c in ch_t[t0 : t0 + n_tok]], dtype=torch.long, device=dev)
+                got = lp[t0 : t0 + n_tok].float() if n_tok else torch.zeros(0, device=dev)
+                part["chunk_teacher"] = torch.zeros(n_multi, device=dev).index_add_(0, which, got)
             parts.append(part)
             r0, t0 = r0 + n_dist, t0 + n_tok
         return parts
@@ -460,6 +465,7 @@ class CrossTeacher:
         from distill.cache import sample_key
 
         width = batch.input_ids.shape[1] - 1  # the student's shifted positions per row
+        dev = batch.input_ids.device
         samples = []
         for i, start, n in batch.samples():
             key = sample_key(batch.input_ids[i, start : start + n].tolist())
@@ -469,7 +475,7 @@ class CrossTeacher:
         if not samples:
             return CrossSignal(self.method, torch.zeros(0, dtype=torch.long))
         parts = self.parts_for([k for *_, k in samples], [it for _, _, it, _ in samples])
-        names = ("ids", "logprobs") if self.method == "span" else ("sorted", "tail")
+        names = ROW_FIELDS[self.method]
         dist_s, fields, ch_s, ch_of, ch_lab, ch_teacher = [], {n: [] for n in names}, [], [], [], []
         ch_ce = []  # per chunk: taught by the CE of its text (teacher answers only, not the student's own)
         n_chunks = 0
@@ -480,8 +486,8 @@ class CrossTeacher:
                 raise ValueError(f"sample {key}: the teacher's signal has {len(part[names[0]])} rows, the "
                                  f"alignment {len(dist)}; rerun `distill cache`")  # fmt: skip
             dist_s += [s_base + c.student[0] for c in dist]
-            for name in names:
-                fields[name].append(part[name])
+            for name in names:  # (a cache's parts are on the CPU, a live teacher's on its device)
+                fields[name].append(part[name].to(dev))
             s_row_ids = batch.input_ids[i]
             for c in self._multi_chunks(it):
                 for j in c.student:
@@ -491,14 +497,13 @@ class CrossTeacher:
                 n_chunks += 1
                 ch_ce.append(self.chunk_loss == "ce" and key in self.items)
             if "chunk_teacher" in part:
-                ch_teacher.append(part["chunk_teacher"])
-        dev = batch.input_ids.device
-        cat = {name: torch.cat(v).to(dev) for name, v in fields.items()}
+                ch_teacher.append(part["chunk_teacher"].to(dev))
+        cat = {name: torch.cat(v) for name, v in fields.items()}
         sig = CrossSignal(self.method, torch.tensor(dist_s, dtype=torch.long, device=dev), **cat)
         if n_chunks:
             sig.chunk_rows = torch.tensor(ch_s, dtype=torch.long, device=dev)
             sig.chunk_of = torch.tensor(ch_of, dtype=torch.long, device=dev)
             sig.chunk_labels = torch.tensor(ch_lab, dtype=torch.long, device=dev)
-            sig.chunk_teacher = torch.cat(ch_teacher).float().to(dev)
+            sig.chunk_teacher = torch.cat(ch_teacher).float()
             sig.chunk_ce = torch.tensor(ch_ce, dtype=torch.bool, device=dev)
         return sig

@@ -550,9 +550,8 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     answers = read_answers(_need(run / "answers.jsonl", "generate"))
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
-    s_tok = (
-        None  # a student with its own tokenizer (its untrained copy has it) gets a cache across tokenizers
-    )
+    # a student with its own tokenizer (its untrained copy has it) gets a cache across tokenizers
+    s_tok = None
     if cfg.train.cross_tokenizer != "off":
         s_tok = AutoTokenizer.from_pretrained(_need(run / "student_init", "shrink"))
     if s_tok is not None and _own_tokenizer(cfg, s_tok) is not None:
