@@ -49,15 +49,17 @@ METHODS = {
 
 def key(
     method: str, alpha: float, topk: int = 128, lr: float = 1e-4, steps: int = 60, onpolicy: float = 0,
-    cached: bool = False, chunk: str = "bernoulli",
+    cached: bool = False, chunk: str = "bernoulli", chain: bool = True,
 ) -> str:  # fmt: skip
     """A run's name in the results: the method, and its alpha, top-k, on-policy share, lr and steps
-    where they are not 0.5, 128, 0, 1e-4 and 60, whether the teacher's signal came from a cache, and
-    how span taught chunks of several tokens where not by the Bernoulli KL."""
+    where they are not 0.5, 128, 0, 1e-4 and 60, whether the teacher's signal came from a cache, how
+    span taught chunks of several tokens where not by the Bernoulli KL, and ``_chain`` for span since
+    it gives a distribution to every position of a chunk the teacher reads as one token
+    (``crosstok.piece_rows``; the runs without it had one at one-to-one chunks only)."""
     out = method if method == "seqkd" else (
         method + ("" if alpha == 0.5 else f"_alpha{alpha:g}") + ("" if topk == 128 else f"_top{topk}")
         + (f"_onpolicy{onpolicy:g}" if onpolicy else "") + ("" if chunk == "bernoulli" else f"_chunk{chunk}")
-        + ("_cached" if cached else "")
+        + ("_cached" if cached else "") + ("_chain" if chain and method == "span" else "")
     )  # fmt: skip
     return out + ("" if lr == 1e-4 else f"_lr{lr:g}") + ("" if steps == 60 else f"_steps{steps}")
 
@@ -173,6 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     from distill import pipeline
     from distill.config import load_config
+    from distill.crosstok import CROSS_ROWS
     from distill.hardware import cpu_model
     from distill.models import resolve_model_dir
 
@@ -243,6 +246,7 @@ def main() -> None:
             "alignment": summary.get("cross_tokenizer_alignment"), "signal": summary["teacher_signal"],
             "onpolicy_fraction": cfg.train.onpolicy_fraction, "cross_chunk": cfg.train.cross_chunk,
             "onpolicy": summary.get("cross_tokenizer_onpolicy"),
+            "cross_rows": CROSS_ROWS.get(cfg.train.cross_tokenizer),
             **({"checkpoints": checkpoints} if checkpoints else {}),
         }  # fmt: skip
         print(f"{m}: bits per byte {bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}], {seconds:.0f} s")

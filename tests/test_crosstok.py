@@ -122,17 +122,69 @@ def test_alignment_keeps_the_pieces_of_one_character_together():
         crosstok.align([(0, 3)], [(0, 4)])
 
 
-def test_vocab_map_matches_tokens_by_their_text_mid_sentence(tiny_teacher_dir, metaspace_tok):
+def test_token_pieces_read_each_teacher_token_as_the_student_does(tiny_teacher_dir, metaspace_tok):
     bpe, sp = _tok(tiny_teacher_dir), _tok(metaspace_tok)
-    vmap = crosstok.vocab_map(bpe, sp)
-    assert vmap.shape == (len(bpe),)
+    pieces = crosstok.token_pieces(bpe, sp)
+    assert pieces.shape == (len(bpe), 8)
     the_t, the_s = bpe.convert_tokens_to_ids("Ġthe"), sp.convert_tokens_to_ids("▁the")
-    assert vmap[the_t] == the_s  # " the" in both, though spelt Ġthe and ▁the
-    assert vmap[bpe.pad_token_id] == -1  # special tokens map to nothing
-    t_text, s_text = crosstok.surfaces(bpe), crosstok.surfaces(sp)
-    for t, s in enumerate(vmap.tolist()):
-        if s >= 0:
-            assert t_text[t] == s_text[s]
+    assert pieces[the_t].tolist() == [the_s] + [-1] * 7  # " the" in both, though spelt Ġthe and ▁the
+    assert (pieces[bpe.pad_token_id] == -1).all()  # special tokens map to nothing
+    assert pieces[bpe.eos_token_id, 0] == sp.eos_token_id  # but the two stops are one event
+    for teacher, student in ((bpe, sp), (sp, bpe)):
+        t_text, s_text = crosstok.surfaces(teacher), crosstok.surfaces(student)
+        table = crosstok.token_pieces(teacher, student)
+        for t, row in enumerate(table.tolist()):
+            got = [i for i in row if i >= 0]
+            if got and t != teacher.eos_token_id:  # each teacher token's text, exactly, in student tokens
+                assert "".join(s_text[i] for i in got) == t_text[t]
+        # mid-word pieces ("lu" of "plus") keep their match though a SentencePiece student reads "lu"
+        # alone as a word
+        mapped = [t for t, x in enumerate(t_text) if x is not None and x in set(s_text)]
+        assert all(table[t, 0] >= 0 for t in mapped) and mapped
+    # a teacher token the student reads as several: "▁plus" as "Ġp", "lu", "s"
+    plus = crosstok.token_pieces(sp, bpe)[sp.convert_tokens_to_ids("▁plus")]
+    assert plus.tolist() == bpe.convert_tokens_to_ids(["Ġp", "lu", "s"]) + [-1] * 5
+    # byte-level BPE reads "\n\n" before a word as two "\n" tokens: the pieces are those of running text
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(
+        ["a\n\nb", "a\n\n"] * 50,
+        trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+        ),
+    )
+    byte = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    assert byte.tokenize("\n\n") == ["ĊĊ"] and byte.tokenize("\n\nb") == ["Ċ", "Ċ", "b"]
+    got = crosstok.token_pieces(byte, byte)[byte.convert_tokens_to_ids("ĊĊ")]
+    assert got[:3].tolist() == [byte.convert_tokens_to_ids("Ċ")] * 2 + [-1]
+
+
+def test_piece_rows_by_the_chain_rule_against_hand_values():
+    """Teacher tokens 0-4 in student tokens: " dist"+"illation", " dist"+"inct", " dist", " cat",
+    none; its top 5 at a chunk's start hold 0.9 of its mass."""
+    pieces = torch.tensor([[10, 11, -1], [10, 12, -1], [10, -1, -1], [13, -1, -1], [-1, -1, -1]])
+    ids = torch.tensor([[0, 1, 2, 3, 4]]).repeat(4, 1)
+    lp = torch.log(torch.tensor([[0.3, 0.2, 0.1, 0.25, 0.05]])).repeat(4, 1)
+    read = torch.tensor([[-1, -1, -1], [10, -1, -1], [13, -1, -1], [99, -1, -1]])
+    got_ids, got_lp = crosstok.piece_rows(ids, lp, pieces, read, torch.tensor([0, 1, 1, 1]))
+    # depth 0: each token's mass to its first piece, undivided
+    assert got_ids[0].tolist() == [10, 10, 10, 13, -1]
+    torch.testing.assert_close(got_lp[0], lp[0])
+    # after " dist": the three tokens that begin so hold 0.6; " dist" alone ends there (the tail)
+    assert got_ids[1].tolist() == [11, 12, -1, -1, -1]
+    torch.testing.assert_close(got_lp[1, :2].exp(), torch.tensor([0.5, 1 / 3]))
+    q = torch.log(torch.tensor([[0.1, 0.1, 0.1] + [0.7 / 11] * 11]))  # a student over ids 0-13
+    got = crosstok.span_kl(q, got_ids[1:2], got_lp[1:2])
+    r = 0.7 / 11  # ids 11 and 12 against the student's, the ended 1/6 against the rest of its mass
+    want = (
+        0.5 * math.log(0.5 / r) + (1 / 3) * math.log((1 / 3) / r) + (1 / 6) * math.log((1 / 6) / (1 - 2 * r))
+    )
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # after " cat": the one token that begins so ends there; after an id no teacher token begins
+    # with: no student token either, and no signal
+    assert got_ids[2].tolist() == [-1] * 5 and got_ids[3].tolist() == [-1] * 5
+    assert torch.isfinite(got_lp).all()
+    assert float(crosstok.span_kl(q.repeat(2, 1), got_ids[2:], got_lp[2:])) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_uld_against_hand_values():
@@ -173,16 +225,16 @@ def test_span_kl_and_chunk_kl_against_hand_values():
 def test_teacher_rows_block_by_block_equal_the_whole():
     torch.manual_seed(0)
     hidden, head = torch.randn(10, 8), torch.randn(40, 8)
-    vmap = torch.arange(40) % 7 - 1  # some ids unmapped (-1)
-    small = crosstok.teacher_rows(hidden, head, 5, vmap=vmap, chunk_size=3)
-    whole = crosstok.teacher_rows(hidden, head, 5, vmap=vmap, chunk_size=100)
+    small = crosstok.teacher_rows(hidden, head, 5, with_ids=True, chunk_size=3)
+    whole = crosstok.teacher_rows(hidden, head, 5, with_ids=True, chunk_size=100)
     for name in ("sorted", "tail", "ids", "logprobs"):
         torch.testing.assert_close(small[name], whole[name])
     p = torch.softmax(hidden @ head.T, -1)
     top, ids = p.topk(5, -1)
     torch.testing.assert_close(whole["sorted"], top)
     torch.testing.assert_close(whole["tail"], 1 - top.sum(-1))
-    assert torch.equal(whole["ids"], vmap[ids])
+    assert torch.equal(whole["ids"], ids)
+    torch.testing.assert_close(whole["logprobs"], top.log())
 
 
 def test_a_padded_vocabulary_pair_trains_and_evaluates(tmp_path, tiny_teacher_dir, prompts_file):
@@ -371,7 +423,7 @@ def test_the_students_own_samples_are_read_again_and_aligned_for_the_teacher(tin
     )
     spelled = [*canonical[: split[0]], *split[1], *canonical[split[0] + 1 :]]
     assert s_tok.decode(spelled, skip_special_tokens=True) == text and spelled != canonical
-    teacher = crosstok.CrossTeacher(model, {}, method="span", k=8, vmap=crosstok.vocab_map(t_tok, s_tok),
+    teacher = crosstok.CrossTeacher(model, {}, method="span", k=8, pieces=crosstok.token_pieces(t_tok, s_tok),
                                     pad_id=t_tok.pad_token_id, tokenizers=(s_tok, t_tok),
                                     prompts={tuple(s_prompt): t_prompt}, max_len=64)  # fmt: skip
     other = s_tok("a prompt nobody gave")["input_ids"]
@@ -387,8 +439,9 @@ def test_the_students_own_samples_are_read_again_and_aligned_for_the_teacher(tin
     )
     sig = teacher.signal(batch)
     width = batch.input_ids.shape[1] - 1
-    one = [c for c in want.chunks if c.one_to_one]
-    assert sig.rows.tolist() == [len(s_prompt) - 1 + c.student[0] for c in one]  # row 0 only
+    # row 0 only: every position of each chunk the teacher reads as one token
+    dist = [(c, j) for c in want.chunks if len(c.teacher) == 1 for j in range(len(c.student))]
+    assert sig.rows.tolist() == [len(s_prompt) - 1 + c.student[j] for c, j in dist]
     assert all(r < width for r in sig.rows.tolist())
     teacher.retokenize([s_prompt], [canonical], step=4)  # a new step forgets the last one's samples
     assert len(teacher.sampled) == 1 and teacher.sampled_counts["retokenized"] == 1
@@ -414,6 +467,51 @@ def test_on_policy_training_across_tokenizers(tmp_path, tiny_teacher_dir, metasp
     assert all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in rows)
 
 
+def test_span_rows_inside_a_chunk_the_student_splits_follow_the_chain_rule(
+    tmp_path, tiny_teacher_dir, metaspace_tok
+):
+    """A SentencePiece-style teacher reads " plus" as one token, the byte-level student as three:
+    each of the three positions gets a row, the teacher's distribution where it starts the chunk (a
+    forward pass made here) carried into the student's tokens after what it has read of the chunk."""
+    from distill.cache import sample_key
+    from distill.data import collate, make_example
+
+    s_tok, t_tok = _tok(tiny_teacher_dir), _tok(metaspace_tok)
+    model = build_llama(tmp_path / "teacher", t_tok, layers=1, seed=2).eval()
+    text, question = "two plus two is four", "what is two plus two?"
+    s_prompt, t_prompt = s_tok(question)["input_ids"], t_tok(question)["input_ids"]
+    answer = crosstok.student_answer_ids(s_tok, text, True)
+    item = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
+    ex = make_example(s_prompt, answer, 64)
+    k, pieces = len(t_tok), crosstok.token_pieces(t_tok, s_tok)  # the teacher's whole distribution
+    kw = {"method": "span", "k": k, "pieces": pieces, "pad_id": t_tok.pad_token_id}
+    teacher = crosstok.CrossTeacher(model, {sample_key(ex[0]): item}, **kw)
+    sig = teacher.signal(collate([ex], s_tok.pad_token_id))
+    dist = [(c, j) for c in item.chunks if len(c.teacher) == 1 for j in range(len(c.student))]
+    assert sig.rows.tolist() == [len(s_prompt) - 1 + c.student[j] for c, j in dist]
+    plus = [n for n, (c, _) in enumerate(dist) if text[c.start : c.end] == " plus"]
+    assert len(plus) == 3  # " plus": "Ġp", "lu", "s"
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([item.teacher_ids])).logits[0].float(), -1)
+    for n, (c, j) in enumerate(dist):
+        top = logp[item.teacher_start - 1 + c.teacher[0]].topk(k)
+        read = torch.full((1, 8), -1)
+        read[0, :j] = torch.tensor(answer[c.student[0] : c.student[0] + j])
+        ids, lp = crosstok.piece_rows(
+            top.indices[None], top.values[None], teacher.pieces, read, torch.tensor([j])
+        )
+        assert sig.ids[n].tolist() == ids[0].tolist()
+        torch.testing.assert_close(sig.logprobs[n], lp[0], rtol=1e-4, atol=1e-5)
+    # after "Ġp" the row holds only teacher tokens whose text goes on from " p", divided by their mass
+    row, lu = plus[1], s_tok.convert_tokens_to_ids("lu")
+    kept = sig.ids[row] >= 0
+    assert lu in sig.ids[row].tolist() and float(sig.logprobs[row][kept].exp().sum()) <= 1 + 1e-5
+    begins = pieces[:, 0] == s_tok.convert_tokens_to_ids("Ġp")  # "▁plus", "▁p", ...
+    want = logp[item.teacher_start - 1 + dist[row][0].teacher[0]].exp()
+    share = float(want[begins & (pieces[:, 1] == lu)].sum() / want[begins].sum())  # those going on "lu"
+    assert float(sig.logprobs[row][sig.ids[row] == lu].exp().sum()) == pytest.approx(share, rel=1e-4)
+
+
 @pytest.mark.parametrize("method", ["span", "uld"])
 def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_teacher_dir, metaspace_tok):
     """The teacher's side of each sample written to shards and read back: the batch's signal and loss
@@ -434,8 +532,8 @@ def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_te
         ex = make_example(s_prompt, crosstok.student_answer_ids(s_tok, text, True), 64)
         items[sample_key(ex[0])] = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
         examples.append(ex)
-    kw = {"method": method, "k": 8, "vmap": crosstok.vocab_map(t_tok, s_tok) if method == "span" else None,
-          "pad_id": t_tok.pad_token_id}  # fmt: skip
+    pieces = crosstok.token_pieces(t_tok, s_tok) if method == "span" else None
+    kw = {"method": method, "k": 8, "pieces": pieces, "pad_id": t_tok.pad_token_id}
     live = crosstok.CrossTeacher(model, items, **kw)
     expected = {"teacher": "tiny", "teacher_weights_hash": "w", "tokenizer_hash": "t", "k": 8,
                 "scoring_temperature": 1.0, "tail_samples": 0, "cross_tokenizer": method,

@@ -93,6 +93,7 @@ class CacheMeta:
     # token-level cache, rows at the student's positions in the one shared vocabulary
     cross_tokenizer: str = "off"
     student_tokenizer_hash: str = ""
+    cross_rows: str = ""  # which student positions get a row, and how (crosstok.CROSS_ROWS)
 
     def check_against(self, expected: dict) -> None:
         """Raise ``CacheError`` naming every field that differs from ``expected``."""

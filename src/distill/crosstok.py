@@ -4,12 +4,16 @@ Both models read the same text, each in its own tokens. ``align`` cuts the text 
 offsets where both tokenisations have a boundary, into chunks of one or more tokens on each side.
 Two losses use the chunks:
 
-* **Span alignment** (as in GOLD). Where a chunk is one token on each side, the two tokens are the
-  same text, and the models' next-token distributions before it are compared on the tokens both
-  vocabularies have (matched by their text, ``vocab_map``), the rest of the teacher's mass kept as a
-  tail bucket: a forward KL. Where a chunk is several tokens on a side, each model's probability of
-  the chunk's text is the product of its tokens' (the chain rule), and the two are compared as the
-  probability of one event: KL(Bernoulli(p_teacher) ‖ Bernoulli(p_student)).
+* **Span alignment** (as in GOLD). Where a chunk is one token on the teacher's side, the teacher's
+  next-token distribution before it is carried into the student's vocabulary: each teacher token
+  gives its probability to the student token its text begins with (the same text where the student
+  has it, `` dist`` for `` distillation`` where it does not: ``token_pieces``), the rest of its mass
+  kept as a tail bucket, and compared with the student's by a forward KL. Where the student reads
+  that one teacher token as several, its later positions get the chain rule's conditionals from the
+  same distribution: after `` dist``, the teacher tokens whose text goes on from `` dist``, divided
+  by their mass (``piece_rows``). Where a chunk is several tokens on the teacher's side, each model's
+  probability of the chunk's text is the product of its tokens' (the chain rule), and the two are
+  compared as the probability of one event: KL(Bernoulli(p_teacher) ‖ Bernoulli(p_student)).
 * **Universal Logit Distillation** (Boizard et al., 2024). At the first token of every chunk, where
   both models start predicting the same text, the two probability vectors are sorted and compared
   by their L1 distance (the Wasserstein-1 distance under ULD's assumptions), so no id needs a match.
@@ -82,45 +86,107 @@ def align(student: list[tuple[int, int]], teacher: list[tuple[int, int]]) -> lis
 
 
 def alignment_shares(chunks: list[Chunk], n_student: int) -> dict[str, float]:
-    """Share of the student's tokens with a full distribution to match (one-to-one chunks), and with
-    any logit signal (every chunk: a distribution or a chunk probability)."""
+    """Shares of the student's tokens: in one-to-one chunks (``one_to_one``), in chunks the teacher
+    reads as one token (``one_teacher_token``: span gives each a whole distribution), and with any
+    logit signal (``any``: every chunk, a distribution or a chunk probability)."""
     one = sum(len(c.student) for c in chunks if c.one_to_one)
+    single = sum(len(c.student) for c in chunks if len(c.teacher) == 1)
     any_ = sum(len(c.student) for c in chunks)
-    return {"one_to_one": one / max(n_student, 1), "any": any_ / max(n_student, 1)}
+    n = max(n_student, 1)
+    return {"one_to_one": one / n, "one_teacher_token": single / n, "any": any_ / n}
+
+
+def _mid_text(tok):
+    """``text(tokens)``: the text of a list of ``tok``'s tokens in the middle of a sequence, decoded
+    after an anchor token whose text is then removed, since decoders treat the first token apart (a
+    SentencePiece ``▁the`` alone decodes to ``the``, after a word to `` the``); None: not after the
+    anchor's text."""
+    anchor = next(t for t in ("a", "x", "e") if t in tok.get_vocab())
+    base = tok.convert_tokens_to_string([anchor])
+
+    def text(tokens: list[str]) -> str | None:
+        full = tok.convert_tokens_to_string([anchor, *tokens])
+        return full[len(base) :] if full.startswith(base) else None
+
+    return text
 
 
 def surfaces(tok) -> list[str | None]:
-    """Each token's text in the middle of a sequence (None: a special token or no text of its own).
-
-    A token is decoded after an anchor token and the anchor's text removed, since decoders treat the
-    first token apart (a SentencePiece ``▁the`` alone decodes to ``the``, after a word to `` the``)."""
+    """Each token's text in the middle of a sequence (None: a special token or no text of its own)."""
     special = set(tok.all_special_ids)
-    anchor = next(t for t in ("a", "x", "e") if t in tok.get_vocab())
-    base = tok.convert_tokens_to_string([anchor])
+    text = _mid_text(tok)
     out: list[str | None] = []
     for i in range(len(tok)):
-        if i in special:
-            out.append(None)
-            continue
-        full = tok.convert_tokens_to_string([anchor, tok.convert_ids_to_tokens(i)])
-        text = full[len(base) :] if full.startswith(base) else None
-        out.append(text if text and "\ufffd" not in text else None)  # a partial character: no text
+        got = None if i in special else text([tok.convert_ids_to_tokens(i)])
+        out.append(got if got and "\ufffd" not in got else None)  # a partial character: no text
     return out
 
 
-def vocab_map(teacher_tok, student_tok) -> Tensor:
-    """``(V_teacher,)`` the student id of each teacher token with the same text (-1: none); special
-    tokens and pieces of a character map to nothing. Where student tokens share a text the lowest
-    id is taken."""
-    by_text: dict[str, int] = {}
-    for i, text in enumerate(surfaces(student_tok)):
-        if text is not None and text not in by_text:
-            by_text[text] = i
-    out = torch.full((len(teacher_tok),), -1, dtype=torch.long)
-    for i, text in enumerate(surfaces(teacher_tok)):
-        if text is not None and text in by_text:
-            out[i] = by_text[text]
+def token_pieces(teacher_tok, student_tok, max_pieces: int = 8) -> Tensor:
+    """``(V_teacher, max_pieces)``: the text of each teacher token (``surfaces``) in the student's
+    tokens, -1 padded; a row of -1: no text of its own (a special token, a piece of a character) or
+    text the student's tokenizer does not read back exactly (longer texts keep their first
+    ``max_pieces``). Column 0, the student token that starts each teacher token's text, maps the
+    teacher's next-token distribution into the student's vocabulary: a teacher token the student lacks
+    whole (`` distillation``) gives its mass to the student token its text starts with (`` dist``).
+    The two models' end-of-sequence tokens are one event and map to each other."""
+    t_text = surfaces(teacher_tok)
+    todo = [i for i, t in enumerate(t_text) if t]
+    out = torch.full((len(teacher_tok), max_pieces), -1, dtype=torch.long)
+    read_back = _mid_text(student_tok)
+    # A token's text as the student reads it in running text: followed by a word after whitespace
+    # (byte-level BPE reads "\n\n" before a word as "\n", "\n", alone as "\n\n") and by a space
+    # after anything else; the tokens of that follower are dropped. Failing that, read alone.
+    followed = [t_text[i] + ("x" if t_text[i][-1].isspace() else " ") for i in todo]
+    enc = student_tok(followed, add_special_tokens=False, return_offsets_mapping=True) if todo else None
+    alone = student_tok([t_text[i] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
+    same: dict[str, int] = {}  # last: a student token of the same text (a piece inside a word, which
+    for j, text in enumerate(surfaces(student_tok)):  # a SentencePiece tokenizer reads alone as a word)
+        if text is not None and text not in same:
+            same[text] = j
+    for n, i in enumerate(todo):
+        text = t_text[i]
+        ids, spans = enc["input_ids"][n], enc["offset_mapping"][n]
+        for got in ([t for t, (_, end) in zip(ids, spans, strict=True) if end <= len(text)], alone[n]):
+            if got and read_back(student_tok.convert_ids_to_tokens(got)) == text:
+                out[i, : min(len(got), max_pieces)] = torch.tensor(got[:max_pieces])
+                break
+        else:
+            out[i, 0] = same.get(text, -1)
+    if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
+        out[teacher_tok.eos_token_id] = -1
+        out[teacher_tok.eos_token_id, 0] = student_tok.eos_token_id
     return out
+
+
+def piece_rows(
+    ids: Tensor, logprobs: Tensor, pieces: Tensor, read: Tensor, depth: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The student's next-token distributions inside chunks the teacher reads as one token, from the
+    teacher's top-k ``ids`` and ``logprobs`` (R, k) at each chunk's start, by the chain rule.
+
+    Row r is the student's position ``depth[r]`` of its chunk, after it has read the student tokens
+    ``read[r, :depth[r]]`` (R, L) of it. Each teacher token whose text, in student tokens
+    (``pieces``, ``token_pieces``), begins with those and goes on gives its probability to its next
+    piece; the probabilities are divided by the mass of the teacher tokens that begin so (the ones
+    that end there are the row's tail: the next student token then starts the next chunk, which this
+    row cannot see). At depth 0 this is column 0 of ``pieces``, undivided (the teacher's mass past its
+    top k is the tail). Returns the rows' ``ids`` (-1: no student token) and ``logprobs``."""
+    table = pieces.to(ids.device)
+    width = table.shape[1]
+    p = table[ids]  # (R, k, L)
+    cols = torch.arange(width, device=ids.device)
+    agree = (p == read[:, None, :]) | (cols >= depth[:, None])[:, None, :]
+    match = agree.all(-1) & (p[..., 0] >= 0)  # begins with what the student has read
+    nxt = p.gather(-1, depth.clamp_max(width - 1)[:, None, None].expand(-1, p.shape[1], 1)).squeeze(-1)
+    nxt = torch.where(depth[:, None] < width, nxt, -1)
+    out_ids = torch.where(match & (nxt >= 0), nxt, -1)
+    lp = logprobs.float()
+    norm = torch.logsumexp(torch.where(match, lp, -torch.inf), -1, keepdim=True)
+    norm = torch.where(depth[:, None] > 0, norm, 0.0)
+    empty = ~torch.isfinite(norm)  # nothing in the top k begins so: no signal at this row
+    out_ids = torch.where(empty, -1, out_ids)
+    return out_ids, torch.where(empty, 0.0, lp - norm)
 
 
 @torch.no_grad()
@@ -129,15 +195,15 @@ def teacher_rows(
     head: Tensor,
     k: int,
     *,
-    vmap: Tensor | None = None,
+    with_ids: bool = False,
     transform=None,
     chunk_size: int = 64,
     targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """From the teacher's final hidden states ``(M, H)`` at the positions that matter and its LM head
     ``(V, H)``, block by block: ``sorted`` its top-k probabilities, descending (M, k) and ``tail`` the
-    rest (M,) for ULD; with ``vmap``, ``ids`` its top-k ids in the student's vocabulary (-1: no such
-    token) with their ``logprobs`` for span alignment; with ``targets`` (M,) teacher ids, their
+    rest (M,) for ULD; ``with_ids``: its top-k ``ids`` (its own) and their ``logprobs`` for span
+    alignment; with ``targets`` (M,) teacher ids, their
     ``target_logprob`` (M,). Peak memory: one ``(chunk_size, V)`` block."""
     parts: dict[str, list[Tensor]] = {
         "sorted": [],
@@ -154,8 +220,8 @@ def teacher_rows(
         top, ids = logp.topk(min(k, logp.shape[-1]), -1)
         parts["sorted"].append(top.exp())
         parts["tail"].append((1 - top.exp().sum(-1)).clamp_min(0))
-        if vmap is not None:
-            parts["ids"].append(vmap[ids])
+        if with_ids:
+            parts["ids"].append(ids)
             parts["logprobs"].append(top)
         if targets is not None:
             parts["target_logprob"].append(
@@ -213,6 +279,9 @@ def chunk_kl(student_logp: Tensor, teacher_logp: Tensor, *, num_tokens=None) -> 
 
 # the teacher's numbers per distribution row, by method (``CrossSignal`` fields; a cache stores them)
 ROW_FIELDS = {"span": ("ids", "logprobs"), "uld": ("sorted", "tail")}
+# which student positions get a row, and how, by method (``CrossTeacher._dist_rows``): a cache
+# records it, and one made otherwise (an older release's) is refused
+CROSS_ROWS = {"span": "one-teacher-token chunks, every position (piece_rows)", "uld": "chunk starts"}
 
 
 # ---- training: a live teacher with another tokenizer -------------------------------------------------
@@ -227,6 +296,7 @@ class CrossItem:
     student_start: int  # index of the student's first answer token within its sample
     chunks: list[Chunk]  # over the answer tokens (indices relative to each answer's start)
     student_answer: int  # the student's answer tokens in the sample (after truncation)
+    student_tokens: tuple[int, ...] = ()  # those tokens (the chain rule inside a chunk reads them)
 
 
 def student_answer_ids(s_tok, text: str, eos: bool) -> list[int]:
@@ -258,8 +328,14 @@ def build_item(student_prompt: list[int], teacher_prompt: list[int], text: str, 
     kept = max(0, min(n_student, max_len - len(student_prompt)))
     chunks = [c for c in chunks if c.student.stop <= kept]
     t_len = chunks[-1].teacher.stop if chunks else 0
+    s_all = [*s_ids, s_tok.eos_token_id] if n_student > len(s_ids) else s_ids
     return CrossItem(
-        [*teacher_prompt, *t_ids[:t_len]], len(teacher_prompt), len(student_prompt), chunks, kept
+        [*teacher_prompt, *t_ids[:t_len]],
+        len(teacher_prompt),
+        len(student_prompt),
+        chunks,
+        kept,
+        tuple(s_all[:kept]),
     )
 
 
@@ -347,15 +423,16 @@ class CrossTeacher:
     teacher's tokens, the teacher runs once, and its signal is reduced to ``k`` numbers per aligned
     student position, block by block (``teacher_rows``)."""
 
-    def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, vmap: Tensor | None,
+    def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, pieces: Tensor | None,
                  pad_id: int, tokenizers: tuple | None = None, prompts: dict[tuple, list[int]] | None = None,
                  max_len: int = 0, chunk_loss: str = "bernoulli") -> None:  # fmt: skip
-        """``tokenizers`` (student's, teacher's), ``prompts`` (the teacher's prompt ids by the student's)
+        """``pieces``: each teacher token in the student's tokens (span; ``token_pieces``).
+        ``tokenizers`` (student's, teacher's), ``prompts`` (the teacher's prompt ids by the student's)
         and ``max_len``: what ``retokenize`` needs to align the student's own samples (on-policy)."""
         from distill.losses import LogitTransform
 
         self.model, self.items, self.method, self.k = model, items, method, k
-        self.vmap, self.pad_id, self.chunk_loss = vmap, pad_id, chunk_loss
+        self.pieces, self.pad_id, self.chunk_loss = pieces, pad_id, chunk_loss
         self.transform = None
         if model is not None:  # (none: a cache answers for the teacher)
             self.model = model.eval()
@@ -399,22 +476,26 @@ class CrossTeacher:
             out.append(ids)
         return out
 
-    def _dist_chunks(self, item: CrossItem) -> list[Chunk]:
-        """The item's chunks whose first position gets a whole distribution (ULD: every chunk; span:
-        the one-to-one chunks)."""
-        return [c for c in item.chunks if self.method == "uld" or c.one_to_one]
+    def _dist_rows(self, item: CrossItem) -> list[tuple[Chunk, int]]:
+        """The item's student positions that get a whole distribution, as (chunk, position in it).
+        ULD: the first of every chunk. Span: every position of each chunk the teacher reads as one
+        token (one-to-one, or split by the student: ``piece_rows``)."""
+        if self.method == "uld":
+            return [(c, 0) for c in item.chunks]
+        return [(c, j) for c in item.chunks if len(c.teacher) == 1 for j in range(len(c.student))]
 
     def _multi_chunks(self, item: CrossItem) -> list[Chunk]:
-        """The chunks compared as the probability of their text (span: the multi-token chunks)."""
-        return [c for c in item.chunks if self.method == "span" and not c.one_to_one]
+        """The chunks compared as the probability of their text (span: those of several teacher
+        tokens, whose single-token distributions cannot be paired)."""
+        return [c for c in item.chunks if self.method == "span" and len(c.teacher) > 1]
 
     @torch.no_grad()
     def item_parts(self, items: list[CrossItem]) -> list[dict[str, Tensor]]:
-        """The teacher's side of each item, from one forward pass over them: for every chunk of
-        ``_dist_chunks`` (in order) its ``k`` numbers (span: ``ids`` in the student's vocabulary and
-        ``logprobs``; ULD: ``sorted`` probabilities and ``tail``), and for every chunk of
-        ``_multi_chunks`` the teacher's log-probability of its text, ``chunk_teacher``. They depend on
-        the item alone, so a cache can keep them (``CachedCrossTeacher``)."""
+        """The teacher's side of each item, from one forward pass over them: for every row of
+        ``_dist_rows`` (in order) its ``k`` numbers (span: ``ids`` in the student's vocabulary and
+        ``logprobs``, by ``piece_rows``; ULD: ``sorted`` probabilities and ``tail``), and for every
+        chunk of ``_multi_chunks`` the teacher's log-probability of its text, ``chunk_teacher``. They
+        depend on the item alone, so a cache can keep them (``CachedCrossTeacher``)."""
         from distill.data import collate
 
         if self.model is None:
@@ -425,21 +506,37 @@ class CrossTeacher:
                          output_hidden_states=True, logits_to_keep=1)  # fmt: skip
         hidden = out.hidden_states[-1]  # (b, T_t, H) after the final norm
         t_width = hidden.shape[1]
-        dist_t, ch_t, counts = [], [], []
+        dist_t, of_row, read, depth, ch_t, counts = [], [], [], [], [], []
+        width = self.pieces.shape[1] if self.pieces is not None else 1
         for b, it in enumerate(items):
             t_base = b * t_width + it.teacher_start - 1  # predicts the teacher's answer token 0
-            dist = self._dist_chunks(it)
-            dist_t += [t_base + c.teacher[0] for c in dist]
+            dist = self._dist_rows(it)
+            for c, j in dist:  # one teacher position per chunk, however many student rows read it
+                if j == 0:
+                    dist_t.append(t_base + c.teacher[0])
+                of_row.append(len(dist_t) - 1)
+                got = list(it.student_tokens[c.student[0] : c.student[0] + j])[:width] if j else []
+                read.append(got + [-1] * (width - len(got)))
+                depth.append(j)
             multi = self._multi_chunks(it)
             for n, c in enumerate(multi):  # (teacher position, its token, the chunk's number in the item)
                 ch_t += [(t_base + j, it.teacher_ids[it.teacher_start + j], n) for j in c.teacher]
             counts.append((len(dist), len(multi), sum(len(c.teacher) for c in multi)))
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings().weight
-        vmap = self.vmap if self.method == "span" else None
         dev = flat_h.device  # the parts stay there: the student's device takes them in ``signal``
         picked = flat_h[torch.tensor(dist_t, dtype=torch.long, device=dev)]
-        rows = teacher_rows(picked, head, self.k, vmap=vmap, transform=self.transform)
+        span = self.method == "span"
+        rows = teacher_rows(picked, head, self.k, with_ids=span, transform=self.transform)
+        if span:
+            if self.pieces.device != dev:  # moved once, not every step
+                self.pieces = self.pieces.to(dev)
+            of = torch.tensor(of_row, dtype=torch.long, device=dev)
+            rows["ids"], rows["logprobs"] = piece_rows(
+                rows["ids"][of], rows["logprobs"][of], self.pieces,
+                torch.tensor(read, dtype=torch.long, device=dev).reshape(len(read), width),
+                torch.tensor(depth, dtype=torch.long, device=dev),
+            )  # fmt: skip
         names = ROW_FIELDS[self.method]
         lp = None
         if ch_t:
@@ -449,7 +546,7 @@ class CrossTeacher:
         parts, r0, t0 = [], 0, 0
         for n_dist, n_multi, n_tok in counts:
             part = {name: rows[name][r0 : r0 + n_dist] for name in names}
-            if self.method == "span":
+            if span:
                 which = torch.tensor([c for _, _, c in ch_t[t0 : t0 + n_tok]], dtype=torch.long, device=dev)
                 got = lp[t0 : t0 + n_tok].float() if n_tok else torch.zeros(0, device=dev)
                 part["chunk_teacher"] = torch.zeros(n_multi, device=dev).index_add_(0, which, got)
@@ -481,11 +578,11 @@ class CrossTeacher:
         n_chunks = 0
         for (i, start, it, key), part in zip(samples, parts, strict=True):
             s_base = i * width + start + it.student_start - 1  # predicts the student's answer token 0
-            dist = self._dist_chunks(it)
+            dist = self._dist_rows(it)
             if len(part[names[0]]) != len(dist):
                 raise ValueError(f"sample {key}: the teacher's signal has {len(part[names[0]])} rows, the "
                                  f"alignment {len(dist)}; rerun `distill cache`")  # fmt: skip
-            dist_s += [s_base + c.student[0] for c in dist]
+            dist_s += [s_base + c.student[j] for c, j in dist]
             for name in names:  # (a cache's parts are on the CPU, a live teacher's on its device)
                 fields[name].append(part[name].to(dev))
             s_row_ids = batch.input_ids[i]

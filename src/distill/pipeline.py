@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from distill import fsio
 from distill.cache import CachedTeacher, CacheMeta, build_cache, tokenizer_hash, verify_cache, weights_hash
 from distill.config import LoraConfig, RunConfig, dump_config
+from distill.crosstok import CROSS_ROWS
 from distill.data import (
     Prompt,
     make_example,
@@ -433,7 +434,7 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list, cache_dir: Path | N
     ``cache_dir`` the samples' signal is read from that cache, and the teacher is loaded only to grade
     the student's own samples (train.onpolicy_fraction > 0)."""
     from distill.cache import sample_key
-    from distill.crosstok import CrossTeacher, alignment_shares, build_item, vocab_map
+    from distill.crosstok import CrossTeacher, alignment_shares, build_item, token_pieces
 
     items, chunks, n_tokens, prompts = {}, [], 0, {}
     for (ids, mask), rec, p in kept:
@@ -446,12 +447,8 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list, cache_dir: Path | N
         if item is not None:
             items[sample_key(ids)] = item
             chunks += item.chunks
-    vmap = None
-    if cfg.train.cross_tokenizer == "span":
-        vmap = vocab_map(t_tok, s_tok)
-        if t_tok.eos_token_id is not None and s_tok.eos_token_id is not None:
-            vmap[t_tok.eos_token_id] = s_tok.eos_token_id  # the two stops are one event
-    kw = {"method": cfg.train.cross_tokenizer, "k": cfg.train.cross_topk, "vmap": vmap,
+    pieces = token_pieces(t_tok, s_tok) if cfg.train.cross_tokenizer == "span" else None
+    kw = {"method": cfg.train.cross_tokenizer, "k": cfg.train.cross_topk, "pieces": pieces,
           "pad_id": t_tok.pad_token_id, "tokenizers": (s_tok, t_tok), "prompts": prompts,
           "max_len": cfg.train.max_seq_len, "chunk_loss": cfg.train.cross_chunk}  # fmt: skip
     if cache_dir is not None:
@@ -502,6 +499,7 @@ def _cross_cache_expectations(cfg: RunConfig, t_tok, s_tok) -> dict:
         "tokenizer_hash": tokenizer_hash(t_tok),
         "student_tokenizer_hash": tokenizer_hash(s_tok),
         "cross_tokenizer": cfg.train.cross_tokenizer,
+        "cross_rows": CROSS_ROWS[cfg.train.cross_tokenizer],
         "k": cfg.train.cross_topk,
         "scoring_temperature": 1.0,
         "tail_samples": 0,
@@ -623,8 +621,9 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text, cache_dir)
         method, share, one = cfg.train.cross_tokenizer, alignment["any"], alignment["one_to_one"]
         where = "cached" if cache_dir else "live"
+        dist = f", {alignment['one_teacher_token']:.0%} with a distribution" if method == "span" else ""
         source = (f"{where} teacher, another tokenizer: {method} on {share:.0%} of the student's answer "
-                  f"tokens ({one:.0%} one token to one)")  # fmt: skip
+                  f"tokens ({one:.0%} one token to one{dist})")  # fmt: skip
     elif t_tok is not None and cfg.train.alpha > 0:
         raise StageError("the student's tokenizer is not the teacher's: set train.cross_tokenizer (span or "
                          "uld), or train.alpha=0 for the teacher's text alone")  # fmt: skip
