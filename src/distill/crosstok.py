@@ -140,8 +140,10 @@ def token_pieces(teacher_tok, student_tok, max_pieces: int = 8) -> Tensor:
     followed = [t_text[i] + ("x" if t_text[i][-1].isspace() else " ") for i in todo]
     enc = student_tok(followed, add_special_tokens=False, return_offsets_mapping=True) if todo else None
     alone = student_tok([t_text[i] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
-    same: dict[str, int] = {}  # last: a student token of the same text (a piece inside a word, which
-    for j, text in enumerate(surfaces(student_tok)):  # a SentencePiece tokenizer reads alone as a word)
+    # Last, a student token of the same text: for a piece inside a word (``lu`` of ``plus``), which a
+    # SentencePiece tokenizer reads alone as a word (``▁lu``)
+    same: dict[str, int] = {}
+    for j, text in enumerate(surfaces(student_tok)):
         if text is not None and text not in same:
             same[text] = j
     for n, i in enumerate(todo):
