@@ -580,6 +580,10 @@ def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_te
     assert float(got.loss(logits, num_tokens=10)) == pytest.approx(
         float(want.loss(logits, num_tokens=10)), rel=1e-3
     )
+    with pytest.raises(CacheError, match="cross_rows"):  # made with other rows (an older release): refused
+        CachedCrossTeacher(
+            tmp_path / "cache", {**expected, "cross_rows": crosstok.CROSS_ROWS[method]}, held, **kw
+        )
     with pytest.raises(CacheError, match="cross_tokenizer"):  # made for the other method: refused
         CachedCrossTeacher(tmp_path / "cache", {**expected, "cross_tokenizer": "other"}, held, **kw)
     with pytest.raises(CacheError, match="lacks 1 of 4"):
