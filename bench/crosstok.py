@@ -72,17 +72,35 @@ def base(args) -> list[str]:
             f"train.cross_topk={args.topk}", "evaluate.tasks=[]"]  # fmt: skip
 
 
+def held_out(tok, cfg) -> list[tuple[list[int], list[int], dict]]:
+    """The teacher's answers to the held-out prompts in ``tok``'s tokens, as every score here reads
+    them: (prompt ids, answer ids cut to fit train.max_seq_len as training cuts them, the record)."""
+    from distill.crosstok import student_answer_ids
+    from distill.data import make_example, prompt_token_ids
+    from distill.generate import answer_key, read_answers
+    from distill.pipeline import load_split
+
+    answers = read_answers(cfg.run_dir / "answers.jsonl")
+    out = []
+    for p in load_split(cfg)[1]:
+        rec = answers[answer_key(p.id)]
+        ids = prompt_token_ids(
+            tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
+        )
+        ans = student_answer_ids(tok, rec["text"], rec.get("finish_reason") == "stop")
+        full, mask = make_example(ids, ans, cfg.train.max_seq_len)
+        out.append((ids, [i for i, m in zip(full, mask, strict=True) if m], rec))
+    return out
+
+
 def bits_per_byte(folder: Path, cfg, draws: int = 2000, weights: Path | None = None) -> dict:
     """Bits per byte of the teacher's held-out answers under the model in ``folder`` (its tokens), or
     under the weights of a training checkpoint ``weights`` (a safetensors file) in that architecture."""
     from transformers import AutoModelForCausalLM
 
-    from distill.crosstok import student_answer_ids
-    from distill.data import make_example, prompt_token_ids
+    from distill.data import make_example
     from distill.evaluate import forced_metrics
-    from distill.generate import answer_key, read_answers
     from distill.models import load_tokenizer
-    from distill.pipeline import load_split
     from distill.stats import bootstrap, ratio_of_sums
 
     tok = load_tokenizer(str(folder))
@@ -91,19 +109,10 @@ def bits_per_byte(folder: Path, cfg, draws: int = 2000, weights: Path | None = N
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(weights))
-    answers = read_answers(cfg.run_dir / "answers.jsonl")
-    _, held = load_split(cfg)
     examples, sizes = [], []
-    for p in held:
-        rec = answers[answer_key(p.id)]
-        ids = prompt_token_ids(
-            tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
-        )
-        ans = student_answer_ids(tok, rec["text"], rec.get("finish_reason") == "stop")
-        ex = make_example(ids, ans, cfg.train.max_seq_len)
-        examples.append(ex)
-        kept = [i for i, m in zip(*ex, strict=True) if m]
-        sizes.append(len(tok.decode(kept, skip_special_tokens=True).encode()))
+    for ids, ans, _ in held_out(tok, cfg):
+        examples.append(make_example(ids, ans, cfg.train.max_seq_len))
+        sizes.append(len(tok.decode(ans, skip_special_tokens=True).encode()))
     rows = forced_metrics(model, None, examples, tok.pad_token_id, 8)["per_example"]
     cols = {"m:ce": np.array([r["ce"] for r in rows]), "m:bytes": np.array(sizes, dtype=float)}
     ci = bootstrap(ratio_of_sums("m:ce", "m:bytes"), cols, draws=draws)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crosstok import RESULTS, ROOT, run_name  # noqa: E402
+from crosstok import RESULTS, ROOT, held_out, run_name  # noqa: E402
 
 KINDS = ("one_to_one", "teacher_one", "teacher_several")
 
@@ -40,22 +40,13 @@ def nats_by_chunk(model_dir: Path, cfg, s_tok, t_tok, side: str) -> dict[str, fl
     held-out answers by kind of chunk, and the bytes of each kind."""
     from transformers import AutoModelForCausalLM
 
-    from distill.crosstok import align, student_answer_ids, token_offsets
-    from distill.data import prompt_token_ids
-    from distill.generate import answer_key, read_answers
-    from distill.pipeline import load_split
+    from distill.crosstok import align, token_offsets
 
     tok = s_tok if side == "student" else t_tok
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = read_answers(cfg.run_dir / "answers.jsonl")
     out = {k: 0.0 for k in KINDS} | {f"{k}_bytes": 0 for k in KINDS}
-    for p in load_split(cfg)[1]:
-        rec = answers[answer_key(p.id)]
-        text, stop = rec["text"], rec.get("finish_reason") == "stop"
-        prompt = prompt_token_ids(
-            tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
-        )
-        ans = student_answer_ids(tok, text, stop)[: max(0, cfg.train.max_seq_len - len(prompt))]
+    for prompt, ans, rec in held_out(tok, cfg):
+        text = rec["text"]
         logits = model(torch.tensor([prompt + ans])).logits[0, len(prompt) - 1 : -1].float()
         nats = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ans)[:, None]).squeeze(-1)
         chunks = align(token_offsets(s_tok, text)[1], token_offsets(t_tok, text)[1])

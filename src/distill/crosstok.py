@@ -297,8 +297,11 @@ class CrossItem:
     teacher_start: int  # index of the teacher's first answer token
     student_start: int  # index of the student's first answer token within its sample
     chunks: list[Chunk]  # over the answer tokens (indices relative to each answer's start)
-    student_answer: int  # the student's answer tokens in the sample (after truncation)
-    student_tokens: tuple[int, ...] = ()  # those tokens (the chain rule inside a chunk reads them)
+    student_tokens: tuple[int, ...]  # the student's answer tokens in the sample (after truncation)
+
+    @property
+    def student_answer(self) -> int:
+        return len(self.student_tokens)
 
 
 def student_answer_ids(s_tok, text: str, eos: bool) -> list[int]:
@@ -336,7 +339,6 @@ def build_item(student_prompt: list[int], teacher_prompt: list[int], text: str, 
         len(teacher_prompt),
         len(student_prompt),
         chunks,
-        kept,
         tuple(s_all[:kept]),
     )
 

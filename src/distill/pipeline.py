@@ -447,14 +447,17 @@ def _cross_teacher(cfg: RunConfig, t_tok, s_tok, kept: list, cache_dir: Path | N
         if item is not None:
             items[sample_key(ids)] = item
             chunks += item.chunks
-    pieces = token_pieces(t_tok, s_tok) if cfg.train.cross_tokenizer == "span" else None
+    # the teacher model grades, and needs the tokens map (15 s for Gemma's vocabulary), unless a cache
+    # answers for every sample: then only the student's own samples (on-policy) are new
+    grades = cache_dir is None or cfg.train.onpolicy_fraction > 0
+    pieces = token_pieces(t_tok, s_tok) if cfg.train.cross_tokenizer == "span" and grades else None
     kw = {"method": cfg.train.cross_tokenizer, "k": cfg.train.cross_topk, "pieces": pieces,
           "pad_id": t_tok.pad_token_id, "tokenizers": (s_tok, t_tok), "prompts": prompts,
           "max_len": cfg.train.max_seq_len, "chunk_loss": cfg.train.cross_chunk}  # fmt: skip
     if cache_dir is not None:
         from distill.cache import CachedCrossTeacher
 
-        model = _training_teacher(cfg) if cfg.train.onpolicy_fraction > 0 else None
+        model = _training_teacher(cfg) if grades else None
         expected = _cross_cache_expectations(cfg, t_tok, s_tok)
         teacher = CachedCrossTeacher(cache_dir, expected, items, model=model, **kw)
     else:
