@@ -82,6 +82,20 @@ def test_resume_after_kill_has_no_duplicates_and_equals_uninterrupted(
     assert {k: v["token_ids"] for k, v in resumed.items()} == {k: v["token_ids"] for k, v in full.items()}
 
 
+def test_answers_with_unicode_line_breaks_read_back_whole(tmp_path):
+    """JSON lines are split at \\n only: a teacher's text may hold U+2028, U+0085 or \\x1c, which
+    str.splitlines() also breaks at (Gemma wrote a U+2028 into a sampled review answer)."""
+    texts = ["Service staff \u2028friendly", "a\u0085b\u2029c", "x\x1cy\x0bz\x0c", "plain"]
+    path = tmp_path / "answers.jsonl"
+    with path.open("a") as f:
+        gen.write_records(f, [{"id": f"p{i}", "text": t, "token_ids": [i]} for i, t in enumerate(texts)])
+    got = gen.read_answers(path)
+    assert [got[f"p{i}"]["text"] for i in range(len(texts))] == texts
+    with path.open("a") as f:
+        f.write('{"id": "p9", "text": "\u2028 torn')  # a torn last line is still cut off
+    assert len(gen.read_answers(path)) == len(texts) and path.read_bytes().endswith(b"\n")
+
+
 def test_sampled_generation_is_seeded(teacher, prompts_file, tmp_path):
     model, tok = teacher
     prompts = read_prompts(prompts_file)[:4]

@@ -31,10 +31,12 @@ ID = st.one_of(st.none(), st.text(string.ascii_letters + string.digits, min_size
 
 
 @SETTINGS
-@given(st.lists(st.tuples(ID, TEXT), min_size=1, max_size=12))
-def test_jsonl_prompts_round_trip(tmp_path, rows):
+@given(st.lists(st.tuples(ID, TEXT), min_size=1, max_size=12), st.booleans())
+def test_jsonl_prompts_round_trip(tmp_path, rows, ascii_only):
     path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": t} | ({"id": i} if i else {})) for i, t in rows) + "\n")
+    # ensure_ascii=False writes U+2028, U+0085 etc. raw inside the strings: still one record a line
+    lines = (json.dumps({"prompt": t} | ({"id": i} if i else {}), ensure_ascii=ascii_only) for i, t in rows)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ids = [i for i, _ in rows if i]
     if len(ids) != len(set(ids)):
         with pytest.raises(DataError, match=r"p\.jsonl:\d+: prompt id .* is already used at"):

@@ -92,13 +92,13 @@ def read_prompts(path: str | Path | None, fmt: str = "auto") -> list[Prompt]:
     """
     if path is None:
         text = resources.files("distill").joinpath("prompts/default.jsonl").read_text()
-        return _read_jsonl_lines(text.splitlines(), "embedded prompts/default.jsonl")
+        return _read_jsonl_lines(text.split("\n"), "embedded prompts/default.jsonl")
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompt file {p} does not exist")
     kind = _detect_format(p, fmt)
     if kind == "jsonl":
-        prompts = _read_jsonl_lines(_read_text(p).splitlines(), str(p))
+        prompts = _read_jsonl_lines(_read_text(p).split("\n"), str(p))
     elif kind == "txt":
         prompts = [
             _record_to_prompt({"prompt": line.strip()}, f"{p}:{i}")
@@ -393,7 +393,7 @@ def read_general_text(path: str | Path) -> list[str]:
         name, text = str(p), _read_text(p)
     if str(path).endswith(".jsonl"):
         docs = []
-        for i, rec in _jsonl_objects(text.splitlines(), name):
+        for i, rec in _jsonl_objects(text.split("\n"), name):
             if not isinstance(rec.get("text"), str):
                 raise DataError(f'{name}:{i}: each line must be an object with a "text" string')
             docs.append(rec["text"])

@@ -103,7 +103,7 @@ def read_log(path: Path) -> list[dict]:
         with path.open("r+b") as f:
             f.truncate(good_end)
     out = []
-    for i, line in enumerate(raw[:good_end].decode().splitlines(), 1):
+    for i, line in enumerate(raw[:good_end].decode().split("\n"), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
