@@ -72,17 +72,19 @@ def base(args) -> list[str]:
             f"train.cross_topk={args.topk}", "evaluate.tasks=[]"]  # fmt: skip
 
 
-def held_out(tok, cfg) -> list[tuple[list[int], list[int], dict]]:
+def held_out(tok, cfg, other: tuple[list, Path] | None = None) -> list[tuple[list[int], list[int], dict]]:
     """The teacher's answers to the held-out prompts in ``tok``'s tokens, as every score here reads
-    them: (prompt ids, answer ids cut to fit train.max_seq_len as training cuts them, the record)."""
+    them: (prompt ids, answer ids cut to fit train.max_seq_len as training cuts them, the record).
+    ``other``: (prompts, their answers.jsonl) instead of the run's held-out prompts and answers."""
     from distill.crosstok import student_answer_ids
     from distill.data import make_example, prompt_token_ids
     from distill.generate import answer_key, read_answers
     from distill.pipeline import load_split
 
-    answers = read_answers(cfg.run_dir / "answers.jsonl")
+    prompts, path = other if other is not None else (load_split(cfg)[1], cfg.run_dir / "answers.jsonl")
+    answers = read_answers(path)
     out = []
-    for p in load_split(cfg)[1]:
+    for p in prompts:
         rec = answers[answer_key(p.id)]
         ids = prompt_token_ids(
             tok, p, system_prompt=cfg.data.system_prompt, max_tokens=cfg.data.max_prompt_tokens
@@ -93,9 +95,12 @@ def held_out(tok, cfg) -> list[tuple[list[int], list[int], dict]]:
     return out
 
 
-def bits_per_byte(folder: Path, cfg, draws: int = 2000, weights: Path | None = None) -> dict:
+def bits_per_byte(
+    folder: Path, cfg, draws: int = 2000, weights: Path | None = None, other: tuple[list, Path] | None = None
+) -> dict:
     """Bits per byte of the teacher's held-out answers under the model in ``folder`` (its tokens), or
-    under the weights of a training checkpoint ``weights`` (a safetensors file) in that architecture."""
+    under the weights of a training checkpoint ``weights`` (a safetensors file) in that architecture;
+    ``other``: of the answers to other prompts (see ``held_out``)."""
     from transformers import AutoModelForCausalLM
 
     from distill.data import make_example
@@ -110,7 +115,7 @@ def bits_per_byte(folder: Path, cfg, draws: int = 2000, weights: Path | None = N
 
         model.load_state_dict(load_file(weights))
     examples, sizes = [], []
-    for ids, ans, _ in held_out(tok, cfg):
+    for ids, ans, _ in held_out(tok, cfg, other):
         examples.append(make_example(ids, ans, cfg.train.max_seq_len))
         sizes.append(len(tok.decode(ans, skip_special_tokens=True).encode()))
     rows = forced_metrics(model, None, examples, tok.pad_token_id, 8)["per_example"]
