@@ -37,6 +37,16 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         read_prompts(p)
 
 
+def test_jsonl_with_unicode_line_breaks_inside_strings(tmp_path):
+    """A valid JSON-lines file written with ensure_ascii=False holds U+2028 / U+0085 raw inside its
+    strings; records are split at \\n only, so each stays one prompt."""
+    texts = ["first\u2028line", "next\u0085line\u2029end", "plain"]
+    p = tmp_path / "p.jsonl"
+    lines = (json.dumps({"prompt": t}, ensure_ascii=False) + "\n" for t in texts)
+    p.write_text("".join(lines), encoding="utf-8")
+    assert [x.messages[-1]["content"] for x in read_prompts(p)] == texts
+
+
 def test_txt_csv_parquet(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert [p.messages[0]["content"] for p in read_prompts(tmp_path / "p.txt")] == [
