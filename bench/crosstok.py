@@ -133,7 +133,12 @@ ANSWERS = {
 
 
 def run_name(answers: str, method: str, *args) -> str:
-    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{key(method, *args)}"
+    return named_run(answers, key(method, *args))
+
+
+def named_run(answers: str, name: str) -> str:
+    """The run folder's name of the run recorded as ``name`` (a key of ``methods``)."""
+    return f"bench-crosstok-{'sampled-' if answers == 'sampled' else ''}{name}"
 
 
 def ratio(section: dict) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crosstok import RESULTS, ROOT, held_out, run_name  # noqa: E402
+from crosstok import RESULTS, ROOT, held_out, named_run, run_name  # noqa: E402
 
 KINDS = ("one_to_one", "teacher_one", "teacher_several")
 
@@ -78,7 +78,7 @@ def main() -> None:
         elif name == "untrained_student":
             folder, side = resolve_model_dir(first.student.model), "student"  # (student.init model)
         else:
-            folder, side = Path(args.runs) / f"bench-crosstok-sampled-{name}" / "student", "student"
+            folder, side = Path(args.runs) / named_run("sampled", name) / "student", "student"
         if name in found or not (folder / "config.json").is_file():
             continue
         found[name] = nats_by_chunk(folder, first, s_tok, t_tok, side)

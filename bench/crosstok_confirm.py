@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from crosstok import RESULTS, ROOT, bits_per_byte  # noqa: E402
+from crosstok import RESULTS, ROOT, bits_per_byte, named_run  # noqa: E402
 
 PROMPTS = ROOT / "bench" / "data" / "ood_prompts.jsonl"
 
@@ -34,14 +34,13 @@ def main() -> None:
     from distill.config import load_config
     from distill.data import read_prompts
     from distill.generate import generate_answers
-    from distill.hardware import DTYPES, cpu_model
-    from distill.models import load_tokenizer, resolve_model_dir
-    from distill.pipeline import _load_teacher
+    from distill.hardware import cpu_model
+    from distill.models import load_model, load_tokenizer, resolve_model_dir
     from distill.stats import bootstrap
 
     whole = json.loads(RESULTS.read_text())
     best, methods = whole["best_logit_method"], whole["methods"]
-    folder = lambda m: ROOT / "runs" / f"bench-crosstok-sampled-{m}"  # noqa: E731
+    folder = lambda m: ROOT / "runs" / named_run("sampled", m)  # noqa: E731
     if "@" in best or not (folder(best) / "student").is_dir():
         sys.exit(f"{best}: its final student is not in {folder(best)}; run bench/crosstok.py for it again")
     # the text alone: every final text-only student still on disk of at most as many steps, its best
@@ -55,7 +54,7 @@ def main() -> None:
     prompts = read_prompts(PROMPTS)
     answers = ROOT / "runs" / "bench-crosstok-confirm" / "answers.jsonl"
     tok = load_tokenizer(cfg.teacher.model)
-    teacher = _load_teacher(cfg, DTYPES["float32"])
+    teacher = load_model(cfg.teacher.model)  # float32
     generate_answers(teacher, tok, prompts, answers, cfg.generate, system_prompt=cfg.data.system_prompt,
                      max_prompt_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
     del teacher

@@ -83,8 +83,9 @@ def test_resume_after_kill_has_no_duplicates_and_equals_uninterrupted(
 
 
 def test_answers_with_unicode_line_breaks_read_back_whole(tmp_path):
-    """JSON lines are split at \\n only: a teacher's text may hold U+2028, U+0085 or \\x1c, which
-    str.splitlines() also breaks at (Gemma wrote a U+2028 into a sampled review answer)."""
+    """JSON lines are split at \\n only: a teacher's text may hold U+2028, U+2029 or U+0085, which
+    json.dumps(ensure_ascii=False) writes raw and str.splitlines() breaks at (Gemma wrote a U+2028
+    into a sampled review answer); control characters such as \\x1c are escaped by json."""
     texts = ["Service staff \u2028friendly", "a\u0085b\u2029c", "x\x1cy\x0bz\x0c", "plain"]
     path = tmp_path / "answers.jsonl"
     with path.open("a") as f:

@@ -174,10 +174,16 @@ def test_the_report_of_a_tiny_run(tmp_path, tiny_teacher_dir, prompts_file):
     assert "USD per million" not in text  # no price given
     md = (run / "report" / "report.md").read_text()
     assert shown in md and "![training](training.png)" in md
+    # answers holding U+2028, which json.dumps(ensure_ascii=False) writes raw, are read back whole
+    answers = run / "eval_answers.jsonl"
+    recs = [json.loads(x) for x in answers.read_text().split("\n") if x.strip()]
+    recs = [r | {"text": "line\u2028separated " + r["text"]} for r in recs]
+    answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     # again from the folder, with a price: the cost rows appear, computed from the measured rate
     out = CliRunner().invoke(app, ["report", str(run), "--price-per-hour", "0.9"])
     assert out.exit_code == 0, out.output
     again = page.read_text()
+    assert "line\u2028separated" in again
     want = cost_per_million(results["student"]["tokens_per_s_batched"], 0.9)
     # (as the report writes a number: a busy machine's slow tiny model costs over 1,000 USD, "1,234")
     assert "USD per million tokens, batched (at $0.9/h)" in again and fmt(want) in again

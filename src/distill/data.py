@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill.fsio import json_lines
+
 
 class DataError(ValueError):
     """A prompt file that cannot be read; the message names the file and line or field."""
@@ -92,13 +94,13 @@ def read_prompts(path: str | Path | None, fmt: str = "auto") -> list[Prompt]:
     """
     if path is None:
         text = resources.files("distill").joinpath("prompts/default.jsonl").read_text()
-        return _read_jsonl_lines(text.split("\n"), "embedded prompts/default.jsonl")
+        return _read_jsonl_lines(text, "embedded prompts/default.jsonl")
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompt file {p} does not exist")
     kind = _detect_format(p, fmt)
     if kind == "jsonl":
-        prompts = _read_jsonl_lines(_read_text(p).split("\n"), str(p))
+        prompts = _read_jsonl_lines(_read_text(p), str(p))
     elif kind == "txt":
         prompts = [
             _record_to_prompt({"prompt": line.strip()}, f"{p}:{i}")
@@ -135,9 +137,9 @@ def _clean_row(row: dict) -> dict:
     return out
 
 
-def _jsonl_objects(lines: list[str], name: str):
+def _jsonl_objects(text: str, name: str):
     """``(line number, object)`` for each non-blank line; a line that is not a JSON object is named."""
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(json_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -149,9 +151,9 @@ def _jsonl_objects(lines: list[str], name: str):
         yield i, rec
 
 
-def _read_jsonl_lines(lines: list[str], name: str) -> list[Prompt]:
+def _read_jsonl_lines(text: str, name: str) -> list[Prompt]:
     prompts = []
-    for i, rec in _jsonl_objects(lines, name):
+    for i, rec in _jsonl_objects(text, name):
         prompts.append(_record_to_prompt(rec, f"{name}:{i}"))
     return _dedupe_ids(prompts)
 
@@ -393,7 +395,7 @@ def read_general_text(path: str | Path) -> list[str]:
         name, text = str(p), _read_text(p)
     if str(path).endswith(".jsonl"):
         docs = []
-        for i, rec in _jsonl_objects(text.split("\n"), name):
+        for i, rec in _jsonl_objects(text, name):
             if not isinstance(rec.get("text"), str):
                 raise DataError(f'{name}:{i}: each line must be an object with a "text" string')
             docs.append(rec["text"])

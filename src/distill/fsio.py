@@ -5,6 +5,7 @@ safetensors reports a failed write as ``SafetensorError('... (os error 28)')`` a
 ``RuntimeError('unexpected pos ...')``, neither an ``OSError`` and neither naming the file. So weights
 and optimizer state are serialised in memory and written here; :func:`write_fault` finds the
 ``OSError`` behind a library's error where only its message carries the errno (``save_pretrained``).
+Reading JSON lines back: :func:`json_lines`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ import torch
 # a full disk, a quota, a file-size limit, a read-only or forbidden folder: the user's to fix
 WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 _QUOTED_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON-lines text: split at ``\\n`` only. ``str.splitlines`` also splits at
+    U+2028, U+2029 and U+0085, which ``json.dumps(..., ensure_ascii=False)`` writes raw inside a
+    string (a teacher's answer held a U+2028), so it would cut one record in two."""
+    return text.split("\n")
 
 
 def write_bytes(path: Path, data: bytes | memoryview, *, name: Path | None = None) -> None:

