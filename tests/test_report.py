@@ -251,3 +251,86 @@ def test_peak_memory_is_the_childs_own_not_its_parents(tiny_teacher_dir):
     got = peak_memory(tiny_teacher_dir, [1, 2, 3], 4, torch.float32)
     assert held.sum() > 0
     assert 100 < got["runtime_rss_mib"] <= got["peak_rss_mib"] < 1200, got
+
+
+def _cross_tokenizer_eval(old_intervals: bool = False) -> dict:
+    """eval.json of a student with its own tokenizer: no KL or top-1 agreement for the students
+    (None), figures in their own tokens. ``old_intervals``: as an earlier evaluation wrote it, with
+    the students' missing KL and agreement turned into 0 (KL 0, "kept KL 100%") and no record of
+    the tokenizer."""
+
+    def rows(ce: list[float], tokens: list[int], paired: bool) -> list[dict]:
+        return [{"id": f"p{i}", "kl": 0.0 if paired else None, "agree": t if paired else None, "ce": c,
+                 "tokens": t, "bytes": 4 * t + 2, "exact_match": 0.0, "rouge_l": 0.3 + 0.1 * i,
+                 "correct": None, "judge_logprob": -c, "judge_tokens": t}
+                for i, (c, t) in enumerate(zip(ce, tokens, strict=True))]  # fmt: skip
+
+    per_prompt = {"teacher": rows([2.0, 1.0, 3.0, 2.5], [4, 2, 3, 5], True),
+                  "untrained_student": rows([9.0, 4.0, 9.5, 8.0], [6, 3, 5, 7], False),
+                  "student": rows([5.0, 2.0, 6.0, 5.5], [6, 3, 5, 7], False)}  # fmt: skip
+    if old_intervals:
+        per_prompt = {m: [dict(r, kl=r["kl"] or 0.0, agree=r["agree"] or 0) for r in rs]
+                      for m, rs in per_prompt.items()}  # fmt: skip
+    intervals = stats.quality_intervals(per_prompt, draws=200)
+    model = {"perplexity": 3.0, "bits_per_byte": 0.5, "rouge_l": 0.45, "exact_match": 0.0,
+             "params": 10_000_000, "tokens_per_s_batch1": 50.0, "tokens_per_s_batched": 200.0}  # fmt: skip
+    results = {
+        "teacher": dict(model, kl=0.0, top1_agreement=1.0, params=25_000_000, tokens_per_s_batch1=25.0),
+        "untrained_student": dict(model, kl=None, top1_agreement=None),
+        "student": dict(model, kl=None, top1_agreement=None),
+        "summary": {"heldout_prompts": 4, "speedup_batch1": 2.0, "speedup_batched": 2.0, "size_ratio": 0.4},
+        "intervals": intervals,
+    }
+    if not old_intervals:
+        for m in ("untrained_student", "student"):
+            results[m]["own_tokenizer"] = True
+    return results
+
+
+@pytest.mark.parametrize("old_intervals", [False, True], ids=["new", "earlier-eval-json"])
+def test_the_report_of_a_student_with_its_own_tokenizer_keeps_bits_per_byte_not_kl(tmp_path, old_intervals):
+    from distill.report import headline, write_report
+
+    results = _cross_tokenizer_eval(old_intervals)
+    cards = {label: value for label, value, _ in headline(results)}
+    assert not any("KL" in label or "top-1" in label for label in cards), cards
+    assert "kept: bits per byte of the teacher's answers" in cards
+    write_report(tmp_path, results)
+    md = (tmp_path / "report" / "report.md").read_text()
+    html = (tmp_path / "report" / "report.html").read_text()
+    for text in (md, html):
+        assert "100.0%" not in text and "KL(teacher ‖ model): 100" not in text
+        assert "kept: bits per byte" in text
+        assert "has its own tokenizer: KL and top-1 agreement" in text
+    cells = [[c.strip() for c in line.strip("| ").split(" | ")] for line in md.splitlines() if " | " in line]
+    table = {row[0]: row[1:] for row in cells}  # teacher, untrained student, student, kept, − untrained
+    kl, top1 = table["KL(teacher ‖ model), nats/token ↓"], table["top-1 agreement with the teacher ↑"]
+    assert kl[0] == "0 [0, 0]" and kl[1:] == top1[1:] == ["n/a"] * 4
+    ppl = table["perplexity of the teacher's answers ↓"]
+    assert ppl[3] == "n/a" and "[" in ppl[2] and "[" in ppl[4]  # the students' perplexities compare
+    assert "%" in table["bits per byte of the teacher's answers ↓"][3]  # the kept figure
+
+
+@pytest.mark.parametrize("old_intervals", [False, True], ids=["new", "earlier-eval-json"])
+@pytest.mark.parametrize("y", ["kl", "top1_agreement"])
+def test_compare_leaves_a_student_with_its_own_tokenizer_out_of_a_ranking_on_kl(tmp_path, y, old_intervals):
+    from distill.compare import compare_runs
+
+    shared = _cross_tokenizer_eval()
+    for m in ("untrained_student", "student"):  # one tokenizer: KL and agreement exist
+        shared[m].update(kl=0.8, top1_agreement=0.4, own_tokenizer=False)
+    shared["summary"]["speedup_batch1"] = 1.5  # slower than the other run: only its quality could rank it
+    runs = {"shared": shared, "own": _cross_tokenizer_eval(old_intervals)}
+    for name, res in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(res))
+    compare_runs([tmp_path / "shared", tmp_path / "own"], tmp_path / "cmp", y=y)
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {r["run"]: r for r in data["rows"]}
+    assert rows["own"]["kl"] is None and rows["own"]["top1_agreement"] is None
+    assert rows["own"]["top1_kept"] is None
+    assert data["pareto"] == ["shared"]
+    assert any(n.startswith("own: left out of the plot and the ranking") and "own tokenizer" in n
+               for n in data["notes"]), data["notes"]  # fmt: skip
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| own |" in md and "n/a" in md

@@ -18,7 +18,18 @@ from pathlib import Path
 import yaml
 
 from distill.fsio import write_text
-from distill.report import _CSS, _md_table, _png, _table, fmt, fmt_ci
+from distill.report import (
+    _CSS,
+    NOT_APPLICABLE,
+    PAIRED_IDS,
+    _md_table,
+    _png,
+    _table,
+    applicable_intervals,
+    fmt,
+    fmt_ci,
+    own_tokenizer,
+)
 
 COLUMNS = [  # key, header
     ("run", "run"), ("recipe", "student and loss"), ("params_m", "params (M)"),
@@ -59,8 +70,8 @@ def run_row(run: Path) -> dict:
     res = json.loads(path.read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     s, summary = res.get("student") or {}, res.get("summary") or {}
-    iv = (res.get("intervals") or {}).get("models", {}).get("student", {})
-    kept = (res.get("intervals") or {}).get("kept", {})
+    intervals = applicable_intervals(res)  # no KL or top-1 for a student with its own tokenizer
+    iv, kept = intervals.get("models", {}).get("student", {}), intervals.get("kept", {})
     detail = run / "eval_prompts.json"
     ids = sorted(json.loads(detail.read_text())["prompts"]) if detail.is_file() else None
 
@@ -77,11 +88,14 @@ def run_row(run: Path) -> dict:
         "top1_kept": kept.get("top1_agreement"),
         "rouge_l": metric("rouge_l"), "reference_accuracy": metric("reference_accuracy"),
         "peak_mib": s.get("peak_rss_mib"), "heldout": summary.get("heldout_prompts"), "heldout_ids": ids,
+        "own_tokenizer": own_tokenizer(res),
     }  # fmt: skip
 
 
 def _cell(row: dict, key: str) -> str:
     v = row.get(key)
+    if v is None and row.get("own_tokenizer") and key in (*PAIRED_IDS, "top1_kept"):
+        return NOT_APPLICABLE
     if isinstance(v, dict):
         if v.get("low") is None:
             return fmt(v["value"])
@@ -164,6 +178,12 @@ def compare_runs(runs: list[Path], out: Path, *, y: str = "top1_agreement") -> P
                 continue
             if a["run"] < b["run"] and ia["low"] <= ib["high"] and ib["low"] <= ia["high"]:
                 notes.append(f"{a['run']} and {b['run']}: the {y} intervals overlap")
+    for r in rows:
+        if _value(r, y) is None:
+            why = (f"its student has its own tokenizer and {y} compares token ids with the teacher's"
+                   if r["own_tokenizer"] and y in PAIRED_IDS else f"its evaluation has no {y}")  # fmt: skip
+            notes.append(f"{r['run']}: left out of the plot and the ranking on {y}: {why} "
+                         "(--metric rouge_l or reference_accuracy compares every run)")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     png = plot(rows, y)
     if png:

@@ -289,6 +289,9 @@ def evaluate_model(
     graded = [r["correct"] for r in per_prompt if r["correct"] is not None]
     res["reference_accuracy"] = sum(graded) / len(graded) if refs else None
     res["reference_prompts"] = len(refs)
+    # KL and top-1 agreement pair token ids: None for a model with its own tokenizer, which is then
+    # compared with the teacher by bits per byte (perplexity is per token of its own tokenizer)
+    res["own_tokenizer"] = judge is not None
     res["per_prompt"] = per_prompt
     res["params"] = count_params(model) if model is not None else None
     res["bytes"] = folder_bytes(weights_dir) if weights_dir is not None else None

@@ -15,6 +15,7 @@ Quality figures come with percentile-bootstrap intervals over the held-out promp
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import json
 import math
@@ -40,6 +41,8 @@ QUALITY = {  # metric -> what it is, for the tables
     "rouge_l": "ROUGE-L to the teacher's answer",
     "reference_accuracy": "accuracy against reference answers",
 }
+PAIRED_IDS = ("kl", "top1_agreement")  # compare the two models' token ids position by position
+NOT_APPLICABLE = "n/a"
 
 
 class ReportError(ValueError):
@@ -88,11 +91,49 @@ def fmt(v, digits: int = 3) -> str:
 
 
 def fmt_ci(ci: dict | None, pct: bool = False) -> str:
+    """``value [low, high]``, and how many resamples were left out of the interval if any were."""
     if not ci:
         return "–"
     if pct:
-        return f"{100 * ci['value']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-    return f"{fmt(ci['value'])} [{fmt(ci['low'])}, {fmt(ci['high'])}]"
+        shown = f"{100 * ci['value']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+    else:
+        shown = f"{fmt(ci['value'])} [{fmt(ci['low'])}, {fmt(ci['high'])}]"
+    return shown + (f" ({ci['dropped']:,} resamples not finite)" if ci.get("dropped") else "")
+
+
+def own_tokenizer(results: dict) -> bool:
+    """Whether the student has another tokenizer than the teacher's: as the evaluation recorded it,
+    or, in an eval.json without the record, a teacher with a KL figure and a student without one."""
+    s, t = results.get("student") or {}, results.get("teacher") or {}
+    if "own_tokenizer" in s:
+        return bool(s["own_tokenizer"])
+    return t.get("kl") is not None and "kl" in s and s["kl"] is None
+
+
+def applicable_intervals(results: dict) -> dict:
+    """The evaluation's intervals less those of figures it found do not exist (None in the model's
+    entry: KL and top-1 agreement of a student with its own tokenizer, or without a local teacher;
+    an older eval.json holds intervals of 0 there), the kept shares and differences made of them,
+    and kept perplexity of a student with its own tokenizer (per token of two tokenizers: bits per
+    byte stands in)."""
+
+    def missing(model: str, name: str) -> bool:
+        figures = results.get(model) or {}
+        return name in figures and figures[name] is None
+
+    own = own_tokenizer(results)
+    iv = copy.deepcopy(results.get("intervals") or {})
+    for model, figures in (iv.get("models") or {}).items():
+        for name in [n for n in figures if missing(model, n)]:
+            del figures[name]
+    kept = iv.get("kept") or {}
+    unit = ("perplexity",) if own else ()  # per token, and the two count other tokens
+    for name in [n for n in kept if missing("student", n) or missing("teacher", n) or n in unit]:
+        del kept[name]
+    vs = iv.get("vs_untrained") or {}
+    for name in [n for n in vs if missing("student", n) or missing("untrained_student", n)]:
+        del vs[name]
+    return iv
 
 
 def cost_per_million(tokens_per_s: float | None, price_per_hour: float | None) -> float | None:
@@ -132,7 +173,7 @@ def cost_rows(results: dict, price_per_hour: float | None) -> list[tuple[str, di
 def headline(results: dict) -> list[tuple[str, str, str]]:
     """(label, value, note) of the figures at the top of the page."""
     s = results.get("summary") or {}
-    kept = (results.get("intervals") or {}).get("kept") or {}
+    kept = applicable_intervals(results).get("kept") or {}
     out = []
     # across tokenizers there is no KL or top-1 agreement: bits per byte stands in
     names = ("top1_agreement", "kl") if "top1_agreement" in kept else ("bits_per_byte",)
@@ -303,18 +344,32 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def quality_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    iv = results.get("intervals") or {}
+    """(head, rows) of the quality table; a figure that does not apply to a student with its own
+    tokenizer reads ``n/a``."""
+    iv = applicable_intervals(results)
+    own = own_tokenizer(results)
     models = [m for m in MODELS if m in (iv.get("models") or {})]
     head = ["metric", *[LABELS[m] for m in models], "student kept (of the teacher)", "student − untrained"]
     rows = []
     for name, label in QUALITY.items():
         if not any(name in iv["models"][m] for m in models):
             continue
+        na = own and name in PAIRED_IDS
+        na_kept = na or (own and name == "perplexity")
         arrow = "↑" if HIGHER_IS_BETTER[name] else "↓"
-        rows.append([f"{label} {arrow}", *[fmt_ci(iv["models"][m].get(name)) for m in models],
-                     fmt_ci(iv.get("kept", {}).get(name), pct=True),
-                     fmt_ci((iv.get("vs_untrained") or {}).get(name))])  # fmt: skip
+        rows.append([f"{label} {arrow}",
+                     *[NOT_APPLICABLE if na and m != "teacher" else fmt_ci(iv["models"][m].get(name))
+                       for m in models],
+                     NOT_APPLICABLE if na_kept else fmt_ci(iv.get("kept", {}).get(name), pct=True),
+                     NOT_APPLICABLE if na else fmt_ci((iv.get("vs_untrained") or {}).get(name))])  # fmt: skip
     return head, rows
+
+
+OWN_TOKENIZER_NOTE = (
+    "The student has its own tokenizer: KL and top-1 agreement compare the two models' token ids, so "
+    "they do not apply to it (n/a), and its perplexity is per token of its own tokenizer, so it is not "
+    "set against the teacher's. Bits per byte, which no tokenizer enters, gives the kept figure."
+)
 
 
 def task_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -388,7 +443,7 @@ def write_report(run: Path, results: dict | None = None, *, price_per_hour: floa
     answers = _read_jsonl(run / "eval_answers.jsonl")
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"quality": plot_quality(results.get("intervals") or {}), "cost": plot_cost(results),
+    plots = {"quality": plot_quality(applicable_intervals(results)), "cost": plot_cost(results),
              "training": plot_training(_read_jsonl(run / "metrics.jsonl"))}  # fmt: skip
     for name, png in plots.items():
         if png is not None:
@@ -429,6 +484,9 @@ def write_report(run: Path, results: dict | None = None, *, price_per_hour: floa
           img("quality", "quality with intervals")]  # fmt: skip
     md += ["## Quality kept", "", how, "", *(_md_table(head, rows) if rows else []), "",
            "![quality](quality.png)" if plots["quality"] else "", ""]  # fmt: skip
+    if own_tokenizer(results):
+        h.insert(len(h) - 1, f"<p>{esc(OWN_TOKENIZER_NOTE)}</p>")
+        md[-2:-2] = [OWN_TOKENIZER_NOTE, ""]
 
     thead, trows = task_rows(results)
     if trows:

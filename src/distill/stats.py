@@ -24,6 +24,7 @@ class Interval:
     low: float
     high: float
     n: int  # prompts
+    dropped: int = 0  # resamples on which the statistic was not finite, left out of low and high
 
     @property
     def width(self) -> float:
@@ -33,7 +34,7 @@ class Interval:
         return self.low <= x <= self.high
 
     def as_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
+        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n, "dropped": self.dropped}
 
 
 def resample_indices(n: int, draws: int, seed: int) -> np.ndarray:
@@ -44,7 +45,13 @@ def resample_indices(n: int, draws: int, seed: int) -> np.ndarray:
 def bootstrap(
     stat: Statistic, columns: Columns, *, draws: int = 2000, seed: int = 0, level: float = 0.95
 ) -> Interval:
-    """The statistic on all prompts, and its percentile bootstrap interval over prompts."""
+    """The statistic on all prompts, and its percentile bootstrap interval over prompts.
+
+    A resample on which the statistic is not finite (say, one without a prompt that has a
+    reference, or with a denominator of 0) has no value to rank: it is left out of the percentiles
+    and counted in ``Interval.dropped``, so the interval is over the resamples where the figure
+    exists. With every resample left out, or fewer than 2 prompts, the interval is (-inf, inf).
+    """
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
     lengths = {len(v) for v in cols.values()}
     if len(lengths) != 1:
@@ -55,12 +62,13 @@ def bootstrap(
         return Interval(value, -math.inf, math.inf, n)
     idx = resample_indices(n, draws, seed)
     samples = np.array([stat({k: v[row] for k, v in cols.items()}) for row in idx], dtype=np.float64)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return Interval(value, -math.inf, math.inf, n)
+    finite = samples[np.isfinite(samples)]
+    dropped = int(samples.size - finite.size)
+    if finite.size == 0:
+        return Interval(value, -math.inf, math.inf, n, dropped)
     alpha = (1 - level) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
-    return Interval(value, float(low), float(high), n)
+    low, high = np.quantile(finite, [alpha, 1 - alpha])
+    return Interval(value, float(low), float(high), n, dropped)
 
 
 def mean(name: str) -> Statistic:
@@ -123,7 +131,8 @@ def kept(name: str, student: str = "student", teacher: str = "teacher") -> Stati
     kept are the teacher's over the student's; the teacher's judgement (mean log-prob per token)
     kept is exp(student - teacher), the ratio of per-token likelihoods; KL kept is exp(-KL), the
     geometric-mean probability ratio of the teacher's distribution under the student's (1 when
-    they are the same)."""
+    they are the same). Perplexity kept means something only when both models are scored in the
+    same tokens (one tokenizer); bits per byte kept, whatever the tokenizers."""
     s, t = metric(name, student), metric(name, teacher)
     if name in ("top1_agreement", "exact_match", "rouge_l"):
         return s
@@ -141,9 +150,16 @@ def difference(name: str, a: str, b: str) -> Statistic:
     return lambda c: sa(c) - sb(c)
 
 
+# Fields whose None means "no tokens judged" on that prompt: 0 adds nothing to a ratio of sums.
+# Any other None is a figure that does not exist (``correct`` without a reference; ``kl`` and
+# ``agree`` for a model with another tokenizer than the teacher's, or without a local teacher;
+# ``ce`` and ``tokens`` for a teacher known only by its answers): NaN, so no metric is made of it.
+ZERO_WHEN_MISSING = ("judge_logprob", "judge_tokens")
+
+
 def prompt_columns(per_prompt: Mapping[str, list[dict]]) -> dict[str, np.ndarray]:
     """``{model: rows}`` -> columns ``<model>:<field>`` over the prompts every model answered, in
-    one order; a missing figure is NaN (``correct`` without a reference) or 0 (no tokens judged)."""
+    one order; a missing figure is NaN, or 0 for the judge's sums (``ZERO_WHEN_MISSING``)."""
     ids = None
     for rows in per_prompt.values():
         got = [r["id"] for r in rows]
@@ -153,7 +169,7 @@ def prompt_columns(per_prompt: Mapping[str, list[dict]]) -> dict[str, np.ndarray
     for model, rows in per_prompt.items():
         by_id = {r["id"]: r for r in rows}
         for f in FIELDS:
-            missing = math.nan if f == "correct" else 0.0
+            missing = 0.0 if f in ZERO_WHEN_MISSING else math.nan
             vals = [by_id[i].get(f) for i in ids or []]
             cols[f"{model}:{f}"] = np.array([missing if v is None else v for v in vals], dtype=np.float64)
     return cols
@@ -169,7 +185,12 @@ def quality_intervals(
 ) -> dict:
     """Every quality metric of every model with its interval, the student's "kept" share of the
     teacher's, and the student's difference from the untrained student (a paired interval; where it
-    contains 0 the held-out set cannot tell the two apart): a JSON-ready dict."""
+    contains 0 the held-out set cannot tell the two apart): a JSON-ready dict.
+
+    A metric a model lacks (KL and top-1 agreement of a student with its own tokenizer) is left
+    out, and so is every kept share made of it. Kept perplexity needs the student's KL too: KL
+    exists only where the student reads the teacher's tokens, and perplexities per token of two
+    tokenizers are not comparable (kept bits per byte is, whatever the tokenizers)."""
     cols = prompt_columns(per_prompt)
     n = len(next(iter(cols.values()))) if cols else 0
     out: dict = {"prompts": n, "draws": draws, "seed": seed, "level": 0.95, "models": {}, "kept": {},
@@ -177,28 +198,42 @@ def quality_intervals(
     if n == 0:
         return out
 
-    def available(name: str, model: str) -> bool:
-        if metrics is not None and name not in metrics:
-            return False
+    def exists(name: str, model: str) -> bool:
         v = metric(name, model)(cols)
         return v is not None and math.isfinite(v)
 
+    def available(name: str, model: str) -> bool:
+        return (metrics is None or name in metrics) and exists(name, model)
+
+    def interval(stat: Statistic, label: str) -> Interval:
+        ci = bootstrap(stat, cols, draws=draws, seed=seed)
+        if ci.dropped:
+            out["warnings"].append(
+                f"{label}: not finite on {ci.dropped} of {draws} resamples of the {n} {what[0]} (e.g. none "
+                f"drawn that it can be computed on); its interval is over the other {draws - ci.dropped}"
+            )
+        return ci
+
     for model in per_prompt:
         out["models"][model] = {
-            name: bootstrap(metric(name, model), cols, draws=draws, seed=seed).as_dict()
+            name: interval(metric(name, model), f"{name} ({model})").as_dict()
             for name in HIGHER_IS_BETTER if available(name, model)
         }  # fmt: skip
     if "student" in per_prompt and "teacher" in per_prompt:
+        same_tokens = exists("kl", "student")
         for name in HIGHER_IS_BETTER:
-            if available(name, "student") and (name != "reference_accuracy" or available(name, "teacher")):
-                ci = bootstrap(kept(name), cols, draws=draws, seed=seed)
-                if math.isfinite(ci.value):
-                    out["kept"][name] = ci.as_dict()
+            if not available(name, "student") or (name == "perplexity" and not same_tokens):
+                continue
+            if name == "reference_accuracy" and not available(name, "teacher"):
+                continue
+            if math.isfinite(kept(name)(cols)):
+                out["kept"][name] = interval(kept(name), f"{name} kept").as_dict()
     if "student" in per_prompt and "untrained_student" in per_prompt:
         for name, up in HIGHER_IS_BETTER.items():
             if not (available(name, "student") and available(name, "untrained_student")):
                 continue
-            ci = bootstrap(difference(name, "student", "untrained_student"), cols, draws=draws, seed=seed)
+            diff = difference(name, "student", "untrained_student")
+            ci = interval(diff, f"{name} (student − untrained student)")
             out["vs_untrained"][name] = ci.as_dict()
             shown = f"{ci.value:+.3g}, 95% interval [{ci.low:+.3g}, {ci.high:+.3g}]"
             if ci.low == ci.high == 0.0:
