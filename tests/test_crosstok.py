@@ -512,6 +512,83 @@ def test_span_rows_inside_a_chunk_the_student_splits_follow_the_chain_rule(
     assert float(sig.logprobs[row][sig.ids[row] == lu].exp().sum()) == pytest.approx(share, rel=1e-4)
 
 
+def _teacher_of_its_own_logits(kind: str, t_tok, folder):
+    """A tiny teacher that does more to its logits than ``hidden @ head.T``: a bias on its LM head
+    (``bias``), Gemma 2's soft-capping (``softcap``), or a scale no config declares (``hidden``)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    if kind == "softcap":
+        torch.manual_seed(6)
+        cfg = Gemma2Config(vocab_size=len(t_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           final_logit_softcapping=2.0, pad_token_id=t_tok.pad_token_id)  # fmt: skip
+        model = Gemma2ForCausalLM(cfg).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40)  # logits large enough that the cap bites
+        return model
+    model = build_llama(folder, t_tok, layers=1, seed=6)
+    if kind == "bias":
+        head = torch.nn.Linear(32, len(t_tok), bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.normal_(0, 2.0)  # large enough to reorder the top tokens
+        model.lm_head = head
+    else:
+        model.lm_head.register_forward_hook(lambda mod, args, out: out * 3)
+    return model
+
+
+def _one_sample(s_tok, t_tok, text: str):
+    """(the sample's key, its item, a batch of it) for ``text`` answering one question."""
+    from distill.cache import sample_key
+    from distill.data import collate, make_example
+
+    s_prompt, t_prompt = s_tok("question?")["input_ids"], t_tok("question?")["input_ids"]
+    ex = make_example(s_prompt, crosstok.student_answer_ids(s_tok, text, True), 64)
+    item = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
+    return sample_key(ex[0]), item, collate([ex], s_tok.pad_token_id)
+
+
+@pytest.mark.parametrize("kind", ["bias", "softcap"])
+def test_the_cross_teacher_signal_is_made_from_the_models_own_logits(
+    kind, tmp_path, tiny_teacher_dir, metaspace_tok
+):
+    """The teacher's signal, made from its final hidden states block by block, equals the one from
+    the logits the model itself returns: with a bias on its LM head and with soft-capped logits, for
+    its top-k probabilities (ULD) and its probabilities of the multi-token chunks (span)."""
+    s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
+    model = _teacher_of_its_own_logits(kind, t_tok, tmp_path / "teacher")
+    key, item, batch = _one_sample(s_tok, t_tok, "two plus two is four")  # words the teacher splits
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([item.teacher_ids])).logits[0].float(), -1)  # (T_t, V_t)
+    base = item.teacher_start - 1  # the position that predicts the teacher's answer token 0
+    kw = {"k": 8, "pad_id": t_tok.pad_token_id}
+    uld = crosstok.CrossTeacher(model, {key: item}, method="uld", pieces=None, **kw).signal(batch)
+    want = torch.stack([logp[base + c.teacher[0]].topk(8).values.exp() for c in item.chunks])
+    torch.testing.assert_close(uld.sorted, want, rtol=1e-4, atol=1e-5)
+    pieces = crosstok.token_pieces(t_tok, s_tok)
+    span = crosstok.CrossTeacher(model, {key: item}, method="span", pieces=pieces, **kw).signal(batch)
+    multi = [c for c in item.chunks if len(c.teacher) > 1]
+    assert multi
+    t_ids = item.teacher_ids
+    want = torch.stack([sum(logp[base + j, t_ids[item.teacher_start + j]] for j in c.teacher) for c in multi])
+    torch.testing.assert_close(span.chunk_teacher, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cross_teacher_whose_logits_are_not_its_heads_is_refused(tmp_path, tiny_teacher_dir, metaspace_tok):
+    """A model that scales its logits without a config key saying so: its head's output is not its
+    logits, and the signal would be another distribution than the model's. Refused, with the reason."""
+    from distill.models import ModelError
+
+    s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
+    model = _teacher_of_its_own_logits("hidden", t_tok, tmp_path / "teacher")
+    key, item, batch = _one_sample(s_tok, t_tok, "the cat sat on the mat")
+    teacher = crosstok.CrossTeacher(model, {key: item}, method="uld", k=8, pieces=None,
+                                    pad_id=t_tok.pad_token_id)  # fmt: skip
+    with pytest.raises(ModelError, match="LlamaForCausalLM makes its logits some other way.*differ by up to"):
+        teacher.signal(batch)
+
+
 @pytest.mark.parametrize("method", ["span", "uld"])
 def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_teacher_dir, metaspace_tok):
     """The teacher's side of each sample written to shards and read back: the batch's signal and loss

@@ -338,7 +338,7 @@ def test_llama_server_chats_with_the_gguf_alone_through_the_openai_client(tiny, 
         proc.wait(timeout=30)
 
 
-def _tiny_gemma3(folder, tok, layers: int = 6):
+def _tiny_gemma3(folder, tok, layers: int = 6, **config):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(5)
@@ -346,7 +346,7 @@ def _tiny_gemma3(folder, tok, layers: int = 6):
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
         max_position_embeddings=512, sliding_window=16, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **config,
     )  # fmt: skip
     model = Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -360,10 +360,15 @@ def _tiny_gemma3(folder, tok, layers: int = 6):
     return model
 
 
+# Gemma 3 4B and larger: linear rope scaling by 8 on the global layers (the config.json they ship)
+LINEAR_8 = {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+
+
 @needs_llama
-def test_gemma3_student_runs_in_llama_cpp_like_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("config", [{}, LINEAR_8], ids=["unscaled", "linear-8"])
+def test_gemma3_student_runs_in_llama_cpp_like_transformers(config, tiny, tmp_path):
     _, tok, _ = tiny
-    model = _tiny_gemma3(tmp_path / "g", tok)
+    model = _tiny_gemma3(tmp_path / "g", tok, **config)
     llm = _llama(write_gguf(tmp_path / "g", tmp_path / "g.gguf", "f16"))
     # prompts longer than the sliding window (16), so local and global layers differ
     for text in [" ".join(TEXTS[:3]), " ".join(TEXTS[2:]), TEXTS[0]]:
@@ -382,3 +387,75 @@ def test_gemma3_layer_pattern_llama_cpp_cannot_run_is_refused(tiny, tmp_path):
     bad = shrink_layers(model, [0, 1, 2, 3, 5, 6])
     with pytest.raises(GGUFExportError, match=r"global layers are \[4\]"):
         gguf_arch(bad.config)
+
+
+def _rope_fields(path, arch: str) -> dict:
+    from gguf import GGUFReader
+
+    fields, prefix = GGUFReader(str(path)).fields, f"{arch}.rope."
+    return {k.removeprefix(prefix): fields[k].contents() for k in fields if k.startswith(prefix)}
+
+
+def test_linear_rope_scaling_is_written_as_llama_cpp_reads_it(tiny, tmp_path):
+    """The keys llama.cpp's converter writes and its loader reads: ``{arch}.rope.scaling.type`` linear
+    and ``{arch}.rope.scaling.factor``, for a Gemma 3 student (global layers scaled by 8) and a Llama
+    one; a student without scaling gets neither."""
+    folder, tok, _ = tiny
+    _tiny_gemma3(tmp_path / "g", tok, **LINEAR_8)
+    got = _rope_fields(write_gguf(tmp_path / "g", tmp_path / "g.gguf", "f16"), "gemma3")
+    assert got["scaling.type"] == "linear" and got["scaling.factor"] == 8.0
+    assert got["freq_base"] == 1e6  # the global layers' base; llama.cpp fixes the sliding ones'
+    _tiny_gemma3(tmp_path / "plain", tok)
+    plain = write_gguf(tmp_path / "plain", tmp_path / "p.gguf", "f16")
+    assert "scaling.type" not in _rope_fields(plain, "gemma3")
+    llama = AutoModelForCausalLM.from_pretrained(folder)
+    llama.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    llama.save_pretrained(tmp_path / "l")
+    tok.save_pretrained(tmp_path / "l")
+    got = _rope_fields(write_gguf(tmp_path / "l", tmp_path / "l.gguf", "f16"), "llama")
+    assert got["scaling.type"] == "linear" and got["scaling.factor"] == 4.0
+
+
+def test_rope_scaling_the_file_cannot_say_is_refused(tiny, tmp_path):
+    """YaRN, dynamic or Llama 3 scaling need keys or tensors the exporter does not write, and
+    llama.cpp never scales Gemma 3's sliding layers: refused, not written as if unscaled."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    def gemma3(full: dict, sliding: dict):
+        rope = {
+            "full_attention": {"rope_theta": 1e6, **full},
+            "sliding_attention": {"rope_theta": 1e4, **sliding},
+        }
+        return Gemma3TextConfig(num_hidden_layers=6, rope_parameters=rope)
+
+    default = {"rope_type": "default"}
+    assert gguf_arch(gemma3({"rope_type": "linear", "factor": 8.0}, default)) == "gemma3"
+    with pytest.raises(GGUFExportError, match="rope scaling of type 'yarn' is not supported"):
+        gguf_arch(gemma3({"rope_type": "yarn", "factor": 4.0}, default))
+    with pytest.raises(GGUFExportError, match="sliding layers have 'linear' scaling"):
+        gguf_arch(gemma3(default, {"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(GGUFExportError, match="rope scaling of type 'dynamic' is not supported"):
+        gguf_arch(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    _, tok, _ = tiny
+    _tiny_gemma3(tmp_path / "g", tok, rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    })  # fmt: skip
+    with pytest.raises(GGUFExportError, match="'yarn'"):
+        write_gguf(tmp_path / "g", tmp_path / "g.gguf", "f16")
+    assert not list(tmp_path.glob("g.gguf*"))
+
+
+def test_a_student_scaled_otherwise_than_its_gguf_teacher_is_refused(tiny, tmp_path):
+    """The teacher's GGUF (whose tokenizer fields are copied) scales positions by 8; a student whose
+    config lost that scaling would run otherwise than the file says: refused. With the same scaling,
+    the file has the keys once."""
+    _, tok, _ = tiny
+    _tiny_gemma3(tmp_path / "teacher", tok, **LINEAR_8)
+    teacher = write_gguf(tmp_path / "teacher", tmp_path / "teacher.gguf", "f16")
+    _tiny_gemma3(tmp_path / "same", tok, **LINEAR_8)
+    same = write_gguf(tmp_path / "same", tmp_path / "s.gguf", "f16", teacher_gguf=teacher)
+    assert _rope_fields(same, "gemma3")["scaling.factor"] == 8.0
+    _tiny_gemma3(tmp_path / "lost", tok)
+    with pytest.raises(GGUFExportError, match=r"GGUF file scales rope positions \(linear, factor 8\)"):
+        write_gguf(tmp_path / "lost", tmp_path / "l.gguf", "f16", teacher_gguf=teacher)

@@ -191,22 +191,55 @@ def piece_rows(
     return out_ids, torch.where(empty, 0.0, lp - norm)
 
 
+def head_logits(hidden: Tensor, head: Tensor, bias: Tensor | None, transform) -> Tensor:
+    """The logits ``(M, V)``, in float32, that the LM head ``(V, H)`` (and ``bias`` (V,)) and the
+    model's logit ``transform`` make of final hidden states ``hidden`` ``(M, H)``."""
+    logits = F.linear(hidden.float(), head.float(), None if bias is None else bias.float())
+    return transform.apply(logits)[0] if transform is not None else logits
+
+
+def check_head_logits(name: str, hidden: Tensor, logits: Tensor, head: Tensor, bias: Tensor | None,
+                      transform) -> None:  # fmt: skip
+    """Refuse a teacher whose logits are not its head's (and bias's) output under its declared logit
+    ``transform``: the signal is made from its final hidden states ``hidden`` ``(M, H)`` that way,
+    so another transform would teach the wrong distribution, silently. ``logits`` ``(M, V)``: the
+    model's own at those positions. The tolerance follows their dtype (bfloat16 rounds each step).
+
+    Raises:
+        ModelError: the two differ.
+    """
+    from distill.models import ModelError
+
+    tol = max(1e-3, 4 * torch.finfo(logits.dtype).eps)
+    ours = head_logits(hidden, head, bias, transform)
+    theirs = logits.to(ours.device).float()
+    if not torch.allclose(ours, theirs, rtol=tol, atol=tol):
+        diff = float((ours - theirs).abs().max())
+        raise ModelError(
+            f"{name} makes its logits some other way than its LM head (and bias) and a logit transform "
+            f"its config declares (soft-capping, a logit scale): they differ by up to {diff:.3g}. A "
+            "teacher with another tokenizer is read from its final hidden states that way; this one "
+            "would teach another distribution than its own"
+        )
+
+
 @torch.no_grad()
 def teacher_rows(
     hidden: Tensor,
     head: Tensor,
     k: int,
     *,
+    bias: Tensor | None = None,
     with_ids: bool = False,
     transform=None,
     chunk_size: int = 64,
     targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """From the teacher's final hidden states ``(M, H)`` at the positions that matter and its LM head
-    ``(V, H)``, block by block: ``sorted`` its top-k probabilities, descending (M, k) and ``tail`` the
-    rest (M,) for ULD; ``with_ids``: its top-k ``ids`` (its own) and their ``logprobs`` for span
-    alignment; with ``targets`` (M,) teacher ids, their
-    ``target_logprob`` (M,). Peak memory: one ``(chunk_size, V)`` block."""
+    ``(V, H)`` (and ``bias`` (V,), then ``transform``: ``head_logits``), block by block: ``sorted``
+    its top-k probabilities, descending (M, k) and ``tail`` the rest (M,) for ULD; ``with_ids``: its
+    top-k ``ids`` (its own) and their ``logprobs`` for span alignment; with ``targets`` (M,) teacher
+    ids, their ``target_logprob`` (M,). Peak memory: one ``(chunk_size, V)`` block."""
     parts: dict[str, list[Tensor]] = {
         "sorted": [],
         "tail": [],
@@ -215,10 +248,8 @@ def teacher_rows(
         "target_logprob": [],
     }
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[start : start + chunk_size].float(), head.float())
-        if transform is not None:
-            logits, _ = transform.apply(logits)
-        logp = torch.log_softmax(logits.float(), -1)
+        logits = head_logits(hidden[start : start + chunk_size], head, bias, transform)
+        logp = torch.log_softmax(logits, -1)
         top, ids = logp.topk(min(k, logp.shape[-1]), -1)
         parts["sorted"].append(top.exp())
         parts["tail"].append((1 - top.exp().sum(-1)).clamp_min(0))
@@ -425,7 +456,9 @@ def _token_logprob(make, labels: Tensor, x: Tensor) -> Tensor:
 class CrossTeacher:
     """A live teacher whose tokenizer differs from the student's: each batch is read again in the
     teacher's tokens, the teacher runs once, and its signal is reduced to ``k`` numbers per aligned
-    student position, block by block (``teacher_rows``)."""
+    student position, block by block (``teacher_rows``), from its final hidden states, LM head (and
+    bias) and declared logit transform: checked against its own logits on the first batch it scores
+    (``check_head_logits``)."""
 
     def __init__(self, model, items: dict[str, CrossItem], *, method: str, k: int, pieces: Tensor | None,
                  pad_id: int, tokenizers: tuple | None = None, prompts: dict[tuple, list[int]] | None = None,
@@ -438,6 +471,7 @@ class CrossTeacher:
         self.model, self.items, self.method, self.k = model, items, method, k
         self.pieces, self.pad_id, self.chunk_loss = pieces, pad_id, chunk_loss
         self.transform = None
+        self._head_checked = False  # the model's logits == its head's under ``transform``? (once)
         if model is not None:  # (none: a cache answers for the teacher)
             self.model = model.eval()
             self.transform = LogitTransform.of(model.config)
@@ -526,12 +560,17 @@ class CrossTeacher:
             for n, c in enumerate(multi):  # (teacher position, its token, the chunk's number in the item)
                 ch_t += [(t_base + j, it.teacher_ids[it.teacher_start + j], n) for j in c.teacher]
             counts.append((len(dist), len(multi), sum(len(c.teacher) for c in multi)))
+        out_head = self.model.get_output_embeddings()
+        head, bias = out_head.weight, getattr(out_head, "bias", None)
+        if not self._head_checked:  # the last position's logits came with the forward pass
+            check_head_logits(type(self.model).__name__, hidden[:, -1], out.logits[:, -1], head, bias,
+                              self.transform)  # fmt: skip
+            self._head_checked = True
         flat_h = hidden.reshape(-1, hidden.shape[-1])
-        head = self.model.get_output_embeddings().weight
         dev = flat_h.device  # the parts stay there: the student's device takes them in ``signal``
         picked = flat_h[torch.tensor(dist_t, dtype=torch.long, device=dev)]
         span = self.method == "span"
-        rows = teacher_rows(picked, head, self.k, with_ids=span, transform=self.transform)
+        rows = teacher_rows(picked, head, self.k, bias=bias, with_ids=span, transform=self.transform)
         if span:
             if self.pieces.device != dev:  # moved once, not every step
                 self.pieces = self.pieces.to(dev)
@@ -546,7 +585,8 @@ class CrossTeacher:
         if ch_t:
             pos = torch.tensor([p for p, _, _ in ch_t], dtype=torch.long, device=dev)
             tgt = torch.tensor([t for _, t, _ in ch_t], dtype=torch.long, device=dev)
-            lp = teacher_rows(flat_h[pos], head, 1, transform=self.transform, targets=tgt)["target_logprob"]
+            lp = teacher_rows(flat_h[pos], head, 1, bias=bias, transform=self.transform, targets=tgt)
+            lp = lp["target_logprob"]
         parts, r0, t0 = [], 0, 0
         for n_dist, n_multi, n_tok in counts:
             part = {name: rows[name][r0 : r0 + n_dist] for name in names}

@@ -5,10 +5,11 @@ Written with the ``gguf`` package's writer and tensor-name map, as llama.cpp's o
 
 - metadata: the architecture's hyper-parameters from the student's config (head counts and
   widths as pruning left them: ``key_length`` is written, so a head size other than
-  hidden / heads is kept), the tokenizer (tokens, types, merges, special ids) and the chat
-  template. Where the teacher is a GGUF file with the same vocabulary, its tokenizer fields are
-  copied as they are (they carry llama.cpp's pre-tokenizer name, which a Hugging Face folder
-  does not); otherwise they are built from the student's byte-level BPE ``tokenizer.json``.
+  hidden / heads is kept), linear RoPE scaling (``rope_scaling_factor``; other kinds are refused),
+  the tokenizer (tokens, types, merges, special ids) and the chat template. Where the teacher is a
+  GGUF file with the same vocabulary, its tokenizer fields are copied as they are (they carry
+  llama.cpp's pre-tokenizer name, which a Hugging Face folder does not); otherwise they are built
+  from the student's byte-level BPE ``tokenizer.json``.
 - tensors: Llama's q/k projections are permuted to llama.cpp's rotary layout; Gemma 3's norm
   weights get their +1 (llama.cpp multiplies by the stored weight, transformers by 1 + weight).
   Matrices go in the chosen type (f16, q8_0, q4_0); norms stay f32; a matrix whose rows do not
@@ -61,15 +62,44 @@ def gguf_arch(config) -> str:
                 raise GGUFExportError(
                     f"export.formats: gguf: a Llama student with {field}=true is not supported"
                 )
-        rope = getattr(config, "rope_scaling", None) or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear"):
-            raise GGUFExportError(
-                f"export.formats: gguf: rope_scaling type {kind!r} is not supported (default and linear are)"
-            )
+    rope_scaling_factor(config)  # refuses a kind of scaling the file cannot say
     if model_type == "gemma3_text":
         _check_gemma3(config)
     return _gguf().MODEL_ARCH_NAMES[getattr(_gguf().MODEL_ARCH, ARCHS[model_type])]
+
+
+def _rope_kind(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def rope_scaling_factor(config) -> float | None:
+    """The linear RoPE scaling factor of the student's (global) attention layers, None without
+    scaling: written as ``{arch}.rope.scaling.type`` ``linear`` and ``{arch}.rope.scaling.factor``, as
+    llama.cpp's ``convert_hf_to_gguf.py`` does (llama.cpp divides positions by it). Gemma 3 (4B and
+    larger: factor 8) scales its global layers only, and llama.cpp its sliding layers never.
+
+    Raises:
+        GGUFExportError: another kind of scaling (YaRN, Llama 3's, dynamic, ...), which llama.cpp
+            reads from keys or tensors this exporter does not write, or scaled sliding layers.
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "full_attention" in rope:  # per layer type (Gemma 3)
+        sliding = _rope_kind(rope.get("sliding_attention") or {})
+        if sliding != "default":
+            raise GGUFExportError(
+                f"export.formats: gguf: llama.cpp's Gemma 3 runs its sliding layers without rope scaling; "
+                f"this student's sliding layers have {sliding!r} scaling. Set export.formats=[hf]"
+            )
+        rope = rope["full_attention"] or {}
+    kind = _rope_kind(rope)
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return float(rope["factor"])
+    raise GGUFExportError(
+        f"export.formats: gguf: rope scaling of type {kind!r} is not supported (none and linear are); "
+        "set export.formats=[hf] and convert the folder with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 def _check_gemma3(config) -> None:
@@ -206,22 +236,43 @@ def _write_hparams(writer, config, arch: str, template) -> None:
         theta = rope["full_attention"].get("rope_theta")
     theta = theta or getattr(config, "rope_theta", None) or 10000.0
     writer.add_rope_freq_base(float(theta))
+    factor = rope_scaling_factor(config)
+    _check_template_rope(template, arch, factor)
+    if factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
-        scaling = getattr(config, "rope_scaling", None) or {}
-        if scaling.get("rope_type", scaling.get("type")) == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-    else:  # gemma3: sliding-window attention; other settings (rope of local layers) from the teacher
+    else:  # gemma3: sliding-window attention; the layer pattern from the teacher, if it says one
         if getattr(config, "sliding_window", None):
             writer.add_sliding_window(int(config.sliding_window))
         if template is not None:
-            for key, field in template.fields.items():
-                if (
-                    key.startswith(f"{arch}.rope.scaling")
-                    or key == f"{arch}.attention.sliding_window_pattern"
-                ):
-                    writer.add_key_value(key, field.contents(), field.types[0])
+            key = f"{arch}.attention.sliding_window_pattern"
+            if key in template.fields:
+                writer.add_key_value(key, template.fields[key].contents(), template.fields[key].types[0])
+
+
+def _check_template_rope(template, arch: str, factor: float | None) -> None:
+    """Refuse a student whose rope scaling (``factor``, None: none) is not its GGUF teacher's: the file
+    says the student's, as it was trained and evaluated, and a teacher that scales positions otherwise
+    means the scaling was lost (or gained) on the way to the student's config."""
+    if template is None:
+        return
+    kind_field = template.fields.get(f"{arch}.rope.scaling.type")
+    factor_field = template.fields.get(f"{arch}.rope.scaling.factor")
+    kind = "none" if factor_field is None else "linear"  # llama.cpp's default with a factor: linear
+    if kind_field is not None:
+        kind = str(kind_field.contents())
+    theirs = float(factor_field.contents()) if factor_field is not None and kind != "none" else 1.0
+    if kind in ("none", "linear") and math.isclose(theirs, factor or 1.0, rel_tol=1e-6):
+        return  # (a factor of 1 is no scaling)
+    teacher = "none" if kind == "none" else f"{kind}, factor {theirs:g}"
+    student = "none" if factor is None else f"linear, factor {factor:g}"
+    raise GGUFExportError(
+        f"export.formats: gguf: the teacher's GGUF file scales rope positions ({teacher}), the student's "
+        f"config otherwise ({student}), and the student was trained and evaluated with its config's. "
+        "Set rope_parameters in the student's config.json to the teacher's, or set export.formats=[hf]"
+    )
 
 
 def _write_sampling(writer, student_dir: Path) -> None:
