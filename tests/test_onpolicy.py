@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import torch
 import distill.train as tr
 from distill import onpolicy
 from distill.config import TrainConfig
+from distill.generate import eos_ids
 from distill.models import shrink_layers
 from distill.teacher import LiveTeacher
 
@@ -58,6 +60,42 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(setup):
     assert onpolicy.sample_answers(student, prompts, cfg, 0, seed=5) == a
     assert onpolicy.sample_answers(student, prompts, cfg, 0, seed=6) != a
     assert all(1 <= len(x) <= 6 for x in a)
+
+
+def test_samples_come_from_the_students_distribution_whatever_its_generation_config(setup, monkeypatch):
+    """A student whose generation config asks for a repetition penalty, min-p, top-k, top-p and an
+    n-gram ban still samples from its whole distribution at the on-policy temperature: no logits
+    processor but the temperature, the very tokens a plain seeded sampler draws, and its own
+    generation config left as it was."""
+    teacher, _, examples = setup
+    student = shrink_layers(teacher, [0, 3])
+    own = copy.deepcopy(student.generation_config)
+    own.update(do_sample=True, repetition_penalty=1.5, min_p=0.3, top_k=5, top_p=0.5, no_repeat_ngram_size=2)
+    student.generation_config = own
+    seen = []
+    processors = student._get_logits_processor
+
+    def spy(*args, **kwargs):
+        made = processors(*args, **kwargs)
+        seen.append([type(p).__name__ for p in made])
+        return made
+
+    monkeypatch.setattr(student, "_get_logits_processor", spy)
+    prompt = examples[0][0][: examples[0][1].index(True)]
+    cfg = _cfg(onpolicy_temperature=0.7, onpolicy_max_new_tokens=12)
+    (got,) = onpolicy.sample_answers(student, [prompt], cfg, 0, seed=3)
+    assert seen == [["TemperatureLogitsWarper"]]
+    assert student.generation_config is own and own.repetition_penalty == 1.5
+
+    torch.manual_seed(3)  # the reference: softmax(logits / 0.7), one multinomial draw a token
+    ids, want, stop = list(prompt), [], eos_ids(own, None)
+    with torch.no_grad():
+        while len(want) < 12 and (not want or want[-1] not in stop):
+            logits = student(input_ids=torch.tensor([ids])).logits[:, -1].float()  # (1, V)
+            token = int(torch.multinomial(torch.softmax(logits / 0.7, -1), 1))
+            ids.append(token)
+            want.append(token)
+    assert got == want
 
 
 def test_onpolicy_loss_matches_a_hand_computed_jsd(setup):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -417,3 +418,62 @@ def test_prompt_weight_trains_and_logs_its_part(setup, tmp_path):
         from distill.config import load_config
 
         load_config(None, ["train.prompt_weight=0.5", "train.hidden_weight=0", "cache.use=true"])
+
+
+@pytest.mark.parametrize("kept", [[0, 2], [1, 3]])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_hidden_alignment_pairs_layer_outputs_before_the_final_norm(setup, kept, chunked):
+    """transformers gives the last hidden state after the final norm, every other one before it.
+    Each student layer is compared with its teacher layer as both hand their outputs on (before the
+    final norm), whether the teacher's last layer is kept ([1, 3]) or not ([0, 2])."""
+    teacher, tok, examples = setup
+    with torch.no_grad():  # a final norm that is not the identity, so that it shows in the loss
+        teacher.model.norm.weight.uniform_(0.5, 2.0)
+    student = shrink_layers(teacher, kept)
+    batch = tr.collate(examples[:4], tok.pad_token_id)
+    n = batch.num_target_tokens
+    cfg = _cfg(alpha=0.5, hidden_weight=1.0, hidden_loss="mse", chunked_loss=chunked)
+    got = tr.distill_loss(student, LiveTeacher(teacher, align_layers=kept), batch, cfg, n)
+
+    def layer_outputs(model):  # every layer's output: a copy whose final norm does nothing
+        bare = copy.deepcopy(model)
+        bare.model.norm = torch.nn.Identity()
+        with torch.no_grad():
+            out = bare(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+            )
+        return [h[:, :-1].double() for h in out.hidden_states[1:]]
+
+    s, t = layer_outputs(student), layer_outputs(teacher)
+    mask = batch.answer_mask[:, 1:]
+    ref = sum(((s[j] - t[i]) ** 2).mean(-1)[mask].sum() for j, i in enumerate(kept)) / n / len(kept)
+    assert got.hidden == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_a_checkpoint_keeps_the_gpus_random_states_and_a_resume_sets_them_back(setup, tmp_path, monkeypatch):
+    """With CUDA, ``rng.pt`` holds every GPU's random state beside the CPU's, as tensors that load
+    without a GPU; resuming sets them back (``torch.cuda`` faked: the tests run on CPUs)."""
+    teacher, _, _ = setup
+    gen = torch.Generator().manual_seed(0)
+    gpu_states = [torch.randint(0, 256, (16,), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in gpu_states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    student = _student(teacher)
+    opt = torch.optim.AdamW(student.parameters())
+    cpu_state = torch.get_rng_state()
+    path = tr.save_checkpoint(tmp_path, 3, student.state_dict(), opt.state_dict(), keep=1)
+    saved = torch.load(path / "rng.pt", weights_only=True)
+    assert torch.equal(saved["torch"], cpu_state)
+    assert [s.tolist() for s in saved["cuda"]] == [s.tolist() for s in gpu_states]
+
+    torch.rand(100)  # the CPU's generator moves on
+    assert tr.load_checkpoint(path, _student(teacher), torch.optim.AdamW(student.parameters())) == 3
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert [[s.tolist() for s in call] for call in restored] == [[s.tolist() for s in gpu_states]]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same checkpoint on a CPU machine
+    assert tr.load_checkpoint(path, _student(teacher), torch.optim.AdamW(student.parameters())) == 3
+    assert len(restored) == 1

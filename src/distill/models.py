@@ -285,6 +285,29 @@ def shrink_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMode
     return student.eval()
 
 
+def forward_with_layer_outputs(model: torch.nn.Module, **inputs) -> tuple[object, list[torch.Tensor]]:
+    """``model(**inputs, output_hidden_states=True)`` and the output ``(B, T, H)`` of each of its
+    decoder layers, every one as the layer hands it on: before the final norm.
+
+    transformers' ``hidden_states`` are the embeddings, then each layer's output, except that the
+    last entry is taken after the final norm. Alignment compares the residual stream of two models
+    layer by layer, and the final norm belongs to the head, not to a layer: so the last layer's
+    output is read at the final norm's input (a hook) instead. With ``hidden_states[-1]``, a
+    student's last layer paired with a middle layer of its teacher would compare a normed state
+    with a raw one.
+    """
+    norm = getattr(getattr(model, "module", model).get_decoder(), "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise ValueError(f"{type(model).__name__} has no final norm at get_decoder().norm")
+    caught: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _module, args: caught.append(args[0]))
+    try:
+        out = model(**{**inputs, "output_hidden_states": True})
+    finally:
+        handle.remove()
+    return out, [*out.hidden_states[1:-1], caught[0]]
+
+
 HIDDEN_PRUNABLE = ("llama", "qwen2", "mistral")  # plain pre-norm decoders, no width-dependent scale
 
 

@@ -15,9 +15,11 @@ one would have.
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
+from transformers import GenerationConfig
 
 from distill.config import TrainConfig
 from distill.data import Batch, collate, make_example, pack, prompt_part
@@ -39,26 +41,59 @@ def _rows(batch: Batch) -> list[Example]:
     return [(ids[r][s : s + n], mask[r][s : s + n]) for r, s, n in batch.samples()]
 
 
+def plain_sampling(own: GenerationConfig, temperature: float) -> GenerationConfig:
+    """Sampling from the whole distribution at ``temperature`` and nothing else: ``own``'s end,
+    padding and start tokens, none of its sampling settings (repetition penalty, top-k, top-p, min-p,
+    n-gram bans, suppressed tokens, ...)."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=own.eos_token_id,
+        pad_token_id=own.pad_token_id,
+        bos_token_id=own.bos_token_id,
+    )
+
+
+@contextmanager
+def _sampling_config(model: torch.nn.Module, temperature: float) -> Iterator[None]:
+    """The model's generation config is ``plain_sampling`` for the duration. ``generate`` fills
+    every setting a call leaves unset from the model's own config, so overriding some settings
+    would let the others (a ``repetition_penalty`` or ``min_p`` of the model's
+    ``generation_config.json``) through: the samples would not be from the student's distribution.
+    Under PEFT the config is the wrapped model's, which the wrapper reads and copies at each call."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = inner.generation_config
+    inner.generation_config = plain_sampling(own, temperature)
+    try:
+        yield
+    finally:
+        inner.generation_config = own
+
+
 def sample_answers(
     student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int
 ) -> list[list[int]]:
     """The student's own answers to ``prompts`` (token ids, cut after the first end-of-sequence),
-    sampled from its whole distribution at ``cfg.onpolicy_temperature``; the global RNG is restored
+    sampled from its whole distribution at ``cfg.onpolicy_temperature`` whatever its own generation
+    config says (``plain_sampling``); the global RNGs (the CPU's and every GPU's) are restored
     afterwards, so sampling leaves the training stream as it was."""
     model = getattr(student, "module", student)
-    state = torch.random.get_rng_state()
     was_training = model.training
     model.eval()
     try:
-        torch.manual_seed(seed)
-        device = next(model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
-            gens = generate_batch(
-                model, None, prompts, max_new_tokens=cfg.onpolicy_max_new_tokens, do_sample=True,
-                generation_temperature=cfg.onpolicy_temperature, top_p=1.0, top_k=0, pad_id=pad_id,
-            )  # fmt: skip
+        # manual_seed seeds the GPUs too: their states are restored with the CPU's
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            torch.manual_seed(seed)
+            device = next(model.parameters()).device.type
+            autocast = torch.autocast(device, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+            with autocast, _sampling_config(model, cfg.onpolicy_temperature):
+                gens = generate_batch(
+                    model, None, prompts, max_new_tokens=cfg.onpolicy_max_new_tokens, do_sample=True,
+                    generation_temperature=cfg.onpolicy_temperature, top_p=1.0, top_k=0, pad_id=pad_id,
+                )  # fmt: skip
     finally:
-        torch.random.set_rng_state(state)
         model.train(was_training)
     return [g.token_ids for g in gens]
 

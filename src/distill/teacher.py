@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from distill.data import Batch
 from distill.losses import TopKTeacher
+from distill.models import forward_with_layer_outputs
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,13 @@ class LiveTeacher:
 
     @torch.no_grad()
     def signal_and_hidden(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Dense logits ``(B, T-1, V)`` and the outputs ``(B, T-1, H)`` of ``align_layers``, from one
-        forward pass, on the batch's device."""
+        """Dense logits ``(B, T-1, V)`` and the outputs ``(B, T-1, H)`` of ``align_layers``, before
+        the final norm (``forward_with_layer_outputs``), from one forward pass, on the batch's device."""
         if self.align_layers is None:
             raise ValueError("LiveTeacher(align_layers=...) names no layers to align with")
         home = batch.input_ids.device
-        out = self.model(**batch.to(self.model.device).model_inputs(), output_hidden_states=True)
-        hidden = [out.hidden_states[i + 1][:, :-1].to(home) for i in self.align_layers]
+        out, layers = forward_with_layer_outputs(self.model, **batch.to(self.model.device).model_inputs())
+        hidden = [layers[i][:, :-1].to(home) for i in self.align_layers]
         return out.logits[:, :-1].to(home), hidden
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter the loss's autograd graph

@@ -39,6 +39,7 @@ from distill.losses import (
     topk_bucket_ce_block,
     topk_sample_ce_block,
 )
+from distill.models import forward_with_layer_outputs
 from distill.progress import console, progress_bar
 from distill.teacher import HeadRows, TeacherSignal
 
@@ -282,9 +283,12 @@ def distill_loss(
         prompt_parts = {"kd": 0.0, "ce": 0.0}
         prompt_fn = kd_ce_loss(cfg.model_copy(update={"alpha": 1.0}), vocab_size, prompt_parts)
         prompt_mask = batch.prompt_targets()  # (B, T-1)
+    aligned = teacher_hidden is not None
     with autocast:
         if cfg.chunked_loss:
-            out = student(**batch.model_inputs(), logits_to_keep=1, output_hidden_states=True)
+            out, layer_outs = _student_forward(
+                student, batch, aligned, logits_to_keep=1, output_hidden_states=True
+            )
             model = getattr(student, "module", student)
             head = model.get_output_embeddings()
             hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
@@ -309,7 +313,7 @@ def distill_loss(
                     num_tokens=num_prompt_tokens, transform=transform,
                 )  # fmt: skip
         else:
-            out = student(**batch.model_inputs(), output_hidden_states=teacher_hidden is not None)
+            out, layer_outs = _student_forward(student, batch, aligned)
             loss = loss_fn(out.logits[:, :-1], targets, mask, num_tokens=num_tokens)  # (B, T-1, V)
             if on_prompt:
                 loss = loss + cfg.prompt_weight * prompt_fn(
@@ -317,13 +321,21 @@ def distill_loss(
                 )
         hidden = 0.0
         if teacher_hidden is not None:
-            mine = [h[:, :-1] for h in out.hidden_states[1:]]  # every student layer's output
+            mine = [h[:, :-1] for h in layer_outs]  # every student layer's output, before the final norm
             proj = getattr(getattr(student, "module", student), HIDDEN_PROJECTION, None)
             h_loss = hidden_alignment(mine, teacher_hidden, mask, kind=cfg.hidden_loss, num_tokens=num_tokens,
                                       projection=proj)  # fmt: skip
             hidden = float(h_loss.detach())
             loss = loss + cfg.hidden_weight * h_loss
     return StepLoss(loss, parts["kd"], parts["ce"], hidden, prompt_parts["kd"] if on_prompt else 0.0)
+
+
+def _student_forward(student: torch.nn.Module, batch: Batch, with_layers: bool, **kwargs):
+    """The student's output on ``batch`` and, ``with_layers``, each decoder layer's output before the
+    final norm, paired like with like with the teacher's (``forward_with_layer_outputs``); else None."""
+    if with_layers:
+        return forward_with_layer_outputs(student, **batch.model_inputs(), **kwargs)
+    return student(**batch.model_inputs(), **kwargs), None
 
 
 @torch.no_grad()
@@ -393,7 +405,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dic
     try:  # each file fsynced as it is written
         fsio.save_safetensors(state, tmp / "model.safetensors")
         fsio.save_torch(opt_state, tmp / "optimizer.pt")
-        fsio.save_torch({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        fsio.save_torch(_rng_states(), tmp / "rng.pt")
         fsio.write_bytes(tmp / "trainer_state.json", json.dumps({"step": step}).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint does not stay behind
@@ -403,6 +415,23 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dic
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _rng_states() -> dict:
+    """The CPU's random state and, with CUDA, every visible GPU's (dropout and sampling on a GPU draw
+    from those): uint8 tensors, which a machine without a GPU loads as well."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    """Set back what ``_rng_states`` kept; the GPUs' states only where there are GPUs (as many as
+    there are now)."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -430,7 +459,7 @@ def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optim
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise TrainingError(f"{path}: checkpoint does not fit the student ({missing or unexpected})")
         opt.load_state_dict(opt_state)
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    _set_rng_states(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
