@@ -158,3 +158,41 @@ def test_crash_logs_go_under_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     log = cli._crash_log(ValueError("boom"))
     assert log.parent == tmp_path / "logs" and "ValueError: boom" in log.read_text()
+
+
+def test_onpolicy_rows_need_the_teachers_tokenizer_even_at_alpha_0(
+    tmp_path, runs, tiny_teacher_dir, prompts_file, monkeypatch
+):
+    """The live teacher grades the student's own samples id by id: a student with another tokenizer
+    is refused before generation, whatever alpha weighs."""
+    from types import SimpleNamespace
+
+    from distill import audit
+
+    other = SimpleNamespace(token_level=False, lines=lambda: ["the two vocabularies differ"])
+    monkeypatch.setattr(audit, "audit_models", lambda *a, **k: other)
+    started = []
+    monkeypatch.setattr(pipeline, "generate_answers", lambda *a, **k: started.append(1))
+    recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file, train={"alpha": 0.0, "onpolicy_fraction": 0.5},
+                         student={"init": "model", "model": str(tiny_teacher_dir)})  # fmt: skip
+    out = _invoke(tmp_path, recipe)
+    _refused(
+        out,
+        "train.onpolicy_fraction=0.5 grades the student's samples",
+        "train.alpha=0 and train.onpolicy_fraction=0",
+    )
+    assert not started and not runs.exists()
+
+
+def test_humaneval_without_a_sandbox_is_refused_before_any_work(tmp_path, runs, tiny_teacher_dir, prompts_file,
+                                                               monkeypatch):  # fmt: skip
+    from distill import tasks
+
+    started = []
+    monkeypatch.setattr(pipeline, "generate_answers", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(tasks, "sandbox_available", lambda: False)
+    recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file)
+    recipe.setdefault("evaluate", {})["tasks"] = ["humaneval"]
+    out = _invoke(tmp_path, recipe, stage="generate")
+    _refused(out, "evaluate.unsafe_code=true")
+    assert not started and not runs.exists()

@@ -110,7 +110,7 @@ def test_training_with_hidden_alignment_pairs_the_kept_layers(tmp_path, tiny_tea
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     assert "hidden states of layers [0, 3]" in summary["teacher_signal"]
     with pytest.raises(ValueError, match="needs a live local teacher"):
-        load_config(tmp_path / "r.yaml", ["cache.use=true"])
+        load_config(tmp_path / "r.yaml", ["cache.use=true", "train.hidden_weight=0.5"])
 
 
 def test_hidden_alignment_through_a_projection_matches_a_reference():

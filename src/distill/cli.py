@@ -18,7 +18,7 @@ import typer
 from distill import fsio, interrupt, pipeline
 from distill.api import ApiError
 from distill.cache import CacheError
-from distill.config import ConfigError, RunConfig, load_config
+from distill.config import ConfigError, RunConfig, load_config_with_notes
 from distill.data import DataError
 from distill.gguf_export import GGUFExportError
 from distill.models import ModelError, ModelNotFoundError, cache_root
@@ -58,8 +58,17 @@ USER_ERRORS = (
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    """The config, or exit 2 with the error; each recipe value the teacher signal turned off is
+    printed as a note."""
+    cfg, notes = _config_and_notes(config, overrides)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True, highlight=False)
+    return cfg
+
+
+def _config_and_notes(config: Path | None, overrides: list[str] | None) -> tuple[RunConfig, list[str]]:
     try:
-        return load_config(config, overrides or [])
+        return load_config_with_notes(config, overrides or [])
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -281,10 +290,14 @@ def audit(
 
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved config (defaults filled in) as YAML."""
+    """Print the resolved config (defaults filled in) as YAML; a recipe value the teacher signal
+    turned off is named in a comment line above it."""
     import yaml
 
-    print(yaml.safe_dump(_config(config, set_).model_dump(mode="json"), sort_keys=False))
+    cfg, notes = _config_and_notes(config, set_)
+    for note in notes:  # comments: the output stays a recipe that loads as it is
+        print(f"# note: {note}")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -468,6 +476,11 @@ class EvaluateConfig(_Strict):
     task_max_new_tokens: int = Field(48, ge=1, description="answer length for tasks with reference answers")
     code_max_new_tokens: int = Field(320, ge=1, description="answer length for humaneval")
     code_timeout: float = Field(10.0, gt=0, description="seconds each humaneval program may run")
+    unsafe_code: bool = Field(
+        False,
+        description="run humaneval programs without a sandbox where bubblewrap cannot make one "
+        "(they can then read and write your files and reach the network)",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -546,34 +559,52 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _live_teacher_options(self) -> RunConfig:
+    def _live_teacher_options(self, info: ValidationInfo) -> RunConfig:
         """On-policy rows need a teacher that grades given tokens, hidden-state alignment one whose
-        layers can be read: a local teacher run live, not a cache or an API."""
-        why = {
-            "onpolicy_fraction": "to grade the student's samples",
-            "hidden_weight": "for its hidden states",
-            "prompt_weight": "to score the prompt's tokens",
+        layers can be read: a local teacher run live, not a cache or an API.
+
+        A value the recipe set follows the teacher signal: turned off, with a line in
+        ``info.context["notes"]``, when the signal cannot serve it. A value set on the command line
+        (every key in ``info.context["explicit"]``; every value when there is no context) is refused.
+        """
+        if not (self.cache.use or self.teacher.kind == "openai"):
+            return self
+        context = info.context or {}
+        explicit, notes = context.get("explicit"), context.get("notes", [])
+        signal = "the cache" if self.cache.use else "an API teacher"
+        # the cache serves the off-policy rows; a local teacher.model grades the samples live,
+        # or an API teacher through completions with echo and logprobs
+        api = self.teacher.api
+        graded = (self.teacher.kind == "local" and bool(self.teacher.model)) or (
+            self.teacher.kind == "openai" and api.endpoint == "completions" and api.top_logprobs > 0
+        )
+        need = {
+            "onpolicy_fraction": "a teacher that grades the student's samples",
+            "hidden_weight": "a live local teacher",
+            "prompt_weight": "a live local teacher",
         }
-        if self.cache.use or self.teacher.kind == "openai":
-            for key, reason in why.items():
-                # the cache serves the off-policy rows; a local teacher.model grades the samples live,
-                # or an API teacher through completions with echo and logprobs
-                api = self.teacher.api
-                graded = (self.teacher.kind == "local" and bool(self.teacher.model)) or (
-                    self.teacher.kind == "openai" and api.endpoint == "completions" and api.top_logprobs > 0
+        for key, teacher in need.items():
+            value = getattr(self.train, key)
+            if value <= 0 or (key == "onpolicy_fraction" and graded):
+                continue
+            path = f"train.{key}"
+            if explicit is not None and not _set_in(path, explicit):
+                setattr(self.train, key, 0.0)
+                notes.append(f"{path} {value} -> 0: needs {teacher}; the teacher signal is {signal}")
+            elif key == "onpolicy_fraction":
+                raise ValueError(
+                    "train.onpolicy_fraction needs a teacher that grades the student's samples: a local "
+                    "teacher.model, or an API teacher with teacher.api.endpoint=completions and "
+                    "teacher.api.top_logprobs > 0 (a server that echoes the log-probs of given tokens, "
+                    "as vLLM does)"
                 )
-                if key == "onpolicy_fraction" and getattr(self.train, key) > 0 and not graded:
-                    raise ValueError(
-                        "train.onpolicy_fraction needs a teacher that grades the student's samples: a local "
-                        "teacher.model, or an API teacher with teacher.api.endpoint=completions and "
-                        "teacher.api.top_logprobs > 0 (a server that echoes the log-probs of given tokens, "
-                        "as vLLM does)"
-                    )
-                if key != "onpolicy_fraction" and getattr(self.train, key) > 0:
-                    raise ValueError(
-                        f"train.{key} needs a live local teacher {reason}; a cache or an API teacher "
-                        f"has none here: set cache.use=false, or train.{key}=0"
-                    )
+            else:
+                why = "for its hidden states" if key == "hidden_weight" else "to score the prompt's tokens"
+                fix = "cache.use=false" if self.cache.use else "teacher.kind=local"
+                raise ValueError(
+                    f"train.{key} needs a live local teacher {why}; the teacher signal is {signal}, "
+                    f"which has none: set {fix}, or train.{key}=0"
+                )
         return self
 
     @model_validator(mode="after")
@@ -677,8 +708,27 @@ def default_recipe_text() -> str:
     return resources.files("distill").joinpath("recipes/default.yaml").read_text()
 
 
+def _set_in(path: str, keys: set[str]) -> bool:
+    """Whether ``path`` (``train.hidden_weight``) or a section above it (``train``) is in ``keys``."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe (or the embedded default when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable YAML; the message names the key path.
+    """
+    return load_config_with_notes(path, overrides)[0]
+
+
+def load_config_with_notes(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[RunConfig, list[str]]:
+    """``load_config``, and one line for each recipe value the teacher signal turned off (e.g.
+    ``train.hidden_weight`` with ``--set cache.use=true``); a conflicting value set in ``overrides``
+    is refused instead.
 
     Raises:
         ConfigError: unknown key, wrong type, unreadable YAML; the message names the key path.
@@ -696,15 +746,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
+    explicit: set[str] = set()
     for item in overrides or []:
         keys, value = parse_override(item)
         _apply_override(tree, keys, value)
+        explicit.add(".".join(keys))
     if overrides:
         source += " + --set " + " ".join(overrides)
+    notes: list[str] = []
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree, context={"explicit": explicit, "notes": notes})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    return cfg, notes
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -619,17 +619,21 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     tcfg = cfg.train
     api = cfg.teacher.kind == "openai"
     alignment = None
-    if t_tok is not None and cfg.train.alpha > 0 and cfg.train.cross_tokenizer != "off":
-        cache_dir = _need(run / "teacher_cache", "cache") if cfg.cache.use else None
+    # the student's own samples (on-policy rows) are graded by the teacher whatever alpha weighs
+    grades = cfg.train.alpha > 0 or cfg.train.onpolicy_fraction > 0
+    if t_tok is not None and grades and cfg.train.cross_tokenizer != "off":
+        cached = cfg.cache.use and cfg.train.alpha > 0  # no cache is made for alpha = 0
+        cache_dir = _need(run / "teacher_cache", "cache") if cached else None
         teacher, alignment = _cross_teacher(cfg, t_tok, tok, kept_text, cache_dir)
         method, share, one = cfg.train.cross_tokenizer, alignment["any"], alignment["one_to_one"]
         where = "cached" if cache_dir else "live"
         dist = f", {alignment['one_teacher_token']:.0%} with a distribution" if method == "span" else ""
         source = (f"{where} teacher, another tokenizer: {method} on {share:.0%} of the student's answer "
                   f"tokens ({one:.0%} one token to one{dist})")  # fmt: skip
-    elif t_tok is not None and cfg.train.alpha > 0:
+    elif t_tok is not None and grades:
         raise StageError("the student's tokenizer is not the teacher's: set train.cross_tokenizer (span or "
-                         "uld), or train.alpha=0 for the teacher's text alone")  # fmt: skip
+                         "uld), or train.alpha=0 and train.onpolicy_fraction=0 for the teacher's text "
+                         "alone")  # fmt: skip
     elif t_tok is not None:
         source = "the teacher's text only, in the student's own tokens (alpha = 0)"
     elif cfg.train.alpha > 0 and (cfg.cache.use or (api and cfg.teacher.api.top_logprobs)):
@@ -667,8 +671,8 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
 
         grader = ApiGrader(cfg.teacher.api, tok)
         source += "; the student's own samples graded by the API (completions, echoed log-probs)"
-    elif cfg.train.onpolicy_fraction > 0 and isinstance(teacher, CachedTeacher):
-        grader = LiveTeacher(_training_teacher(cfg))
+    elif cfg.train.onpolicy_fraction > 0 and (teacher is None or isinstance(teacher, CachedTeacher)):
+        grader = LiveTeacher(_training_teacher(cfg))  # alpha = 0 builds no teacher for the other rows
         source += "; the student's own samples graded by the live teacher"
     for live in (teacher, grader):
         if isinstance(live, LiveTeacher) and cfg.teacher.device == "auto" and not cfg.teacher.device_map:

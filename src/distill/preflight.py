@@ -165,10 +165,11 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
     if cfg.heal.data:
         read_general_text(cfg.heal.data)  # there, UTF-8, and with text in it
     if cfg.evaluate.tasks:
-        from distill.tasks import load_task
+        from distill.tasks import check_code_sandbox, load_task
 
         for spec in cfg.evaluate.tasks:  # there, readable, every prompt with a reference
             load_task(spec, cfg.evaluate.task_size)
+        check_code_sandbox(cfg.evaluate)  # humaneval: a sandbox, or evaluate.unsafe_code=true
     try:
         resolve_device(cfg.teacher.device)
     except ValueError as exc:
@@ -191,10 +192,12 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
     _check_export(cfg, facts)
+    # a local teacher grades the student's own samples (on-policy rows) id by id, whatever alpha is
+    local_grader = cfg.train.onpolicy_fraction > 0 and cfg.teacher.kind == "local"
     if (
         cfg.student.init == "model"
         and cfg.teacher.model
-        and (cfg.train.alpha > 0 or cfg.train.cross_tokenizer != "off")
+        and (cfg.train.alpha > 0 or cfg.train.cross_tokenizer != "off" or local_grader)
     ):
         _check_tokenizers(cfg, facts)
     vocab = facts.get("teacher", facts.get("student"))
@@ -227,11 +230,16 @@ def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
                               f"answer tokens; turn off {', '.join(bad)}")  # fmt: skip
         return
     if not result.token_level:
+        if t.alpha > 0:
+            uses = f"train.alpha={t.alpha} distils the teacher's logits"
+        else:
+            uses = f"train.onpolicy_fraction={t.onpolicy_fraction} grades the student's samples by logits"
+        text_only = "train.alpha=0" + (" and train.onpolicy_fraction=0" if t.onpolicy_fraction > 0 else "")
         raise ConfigError(
-            f"train.alpha={t.alpha} distils the teacher's logits token by token, but {cfg.teacher.model} and "
+            f"{uses} token by token, but {cfg.teacher.model} and "
             f"{cfg.student.model} do not share a tokenizer, so the ids would pair unrelated tokens. "
             + "; ".join(result.lines())
-            + ". Set train.cross_tokenizer=span (or uld) for logit-level KD across tokenizers, train.alpha=0 "
+            + f". Set train.cross_tokenizer=span (or uld) for logit-level KD across tokenizers, {text_only} "
             "to train on the teacher's answers as text (sequence-level KD), or choose a student with the "
             "teacher's tokenizer"
         )
