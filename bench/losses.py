@@ -82,7 +82,7 @@ def main() -> None:
     import torch
 
     torch_version = torch.__version__
-    # N = 4,096 positions as the issue asks at V = 49,152. At V = 262,144 the *plain* form
+    # N = 4,096 positions at V = 49,152. At V = 262,144 the *plain* form
     # needs ~10 fp32 copies of (N, V) = ~44 GB at N = 4,096, more than this 24 GiB machine
     # holds, so that column is measured at N = 1,024 (plain is linear in N; chunked is not,
     # so the ratio at N = 4,096 would be smaller still).
