@@ -20,9 +20,15 @@ def test_two_processes_equal_one(tiny_teacher_dir, tmp_path):
                    check=True, env=worker_env(), capture_output=True)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(WORKER), str(tiny_teacher_dir), str(two), "2", "2"]  # fmt: skip
+           str(WORKER), str(tiny_teacher_dir), str(two), "2", "2", str(tmp_path / "run")]  # fmt: skip
     out = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    # each process's own random state is in the last checkpoint, for its own resume
+    last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    saved = [torch.load(last / f"rng-{rank}.pt", weights_only=True)["torch"] for rank in (0, 1)]
+    final = [torch.load(tmp_path / "run" / f"final-rng-{rank}.pt") for rank in (0, 1)]
+    assert torch.equal(saved[0], final[0]) and torch.equal(saved[1], final[1])
+    assert not torch.equal(final[0], final[1])
     a, b = load_file(one), load_file(two)
     assert a.keys() == b.keys()
     for k in a:

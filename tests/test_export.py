@@ -459,3 +459,61 @@ def test_a_student_scaled_otherwise_than_its_gguf_teacher_is_refused(tiny, tmp_p
     _tiny_gemma3(tmp_path / "lost", tok)
     with pytest.raises(GGUFExportError, match=r"GGUF file scales rope positions \(linear, factor 8\)"):
         write_gguf(tmp_path / "lost", tmp_path / "l.gguf", "f16", teacher_gguf=teacher)
+
+
+def test_a_gguf_teacher_keeps_its_linear_rope_scaling_when_dequantised(tiny, tmp_path):
+    """transformers' GGUF loader drops ``{arch}.rope.scaling.*`` (gpt-oss aside): the cached copy
+    of a GGUF teacher must scale positions as the file says, on Gemma 3's global layers alone, and
+    run like the model the file was written from."""
+    from transformers import AutoConfig
+
+    from distill.models import convert_gguf
+
+    folder, tok, _ = tiny
+    llama = AutoModelForCausalLM.from_pretrained(folder).eval()
+    llama.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    llama.save_pretrained(tmp_path / "l")
+    tok.save_pretrained(tmp_path / "l")
+    converted = convert_gguf(write_gguf(tmp_path / "l", tmp_path / "l.gguf", "f16"), tmp_path / "lc")
+    rope = AutoConfig.from_pretrained(converted).rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 4.0
+    ids = torch.tensor([tok(" ".join(TEXTS))["input_ids"]])  # (1, T), T well past 1 / 4 of a turn
+    scaled = AutoModelForCausalLM.from_pretrained(tmp_path / "l").eval()  # rotary built scaled
+    dequantised = AutoModelForCausalLM.from_pretrained(converted).eval()
+    with torch.no_grad():
+        assert (dequantised(ids).logits - scaled(ids).logits).abs().max() < 0.01  # f16 weights
+
+    _tiny_gemma3(tmp_path / "g", tok, **LINEAR_8)
+    converted = convert_gguf(write_gguf(tmp_path / "g", tmp_path / "g.gguf", "f16"), tmp_path / "gc")
+    rope = AutoConfig.from_pretrained(converted).rope_parameters
+    assert rope["full_attention"]["rope_type"] == "linear" and rope["full_attention"]["factor"] == 8.0
+    assert rope["sliding_attention"]["rope_type"] == "default"
+
+
+def test_rope_scaling_a_gguf_export_cannot_say_is_refused_before_any_work(tmp_path, tiny, prompts_file):
+    """A teacher folder with dynamic rope scaling would train a student the GGUF export then
+    refuses: refused at the run's start. A GGUF teacher with YaRN scaling, which its dequantised
+    copy could not carry, is refused whatever the export formats."""
+    folder, tok, _ = tiny
+    teacher = AutoModelForCausalLM.from_pretrained(folder)
+    teacher.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    teacher.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    recipe = tiny_recipe(tmp_path / "runs", tmp_path / "t", prompts_file)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="rope scaling of type 'dynamic' is not supported"):
+        pipeline.prepare(load_config(tmp_path / "r.yaml"))
+    assert not (tmp_path / "runs").exists()
+    pipeline.prepare(load_config(tmp_path / "r.yaml", ["export.formats=[hf]"]))  # the way out works
+
+    from distill.models import ModelError, gguf_rope_scaling
+
+    meta = {
+        "general.architecture": "qwen2",
+        "qwen2.rope.scaling.type": "yarn",
+        "qwen2.rope.scaling.factor": 4.0,
+    }
+    with pytest.raises(ModelError, match="rope scaling of type 'yarn' cannot be carried"):
+        gguf_rope_scaling(meta, tmp_path / "q.gguf")
+    assert gguf_rope_scaling({**meta, "qwen2.rope.scaling.type": "linear"}, tmp_path / "q.gguf") == 4.0
+    assert gguf_rope_scaling({"general.architecture": "qwen2"}, tmp_path / "q.gguf") is None

@@ -184,8 +184,9 @@ def test_onpolicy_rows_need_the_teachers_tokenizer_even_at_alpha_0(
     assert not started and not runs.exists()
 
 
-def test_humaneval_without_a_sandbox_is_refused_before_any_work(tmp_path, runs, tiny_teacher_dir, prompts_file,
-                                                               monkeypatch):  # fmt: skip
+def test_humaneval_without_a_sandbox_is_refused_before_any_work(
+    tmp_path, runs, tiny_teacher_dir, prompts_file, monkeypatch
+):
     from distill import tasks
 
     started = []

@@ -58,3 +58,48 @@ def test_unknown_model_reference_is_explained(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_gguf(str(tmp_path / "x.gguf"))
     assert resolve_gguf(str(tmp_path)) is None
+
+
+def test_layer_outputs_are_read_at_a_final_norm_named_ln_f():
+    """GPT-2 keeps its final norm at ``transformer.ln_f``: the last layer's output is read at its
+    input, and the norm of it is transformers' last hidden state."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distill.models import forward_with_layer_outputs
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    out, layers = forward_with_layer_outputs(model, input_ids=torch.randint(0, 300, (2, 7)))
+    assert len(layers) == 2 and layers[-1].shape == (2, 7, 16)
+    torch.testing.assert_close(layers[0], out.hidden_states[1])
+    torch.testing.assert_close(model.transformer.ln_f(layers[-1]), out.hidden_states[-1])
+
+
+def test_hidden_alignment_without_a_known_final_norm_is_refused_before_any_work(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    """OPT's final norm is ``decoder.final_layer_norm``: hidden-state alignment, which reads layer
+    outputs at the final norm, is refused at the run's start, naming the key to clear."""
+    import yaml
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from distill import pipeline
+    from distill.config import ConfigError, load_config
+
+    from conftest import tiny_recipe
+
+    opt = OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+                    word_embed_proj_dim=16, max_position_embeddings=128)  # fmt: skip
+    OPTForCausalLM(opt).save_pretrained(tmp_path / "opt")
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(tmp_path / "opt")
+    recipe = tiny_recipe(
+        tmp_path / "runs", tiny_teacher_dir, prompts_file,
+        student={"init": "model", "model": str(tmp_path / "opt")},
+        train={"hidden_weight": 1.0}, export={"formats": ["hf"]},
+    )  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"OPTForCausalLM.*set train.hidden_weight=0"):
+        pipeline.prepare(load_config(tmp_path / "r.yaml"))
+    assert not (tmp_path / "runs").exists()
+    pipeline.prepare(load_config(tmp_path / "r.yaml", ["train.hidden_weight=0"]))  # the way out works

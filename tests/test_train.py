@@ -451,7 +451,7 @@ def test_hidden_alignment_pairs_layer_outputs_before_the_final_norm(setup, kept,
 
 
 def test_a_checkpoint_keeps_the_gpus_random_states_and_a_resume_sets_them_back(setup, tmp_path, monkeypatch):
-    """With CUDA, ``rng.pt`` holds every GPU's random state beside the CPU's, as tensors that load
+    """With CUDA, ``rng-0.pt`` holds every GPU's random state beside the CPU's, as tensors that load
     without a GPU; resuming sets them back (``torch.cuda`` faked: the tests run on CPUs)."""
     teacher, _, _ = setup
     gen = torch.Generator().manual_seed(0)
@@ -465,7 +465,7 @@ def test_a_checkpoint_keeps_the_gpus_random_states_and_a_resume_sets_them_back(s
     opt = torch.optim.AdamW(student.parameters())
     cpu_state = torch.get_rng_state()
     path = tr.save_checkpoint(tmp_path, 3, student.state_dict(), opt.state_dict(), keep=1)
-    saved = torch.load(path / "rng.pt", weights_only=True)
+    saved = torch.load(path / "rng-0.pt", weights_only=True)
     assert torch.equal(saved["torch"], cpu_state)
     assert [s.tolist() for s in saved["cuda"]] == [s.tolist() for s in gpu_states]
 
@@ -477,3 +477,31 @@ def test_a_checkpoint_keeps_the_gpus_random_states_and_a_resume_sets_them_back(s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same checkpoint on a CPU machine
     assert tr.load_checkpoint(path, _student(teacher), torch.optim.AdamW(student.parameters())) == 3
     assert len(restored) == 1
+
+
+def test_each_process_resumes_from_its_own_random_state(setup, tmp_path):
+    """Two processes draw their own dropout and samples: the checkpoint keeps each one's state
+    (``rng-{rank}.pt``) and a resume gives each rank its own. A checkpoint of one process, or the
+    older single ``rng.pt``, keeps loading."""
+    teacher, _, _ = setup
+    student = _student(teacher)
+    opt = torch.optim.AdamW(student.parameters())
+    per_rank = []
+    for seed in (11, 22):  # (rank 0, rank 1)
+        torch.manual_seed(seed)
+        per_rank.append(tr._rng_states())
+    assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
+    path = tr.save_checkpoint(
+        tmp_path, 4, student.state_dict(), opt.state_dict(), keep=1, rng_states=per_rank
+    )
+    assert sorted(p.name for p in path.glob("rng*")) == ["rng-0.pt", "rng-1.pt"]
+    for rank in (1, 0):
+        torch.rand(100)  # the generator moves on
+        assert tr.load_checkpoint(path, _student(teacher), torch.optim.AdamW(student.parameters()), rank) == 4
+        assert torch.equal(torch.get_rng_state(), per_rank[rank]["torch"])
+
+    (path / "rng-1.pt").unlink()  # one process's checkpoint, resumed by two: rank 0's state for both
+    (path / "rng-0.pt").rename(path / "rng.pt")  # ...under its older name
+    torch.rand(100)
+    assert tr.load_checkpoint(path, _student(teacher), torch.optim.AdamW(student.parameters()), 1) == 4
+    assert torch.equal(torch.get_rng_state(), per_rank[0]["torch"])

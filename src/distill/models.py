@@ -169,6 +169,52 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
 
 
+def gguf_rope_scaling(meta: dict, path: Path) -> float | None:
+    """The linear RoPE scaling factor a GGUF header records (``{arch}.rope.scaling.type`` and
+    ``.factor``, or the older ``{arch}.rope.scale_linear``) for the dequantised copy to carry; None
+    without scaling, or for gpt-oss, whose scaling transformers' GGUF loader rebuilds itself.
+
+    Raises:
+        ModelError: another kind of scaling (YaRN, ...), which the dequantised copy could not
+            reproduce from these keys alone, or a linear type without its factor.
+    """
+    arch = meta.get("general.architecture")
+    if arch == "gpt-oss":
+        return None
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        legacy = meta.get(f"{arch}.rope.scale_linear")
+        return float(legacy) if isinstance(legacy, float) and legacy != 1.0 else None
+    if kind != "linear":
+        raise ModelError(
+            f"{path}: rope scaling of type {kind!r} cannot be carried into the dequantised copy (none "
+            "and linear can); name the original Hugging Face folder instead of the GGUF file"
+        )
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if not isinstance(factor, float):
+        raise ModelError(
+            f"{path}: linear rope scaling without {arch}.rope.scaling.factor; is the file complete?"
+        )
+    return factor
+
+
+def _set_linear_rope_scaling(config, factor: float, path: Path) -> None:
+    """Scale ``config``'s rope positions linearly by ``factor``, as llama.cpp does: every layer, or
+    the global ones alone where rope parameters are per layer type (Gemma 3: its sliding layers
+    are never scaled)."""
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:
+        rope = rope["full_attention"]
+    elif isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        rope = None  # per layer type, without a global kind to scale
+    if not isinstance(rope, dict):
+        raise ModelError(
+            f"{path}: the file scales rope positions linearly by {factor}, and the {config.model_type} "
+            "config has no rope parameters to carry it; name the original Hugging Face folder instead"
+        )
+    rope.update(rope_type="linear", factor=factor)
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise ``gguf`` with transformers and save it as a safetensors HF folder."""
     log.info("converting %s (first load only) into %s", gguf.name, out_dir)
@@ -186,6 +232,11 @@ def save_dequantized(loaded: PreTrainedModel, tok: Tokenizer, gguf: Path, out_di
     config = loaded.config.__class__.from_dict(loaded.config.to_dict())
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    # transformers' GGUF loader rebuilds rope scaling for gpt-oss alone: a Gemma 3 4B file (global
+    # layers scaled by 8) would otherwise be trained and evaluated unscaled.
+    factor = gguf_rope_scaling(gguf_metadata(gguf), gguf)
+    if factor is not None:
+        _set_linear_rope_scaling(config, factor, gguf)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
@@ -285,6 +336,26 @@ def shrink_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMode
     return student.eval()
 
 
+FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm")  # Llama, Phi, GPT-2, ...
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm between a causal LM's last decoder layer and its head: the first module named as in
+    ``FINAL_NORMS`` on its decoder (``get_decoder()``) or its base model; None when there is none."""
+    model = getattr(model, "module", model)  # DDP's wrapper
+    owners = [getattr(model, "base_model", None)]
+    try:
+        owners.insert(0, model.get_decoder())
+    except (AttributeError, NotImplementedError, ValueError):
+        pass
+    for owner in owners:
+        for name in FINAL_NORMS:
+            norm = getattr(owner, name, None)
+            if isinstance(norm, torch.nn.Module):
+                return norm
+    return None
+
+
 def forward_with_layer_outputs(model: torch.nn.Module, **inputs) -> tuple[object, list[torch.Tensor]]:
     """``model(**inputs, output_hidden_states=True)`` and the output ``(B, T, H)`` of each of its
     decoder layers, every one as the layer hands it on: before the final norm.
@@ -296,9 +367,12 @@ def forward_with_layer_outputs(model: torch.nn.Module, **inputs) -> tuple[object
     student's last layer paired with a middle layer of its teacher would compare a normed state
     with a raw one.
     """
-    norm = getattr(getattr(model, "module", model).get_decoder(), "norm", None)
-    if not isinstance(norm, torch.nn.Module):
-        raise ValueError(f"{type(model).__name__} has no final norm at get_decoder().norm")
+    norm = final_norm(model)
+    if norm is None:
+        raise ValueError(
+            f"{type(model).__name__} has no final norm named {', '.join(FINAL_NORMS)} on its decoder "
+            "or base model; set train.hidden_weight=0"
+        )
     caught: list[torch.Tensor] = []
     handle = norm.register_forward_pre_hook(lambda _module, args: caught.append(args[0]))
     try:

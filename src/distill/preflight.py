@@ -15,7 +15,7 @@ from pathlib import Path
 from distill.config import ConfigError, RunConfig, parse_count
 from distill.data import read_general_text, read_prompts
 from distill.hardware import resolve_device
-from distill.models import ModelError, gguf_metadata, resolve_gguf
+from distill.models import ModelError, gguf_metadata, gguf_rope_scaling, resolve_gguf
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def _gguf_facts(ref: str, path: Path) -> ModelFacts:
     heads = meta.get(f"{arch}.attention.head_count", 0)
     kv = meta.get(f"{arch}.attention.head_count_kv", heads)
     heads, kv = (int(v if isinstance(v, int) else max(v) if isinstance(v, list) else 0) for v in (heads, kv))
+    gguf_rope_scaling(meta, path)  # a kind of scaling the dequantised copy cannot carry: refused now
     return ModelFacts(ref, arch, layers, int(vocab or 0), hidden, inter, heads, kv)
 
 
@@ -192,6 +193,7 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
     elif "teacher" in facts:
         _check_layers(cfg, facts["teacher"])
     _check_export(cfg, facts)
+    _check_final_norms(cfg)
     # a local teacher grades the student's own samples (on-policy rows) id by id, whatever alpha is
     local_grader = cfg.train.onpolicy_fraction > 0 and cfg.teacher.kind == "local"
     if (
@@ -245,6 +247,40 @@ def _check_tokenizers(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
         )
 
 
+def _check_final_norms(cfg: RunConfig) -> None:
+    """Hidden-state alignment reads each model's last layer at its final norm (``final_norm``): a
+    model without one by a known name is refused now, not at the first training step. Built on the
+    meta device from its config (no weights); a GGUF file not yet converted is not checked."""
+    if cfg.train.hidden_weight <= 0:
+        return
+    from distill.models import FINAL_NORMS, final_norm, gguf_cache_dir
+
+    refs = {"teacher.model": cfg.teacher.model}
+    if cfg.student.init == "model":
+        refs["student.model"] = cfg.student.model
+    for key, ref in refs.items():
+        gguf = resolve_gguf(ref) if ref else None
+        folder = gguf_cache_dir(gguf) if gguf is not None else Path(ref or "")
+        if not ref or not (folder / "config.json").is_file():
+            continue
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        trust = cfg.teacher.trust_remote_code
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            continue  # a model that cannot be built without weights: the first step will say
+        if final_norm(model) is None:
+            raise ConfigError(
+                f"train.hidden_weight={cfg.train.hidden_weight} aligns each layer's output read at the "
+                f"final norm, and {key} {ref} ({type(model).__name__}) has none named "
+                f"{', '.join(FINAL_NORMS)}; set train.hidden_weight=0"
+            )
+
+
 def _check_export(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
     """A GGUF export the student's architecture cannot have is refused now, not after training."""
     if "gguf" not in cfg.export.formats:
@@ -257,3 +293,15 @@ def _check_export(cfg: RunConfig, facts: dict[str, ModelFacts]) -> None:
             f"export.formats: gguf is written for Llama and Gemma 3 students; this one is {arch!r}. "
             "Set export.formats=[hf] and convert the folder with llama.cpp's convert_hf_to_gguf.py"
         )
+    # the student's rope scaling is its source's; a GGUF source's was checked with its facts
+    source = cfg.student.model if cfg.student.init == "model" else cfg.teacher.model
+    if source and resolve_gguf(source) is None:
+        from transformers import AutoConfig
+
+        from distill.gguf_export import GGUFExportError, rope_scaling_factor
+
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+        try:
+            rope_scaling_factor(getattr(config, "get_text_config", lambda: config)())
+        except GGUFExportError as exc:
+            raise ConfigError(f"{exc} (the student's rope scaling is {source}'s)") from None

@@ -388,8 +388,19 @@ def full_states(acc: Accelerator, model: torch.nn.Module, opt: torch.optim.Optim
     return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dict, keep: int) -> Path:
-    """Write ``ckpt_dir/step-XXXXXX`` atomically; keep only the last ``keep`` checkpoints."""
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model_state: dict,
+    opt_state: dict,
+    keep: int,
+    rng_states: list[dict] | None = None,
+) -> Path:
+    """Write ``ckpt_dir/step-XXXXXX`` atomically; keep only the last ``keep`` checkpoints.
+
+    ``rng_states``: every process's ``_rng_states`` by rank (``gathered_rng_states``), each written
+    as ``rng-{rank}.pt``; None: this one process's.
+    """
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -405,7 +416,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dic
     try:  # each file fsynced as it is written
         fsio.save_safetensors(state, tmp / "model.safetensors")
         fsio.save_torch(opt_state, tmp / "optimizer.pt")
-        fsio.save_torch(_rng_states(), tmp / "rng.pt")
+        for rank, states in enumerate(rng_states or [_rng_states()]):
+            fsio.save_torch(states, tmp / f"rng-{rank}.pt")
         fsio.write_bytes(tmp / "trainer_state.json", json.dumps({"step": step}).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint does not stay behind
@@ -418,12 +430,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, opt_state: dic
 
 
 def _rng_states() -> dict:
-    """The CPU's random state and, with CUDA, every visible GPU's (dropout and sampling on a GPU draw
-    from those): uint8 tensors, which a machine without a GPU loads as well."""
+    """This process's random state of the CPU and, with CUDA, of every visible GPU (dropout and
+    sampling on a GPU draw from those; each process has its own, and under DDP draws from its own
+    device's): uint8 tensors, which a machine without a GPU loads as well."""
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return states
+
+
+def gathered_rng_states(world: int) -> list[dict] | None:
+    """Every process's ``_rng_states`` by rank, on rank 0 (None on the others): each process draws
+    its own dropout and samples, so each resumes from its own state. A collective when world > 1."""
+    if world == 1:
+        return [_rng_states()]
+    rank = torch.distributed.get_rank()
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(_rng_states(), gathered, dst=0)
+    return gathered
 
 
 def _set_rng_states(states: dict) -> None:
@@ -439,9 +463,13 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG from ``path``; returns the step to continue from.
-    An FSDP2-sharded student takes its shard of the full checkpoint on every process."""
+def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optimizer, rank: int = 0) -> int:
+    """Restore weights, optimizer and process ``rank``'s RNG from ``path``; returns the step to
+    continue from. An FSDP2-sharded student takes its shard of the full checkpoint on every process.
+
+    RNG: ``rng-{rank}.pt``; a checkpoint of fewer processes (or of the older single ``rng.pt``)
+    gives rank 0's state to the ranks it lacks.
+    """
     state = load_file(path / "model.safetensors")
     opt_state = torch.load(path / "optimizer.pt", weights_only=True)
     if _is_fsdp2(student):
@@ -459,7 +487,9 @@ def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optim
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise TrainingError(f"{path}: checkpoint does not fit the student ({missing or unexpected})")
         opt.load_state_dict(opt_state)
-    _set_rng_states(torch.load(path / "rng.pt", weights_only=True))
+    candidates = (path / f"rng-{rank}.pt", path / "rng.pt", path / "rng-0.pt")
+    rng = next((p for p in candidates if p.is_file()), candidates[0])
+    _set_rng_states(torch.load(rng, weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
@@ -624,7 +654,7 @@ def train(
     step = 0
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
-        step = load_checkpoint(last, student, opt)
+        step = load_checkpoint(last, student, opt, rank=rank)
         if main:
             console.print(f"resuming from {last} (step {step})")
     if main:  # steps logged after the checkpoint were undone by the kill: they are run again
@@ -753,8 +783,9 @@ def train(
                 stopping = bool(flag.item() > 0)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
                 state, opt_state = full_states(acc, model, opt)  # collective under FSDP / DeepSpeed
+                rng = gathered_rng_states(world)  # collective: every process's own, to rank 0
                 if main:
-                    save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints, rng)
                 acc.wait_for_everyone()
             if stopping and step < cfg.max_steps:
                 kept = ckpt_dir / f"step-{step:06d}"
