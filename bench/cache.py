@@ -8,9 +8,11 @@ Needs the default run's teacher answers and untrained student (``make demo`` or
 
 1. builds the k = 32 cache (with ``--tail-samples`` tail samples per token) and measures
    its bytes per scored token;
-2. for each seed, trains the same student for the same steps from live dense logits and
-   from the cache (tail as a bucket, and tail from the samples), each in its own subprocess
-   (so peak RSS is its own), in alternating turns, recording student tokens/s and peak RSS;
+2. for each seed, trains the same student for the same steps from live dense logits (the shipped
+   recipe as it is, ``live``, and without the hidden-state and prompt-token losses that a cache
+   cannot serve, ``live_plain``) and from the cache (tail as a bucket, and tail from the samples;
+   those two losses off), each in its own subprocess (so peak RSS is its own), in alternating
+   turns, recording student tokens/s and peak RSS;
 3. scores every student on the held-out prompts: per-token KL(teacher || student).
 
 Seeds change the data order, which moves a 60-step student's held-out KL by a few percent,
@@ -46,8 +48,8 @@ PLAIN = ["train.hidden_weight=0", "train.prompt_weight=0"]
 def _overrides(contender: str, steps: int, seed: int, tail_samples: int) -> list[str]:
     # Every contender uses the same trainer settings; only the teacher signal differs.
     cache = contender not in ("live", "live_plain")
-    out = [f"name={RUNS[contender]}", f"train.max_steps={steps}", f"train.seed={seed}",
-           f"cache.use={str(cache).lower()}", f"cache.tail_samples={tail_samples}",
+    out = [f"name={RUNS[contender]}", f"train.max_steps={steps}", "train.time_budget=null",
+           f"train.seed={seed}", f"cache.use={str(cache).lower()}", f"cache.tail_samples={tail_samples}",
            f"train.checkpoint_every={steps}", f"train.chunked_loss={str(CHUNKED).lower()}"]  # fmt: skip
     if cache:
         out += [f"cache.tail={contender}", *PLAIN]
