@@ -3,8 +3,10 @@
     python bench/cache_scaling.py [--steps 20]
 
 Run after bench/cache.py (it reuses that bench's runs: the default recipe's answers, its
-10-layer student and the k = 32 cache with tail samples). The student trains for the same
-steps, with the same seed and data, from the cache and from a live teacher of three sizes:
+untrained student and the k = 32 cache with tail samples). The student trains for the same
+steps, with the same seed and data, from the cache and from a live teacher of three sizes, with
+the losses only a live teacher of the student's own shape can serve (hidden-state alignment, prompt
+tokens) off on both sides, so that only the teacher signal differs:
 
 * SmolLM2-135M-Instruct, the default teacher (real weights);
 * teachers with SmolLM2's tokenizer and the shapes of SmolLM2-360M and SmolLM2-1.7B, with
@@ -107,6 +109,9 @@ def main() -> None:
         f"train.max_steps={args.steps}",
         "train.seed=0",
         f"train.checkpoint_every={args.steps}",
+        "train.time_budget=null",
+        "train.hidden_weight=0",
+        "train.prompt_weight=0",
     ]
     order = [("cache", None), *((f"live {t}", t) for t in teachers), ("cache", None)]
     figures: dict[str, list[dict]] = {}
@@ -146,6 +151,14 @@ def main() -> None:
         "command": f"python bench/cache_scaling.py --steps {args.steps}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
+        "cpu": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if ln.startswith("Model name")
+            ),
+            "?",
+        ),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
