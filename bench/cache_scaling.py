@@ -116,11 +116,18 @@ def main() -> None:
     order = [("cache", None), *((f"live {t}", t) for t in teachers), ("cache", None)]
     figures: dict[str, list[dict]] = {}
     for label, teacher in order:
-        ov = base + (
-            ["cache.use=true"]
-            if teacher is None
-            else ["cache.use=false", f"teacher.model={teachers[teacher]}"]
-        )
+        ov = base + ["cache.use=true"]
+        if teacher is not None:
+            # a run folder of its own: the cache's folder was made by the default teacher, and a
+            # folder refuses a config with another teacher
+            name = f"bench-scaling-{list(teachers).index(teacher)}"
+            live_run = Path("runs") / name
+            shutil.rmtree(live_run, ignore_errors=True)
+            live_run.mkdir(parents=True)
+            for f in ("answers.jsonl", "split.json"):
+                shutil.copy(run / f, live_run / f)
+            shutil.copytree(run / "student_init", live_run / "student_init")
+            ov = [f"name={name}", *base[1:], "cache.use=false", f"teacher.model={teachers[teacher]}"]
         out = subprocess.run(
             [sys.executable, __file__, "--child", *ov], capture_output=True, text=True, check=True
         )
