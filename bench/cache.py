@@ -128,6 +128,7 @@ def main() -> None:
 
     from distill import pipeline
     from distill.config import load_config
+    from distill.hardware import cpu_model
 
     seeds = [int(s) for s in args.seeds.split(",")]
     m = args.tail_samples
@@ -217,14 +218,7 @@ def main() -> None:
         "command": ("" if CHUNKED else "BENCH_CHUNKED_LOSS=0 ")
         + f"python bench/cache.py --steps {args.steps} --seeds {args.seeds} --tail-samples {m}"
         + f" --contenders {args.contenders}",
-        "cpu": next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if ln.startswith("Model name")
-            ),
-            "?",
-        ),  # fmt: skip
+        "cpu": cpu_model(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
     }

@@ -86,6 +86,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from distill.config import load_config
+    from distill.hardware import cpu_model
     from distill.models import resolve_model_dir
 
     run = Path("runs") / RUN
@@ -158,14 +159,7 @@ def main() -> None:
         "command": f"python bench/cache_scaling.py --steps {args.steps}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
-        "cpu": next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if ln.startswith("Model name")
-            ),
-            "?",
-        ),
+        "cpu": cpu_model(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))

@@ -8,7 +8,7 @@ an empty run folder unless ``--keep``; the converted teacher and the precision p
 
 - ``wall_s``: the whole ``distill run``; ``stages``: seconds per stage (the run's timings.json);
 - ``steps``, ``seconds_per_step``: training steps that fit the time budget;
-- ``precision``: what the probe chose and why; ``cpu``: ``lscpu``'s model name;
+- ``precision``: what the probe chose and why; ``cpu``: the CPU's model name;
 - ``eval``: the run's eval.json without its per-prompt rows (every model's figures, intervals,
   speed, memory, size, tasks);
 - ``console_lines``: lines the run printed to the console (stdout and stderr);
@@ -27,15 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from distill.hardware import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "demo.json"
 RUN = ROOT / "runs" / "default"
 CACHE = Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
-
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def _strip(obj):
@@ -75,7 +72,7 @@ def main() -> None:
         "eval": _strip(json.loads((RUN / "eval.json").read_text())),
         "console_lines": len(log.read_text(errors="replace").splitlines()),
         "teacher_cache_present_at_start": cached,
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "command": "python bench/demo.py" + (" --keep" if args.keep else ""),
         "date": dt.date.today().isoformat(),
     }

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from distill.hardware import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 VALIDATION = ROOT / "bench" / "data" / "quality_validation_prompts.jsonl"
@@ -55,11 +57,6 @@ RECIPES: dict[str, list[str]] = {
 ONPOLICY_TWIN = ("onpolicy_0.5", "default")
 METRICS = ("kl", "top1_agreement", "rouge_l", "teacher_logprob")
 FIELDS = ("kl", "agree", "ce", "tokens", "rouge_l", "judge_logprob", "judge_tokens")
-
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def test_answers() -> Path:
@@ -172,7 +169,7 @@ def summarise(raw: dict, budget: str | None, commands: list[str]) -> dict:
         "raw": raw,
         "budget": budget or "the recipe's train.time_budget",
         "splits": {"validation": str(VALIDATION.relative_to(ROOT)), "test": str(TEST.relative_to(ROOT))},
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "commands": commands,
         "date": dt.date.today().isoformat(),
     }
