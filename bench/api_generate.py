@@ -54,7 +54,7 @@ def start_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
 
 
 def run_distill(cfg, prompts, workdir: Path) -> dict:
-    from distill.api import generate_api_answers
+    from distill.teacher.api import generate_api_answers
 
     log = workdir / f"log-{time.monotonic_ns()}.jsonl"
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -103,9 +103,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from distill.config import ApiConfig
-    from distill.data import read_prompts
-    from distill.models import resolve_gguf
+    from distill.core.config import ApiConfig
+    from distill.core.data import read_prompts
+    from distill.core.models import resolve_gguf
 
     prompts = read_prompts(None)[: args.prompts]
     proc, url = start_server(resolve_gguf("smollm2-135m-instruct"), args.threads)

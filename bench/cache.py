@@ -60,7 +60,7 @@ def _overrides(contender: str, steps: int, seed: int, tail_samples: int) -> list
 
 def train_child(overrides: list[str]) -> None:
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
@@ -77,9 +77,10 @@ class HeldOut:
     """The held-out teacher answers, encoded as training encodes them, and the teacher."""
 
     def __init__(self, cfg) -> None:
-        from distill.generate import read_answers
-        from distill.models import load_model, load_tokenizer
-        from distill.pipeline import load_split, training_examples
+        from distill.core.answers import read_answers
+        from distill.core.models import load_model, load_tokenizer
+        from distill.pipeline import load_split
+        from distill.teacher.examples import training_examples
 
         _, held = load_split(cfg)
         self.tok = load_tokenizer(cfg.teacher.model)
@@ -91,7 +92,7 @@ class HeldOut:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from distill.evaluate import forced_metrics
+        from distill.evaluate.metrics import forced_metrics
 
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -127,8 +128,8 @@ def main() -> None:
         return
 
     from distill import pipeline
-    from distill.config import load_config
-    from distill.hardware import cpu_model
+    from distill.core.hardware import cpu_model
+    from distill.core.recipe import load_config
 
     seeds = [int(s) for s in args.seeds.split(",")]
     m = args.tail_samples

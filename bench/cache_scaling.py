@@ -85,9 +85,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.config import load_config
-    from distill.hardware import cpu_model
-    from distill.models import resolve_model_dir
+    from distill.core.hardware import cpu_model
+    from distill.core.models import resolve_model_dir
+    from distill.core.recipe import load_config
 
     run = Path("runs") / RUN
     if not (run / "teacher_cache" / "meta.json").is_file():

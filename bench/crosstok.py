@@ -76,9 +76,8 @@ def held_out(tok, cfg, other: tuple[list, Path] | None = None) -> list[tuple[lis
     """The teacher's answers to the held-out prompts in ``tok``'s tokens, as every score here reads
     them: (prompt ids, answer ids cut to fit train.max_seq_len as training cuts them, the record).
     ``other``: (prompts, their answers.jsonl) instead of the run's held-out prompts and answers."""
-    from distill.crosstok import student_answer_ids
-    from distill.data import make_example, prompt_token_ids
-    from distill.generate import answer_key, read_answers
+    from distill.core.answers import answer_key, read_answers
+    from distill.core.data import make_example, prompt_token_ids, student_answer_ids
     from distill.pipeline import load_split
 
     prompts, path = other if other is not None else (load_split(cfg)[1], cfg.run_dir / "answers.jsonl")
@@ -103,10 +102,10 @@ def bits_per_byte(
     ``other``: of the answers to other prompts (see ``held_out``)."""
     from transformers import AutoModelForCausalLM
 
-    from distill.data import make_example
-    from distill.evaluate import forced_metrics
-    from distill.models import load_tokenizer
-    from distill.stats import bootstrap, ratio_of_sums
+    from distill.core.data import make_example
+    from distill.core.models import load_tokenizer
+    from distill.evaluate.intervals import bootstrap, ratio_of_sums
+    from distill.evaluate.metrics import forced_metrics
 
     tok = load_tokenizer(str(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -146,7 +145,7 @@ def ratio(section: dict) -> None:
     prompts. Each is its best over the learning rates tried; at equal steps: a logit run of S steps is
     compared with the text-only runs of at most S steps (stopping early is the text alone's right), and
     only where a text-only run of S steps was made too."""
-    from distill.stats import bootstrap
+    from distill.evaluate.intervals import bootstrap
 
     runs = {}  # every scored model: each run's final one, and its checkpoints' (``name@step``)
     for name, r in section["methods"].items():
@@ -193,10 +192,10 @@ def main() -> None:
     ap.add_argument("--score-every", type=int, default=0, help=what)
     args = ap.parse_args()
     from distill import pipeline
-    from distill.config import load_config
-    from distill.crosstok import CROSS_ROWS
-    from distill.hardware import cpu_model
-    from distill.models import resolve_model_dir
+    from distill.core.hardware import cpu_model
+    from distill.core.models import resolve_model_dir
+    from distill.core.recipe import load_config
+    from distill.teacher.crosstok import CROSS_ROWS
 
     methods = args.methods.split(",")
     common = [*base(args), *ANSWERS[args.answers], f"runs_dir={args.runs}"]

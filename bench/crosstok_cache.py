@@ -40,7 +40,7 @@ def overrides(args, name: str, cached: bool) -> list[str]:
 CHILD = """
 import json, sys, time
 from distill import pipeline
-from distill.config import load_config
+from distill.core.recipe import load_config
 cfg = load_config(None, json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 pipeline.train_student(cfg, resume=False)
@@ -57,8 +57,8 @@ def main() -> None:
     import torch
 
     from distill import pipeline
-    from distill.config import load_config
-    from distill.hardware import cpu_model
+    from distill.core.hardware import cpu_model
+    from distill.core.recipe import load_config
 
     if not (SOURCE / "answers.jsonl").is_file():
         sys.exit(f"{SOURCE}/answers.jsonl is missing: run python bench/crosstok.py first")

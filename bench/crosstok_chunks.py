@@ -40,7 +40,8 @@ def nats_by_chunk(model_dir: Path, cfg, s_tok, t_tok, side: str) -> dict[str, fl
     held-out answers by kind of chunk, and the bytes of each kind."""
     from transformers import AutoModelForCausalLM
 
-    from distill.crosstok import align, token_offsets
+    from distill.core.data import token_offsets
+    from distill.teacher.alignment import align
 
     tok = s_tok if side == "student" else t_tok
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -63,8 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     args = ap.parse_args()
-    from distill.config import load_config
-    from distill.models import load_tokenizer, resolve_model_dir
+    from distill.core.models import load_tokenizer, resolve_model_dir
+    from distill.core.recipe import load_config
 
     whole = json.loads(RESULTS.read_text())
     pair = ["teacher.model=gemma3-270m", "student.init=model", "student.model=smollm2-135m-instruct"]

@@ -31,12 +31,12 @@ PROMPTS = ROOT / "bench" / "data" / "ood_prompts.jsonl"
 
 
 def main() -> None:
-    from distill.config import load_config
-    from distill.data import read_prompts
-    from distill.generate import generate_answers
-    from distill.hardware import cpu_model
-    from distill.models import load_model, load_tokenizer, resolve_model_dir
-    from distill.stats import bootstrap
+    from distill.core.data import read_prompts
+    from distill.core.hardware import cpu_model
+    from distill.core.models import load_model, load_tokenizer, resolve_model_dir
+    from distill.core.recipe import load_config
+    from distill.evaluate.intervals import bootstrap
+    from distill.teacher.generate import generate_answers
 
     whole = json.loads(RESULTS.read_text())
     best, methods = whole["best_logit_method"], whole["methods"]

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.hardware import cpu_model
+from distill.core.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "demo.json"

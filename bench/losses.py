@@ -35,7 +35,8 @@ def measure(mode: str, n: int, v: int, h: int, dtype: str, repeats: int) -> dict
     """One measurement, in this process: returns peak extra bytes and best seconds."""
     import torch
 
-    from distill.losses import chunked_divergence, forward_kl
+    from distill.losses.divergences import forward_kl
+    from distill.losses.fused import chunked_divergence
 
     torch.manual_seed(0)
     dt_ = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

@@ -37,13 +37,15 @@ CLASSES = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INST
 def child(steps: int, new_tokens: int, batch: int) -> dict:
     import torch
 
-    from distill import hardware
-    from distill.config import TrainConfig
-    from distill.data import make_example, prompt_token_ids, read_prompts
-    from distill.evaluate import _timed_generation
-    from distill.models import evenly_spaced_layers, load_model, load_tokenizer, shrink_layers
-    from distill.teacher import LiveTeacher
-    from distill.train import distill_loss, micro_batches
+    from distill.core import hardware
+    from distill.core.config import TrainConfig
+    from distill.core.data import make_example, prompt_token_ids, read_prompts
+    from distill.core.models import load_model, load_tokenizer
+    from distill.evaluate.metrics import timed_generation
+    from distill.student.prune import evenly_spaced_layers, shrink_layers
+    from distill.teacher.signal import LiveTeacher
+    from distill.train.loop import micro_batches
+    from distill.train.step import distill_loss
 
     torch.manual_seed(0)
     ref = "smollm2-135m-instruct"
@@ -60,8 +62,8 @@ def child(steps: int, new_tokens: int, batch: int) -> dict:
     examples = [make_example(r, r[-24:], 256) for r in rows * 2]  # answers' length: a typical 24
     for name, dtype in hardware.DTYPES.items():
         model = teacher32.to(dtype)
-        _timed_generation(model, tok, rows[:2], 2)  # warm-up
-        gen[name] = _timed_generation(model, tok, rows, new_tokens)
+        timed_generation(model, tok, rows[:2], 2)  # warm-up
+        gen[name] = timed_generation(model, tok, rows, new_tokens)
         teacher32 = model.float()
         student = shrink_layers(teacher32, evenly_spaced_layers(30, 10)).train()
         live = LiveTeacher(load_model(ref, dtype=dtype))

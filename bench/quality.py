@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.hardware import cpu_model
+from distill.core.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "quality.json"
@@ -62,7 +62,7 @@ FIELDS = ("kl", "agree", "ce", "tokens", "rouge_l", "judge_logprob", "judge_toke
 def test_answers() -> Path:
     """The teacher's greedy answers to the test prompts, generated once."""
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     cfg = load_config(None, [f"name={TEST_RUN}", f"data.path={TEST}", "data.heldout_size=1"])
     pipeline.generate(cfg)
@@ -70,9 +70,9 @@ def test_answers() -> Path:
 
 
 def _score(cfg, student, teacher, tok, prompts_file: Path, answers_file: Path) -> list[dict]:
-    from distill.data import prompt_token_ids, read_prompts
-    from distill.evaluate import evaluate_model
-    from distill.generate import read_answers
+    from distill.core.answers import read_answers
+    from distill.core.data import prompt_token_ids, read_prompts
+    from distill.evaluate.metrics import evaluate_model
 
     prompts = read_prompts(prompts_file)
     ids = {p.id: prompt_token_ids(tok, p, max_tokens=cfg.data.max_prompt_tokens) for p in prompts}
@@ -86,11 +86,11 @@ def child(recipe: str, budget: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill import pipeline
-    from distill.config import load_config
-    from distill.data import prompt_token_ids, read_prompts
-    from distill.evaluate import compare_speed
-    from distill.hardware import DTYPES
-    from distill.models import load_model, load_tokenizer
+    from distill.core.data import prompt_token_ids, read_prompts
+    from distill.core.hardware import DTYPES
+    from distill.core.models import load_model, load_tokenizer
+    from distill.core.recipe import load_config
+    from distill.evaluate.metrics import compare_speed
 
     overrides = [f"name=bench-quality-{recipe}", *RECIPES[recipe]]
     overrides += [f"train.time_budget={budget}"] if budget else []
@@ -136,7 +136,7 @@ def _columns(raw: dict, split: str) -> dict:
 
 
 def summarise(raw: dict, budget: str | None, commands: list[str]) -> dict:
-    from distill.stats import bootstrap, metric
+    from distill.evaluate.intervals import bootstrap, metric
 
     def interval(stat, cols) -> dict:
         return bootstrap(stat, cols).as_dict()

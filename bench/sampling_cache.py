@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.models import load_tokenizer
+from distill.core.models import load_tokenizer
 
 torch.set_num_threads(2)
 student = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()

@@ -3,7 +3,7 @@ transformers, single stream and batched, measured side by side.
 
     python bench/serve.py --student runs/default/student [--new-tokens 64] [--batch 8] [--rounds 3]
 
-Both models go through the same writer (``distill.gguf_export.write_ggufs``): the teacher is loaded
+Both models go through the same writer (``distill.export.gguf.write_ggufs``): the teacher is loaded
 from its bundled GGUF, saved as a Hugging Face folder and written back as f16 and q8_0, so the
 student is compared with a teacher in the same file types, not with the teacher's bundled Q4_1.
 
@@ -12,7 +12,7 @@ student is compared with a teacher in the same file types, not with the teacher'
   of the decode phase.
 - llama.cpp, batched: ``--batch`` sequences in one context (one sequence id each), a batch of one
   token per sequence per step.
-- transformers: ``distill.evaluate.compare_speed`` in the precision this machine was measured to
+- transformers: ``distill.evaluate.metrics.compare_speed`` in the precision this machine was measured to
   prefer, batch 1 and ``--batch``.
 
 Each round measures every model once in turn, and each keeps its best round (a slow spell of a
@@ -125,11 +125,11 @@ def main() -> None:
 
     import torch
 
-    from distill.config import EvaluateConfig
-    from distill.evaluate import compare_speed
-    from distill.gguf_export import open_llama, write_ggufs
-    from distill.hardware import DTYPES, choose_precision
-    from distill.models import load_model, load_tokenizer, resolve_gguf
+    from distill.core.config import EvaluateConfig
+    from distill.core.hardware import DTYPES, choose_precision
+    from distill.core.models import load_model, load_tokenizer, resolve_gguf
+    from distill.evaluate.metrics import compare_speed
+    from distill.export.gguf import open_llama, write_ggufs
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(str(args.student))

@@ -72,10 +72,10 @@ def run_distill(bf16: bool, steps: int, batch: int, seq: int, chunked: bool = Tr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.config import TrainConfig
-    from distill.models import load_model
-    from distill.teacher import LiveTeacher
-    from distill.train import train
+    from distill.core.config import TrainConfig
+    from distill.core.models import load_model
+    from distill.teacher.signal import LiveTeacher
+    from distill.train.loop import train
 
     teacher = load_model("smollm2-135m-instruct", dtype=torch.bfloat16 if bf16 else torch.float32)
     student = AutoModelForCausalLM.from_pretrained(RUN / "student_init", dtype=torch.float32)
@@ -99,7 +99,7 @@ def run_trl(bf16: bool, steps: int, batch: int, seq: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from distill.models import resolve_model_dir
+    from distill.core.models import resolve_model_dir
 
     tdir = resolve_model_dir("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(tdir)

@@ -91,10 +91,11 @@ def prompts_file(tmp_path) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE", os.environ.get("DISTILL_TEST_CACHE", str(tmp_path / "cache")))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    from distill import hardware, pipeline
+    from distill.core import hardware
+    from distill.stages import run_folder
 
     hardware._DECIDED.clear()  # each test decides its precision afresh (probes may be faked)
-    pipeline._CHECKED.clear()
+    run_folder._CHECKED.clear()
 
 
 @pytest.fixture()
@@ -165,7 +166,7 @@ def tiny_run(tmp_path: Path, teacher: Path, prompts: Path, stages=("generate", "
     import yaml
 
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     (tmp_path / "r.yaml").write_text(
         yaml.safe_dump(tiny_recipe(tmp_path / "runs", teacher, prompts, **sections))

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from distill.config import TrainConfig
-from distill.models import shrink_layers
-from distill.teacher import LiveTeacher
-from distill.train import train
+from distill.core.config import TrainConfig
+from distill.student.prune import shrink_layers
+from distill.teacher.signal import LiveTeacher
+from distill.train.loop import train
 
 from conftest import random_examples
 

@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from distill.config import TrainConfig
-from distill.models import shrink_layers
-from distill.teacher import LiveTeacher
-from distill.train import full_states, train
+from distill.core.config import TrainConfig
+from distill.student.prune import shrink_layers
+from distill.teacher.signal import LiveTeacher
+from distill.train.checkpoint import full_states
+from distill.train.loop import train
 
 from conftest import random_examples
 

@@ -18,11 +18,14 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from distill import api, pipeline
-from distill.config import ApiConfig, ConfigError, FilterConfig, RunConfig, load_config
-from distill.data import Prompt
-from distill.filters import filter_answers, last_number_matches
-from distill.generate import read_log
+from distill import pipeline
+from distill.core.answers import read_log
+from distill.core.config import ApiConfig, ConfigError, FilterConfig, RunConfig
+from distill.core.data import Prompt
+from distill.core.recipe import load_config
+from distill.evaluate.metrics import last_number_matches
+from distill.teacher import api, api_client
+from distill.teacher.filters import filter_answers
 
 from conftest import tiny_recipe
 from fake_openai import FakeOpenAI
@@ -88,12 +91,12 @@ def test_rate_limiter_tokens_per_minute_charges_the_real_usage():
 
 
 def test_retry_after_seconds_milliseconds_and_date():
-    assert api.retry_after_s({"retry-after": "3"}) == 3.0
-    assert api.retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert api_client.retry_after_s({"retry-after": "3"}) == 3.0
+    assert api_client.retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 < api.retry_after_s({"retry-after": when}) <= 30
-    assert api.retry_after_s({"retry-after": "soon"}) is None
-    assert api.retry_after_s({}) is None
+    assert 25 < api_client.retry_after_s({"retry-after": when}) <= 30
+    assert api_client.retry_after_s({"retry-after": "soon"}) is None
+    assert api_client.retry_after_s({}) is None
 
 
 def test_backoff_doubles_with_jitter_caps_and_honours_retry_after():

@@ -11,10 +11,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import distill.cache as C
+import distill.teacher.cache as C
 from distill import pipeline
-from distill.config import load_config
-from distill.data import collate
+from distill.core.data import collate
+from distill.core.recipe import load_config
+from distill.teacher import factory
 
 from conftest import random_examples, tiny_recipe
 
@@ -236,7 +237,7 @@ def test_pipeline_trains_from_cache_without_loading_the_teacher(
     def no_teacher(*a, **k):
         raise AssertionError("the teacher must not be loaded when training from the cache")
 
-    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    monkeypatch.setattr(factory, "load_model", no_teacher)
     pipeline.train_student(cfg)
     assert (cfg.run_dir / "student" / "model.safetensors").is_file()
     assert pipeline.verify_teacher_cache(cfg) == []
@@ -266,10 +267,10 @@ def test_pipeline_trains_from_tail_samples(tmp_path, tiny_teacher_dir, prompts_f
         load_config(tmp_path / "r.yaml", ["cache.tail_samples=0"])
     # auto: samples for forward KL at temperature 1, else the bucket, else renormalising
     auto = ["cache.tail=auto"]
-    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", auto)) == "auto"
-    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", [*auto, "train.loss=jsd"])) == "bucket"
+    assert factory.cache_tail(load_config(tmp_path / "r.yaml", auto)) == "auto"
+    assert factory.cache_tail(load_config(tmp_path / "r.yaml", [*auto, "train.loss=jsd"])) == "bucket"
     hot = [*auto, "train.distill_temperature=2"]
-    assert pipeline._cache_tail(load_config(tmp_path / "r.yaml", hot)) == "renormalize"
+    assert factory.cache_tail(load_config(tmp_path / "r.yaml", hot)) == "renormalize"
 
 
 def test_a_training_start_hashes_only_shards_changed_since_their_last_check(setup, tmp_path, monkeypatch):

@@ -3,14 +3,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from distill.config import (
-    ConfigError,
-    RunConfig,
-    dump_config,
-    load_config,
-    load_config_with_notes,
-    parse_override,
-)
+from distill.core.config import ConfigError, RunConfig
+from distill.core.recipe import dump_config, load_config, load_config_with_notes, parse_override
 
 
 def test_default_recipe_loads_and_round_trips(tmp_path):

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from distill import crosstok
-from distill.audit import audit_tokenizers
 from distill.cli import app
+from distill.teacher import alignment, crosstok
+from distill.teacher.audit import audit_tokenizers
 
 from conftest import SENTENCES, build_llama
 
@@ -108,7 +108,7 @@ def test_alignment_by_character_spans(tiny_teacher_dir, metaspace_tok):
         assert s_text == t_text == text[c.start : c.end].strip()
     plus = next(c for c in chunks if text[c.start : c.end] == " plus")
     assert len(plus.student) == 1 and len(plus.teacher) == 3  # "▁plus" vs "Ġp", "lu", "s"
-    shares = crosstok.alignment_shares(chunks, len(s_ids))
+    shares = alignment.alignment_shares(chunks, len(s_ids))
     assert shares["any"] == 1.0 and shares["one_to_one"] == sum(c.one_to_one for c in chunks) / len(s_ids)
 
 
@@ -124,15 +124,15 @@ def test_alignment_keeps_the_pieces_of_one_character_together():
 
 def test_token_pieces_read_each_teacher_token_as_the_student_does(tiny_teacher_dir, metaspace_tok):
     bpe, sp = _tok(tiny_teacher_dir), _tok(metaspace_tok)
-    pieces = crosstok.token_pieces(bpe, sp)
+    pieces = alignment.token_pieces(bpe, sp)
     assert pieces.shape == (len(bpe), 8)
     the_t, the_s = bpe.convert_tokens_to_ids("Ġthe"), sp.convert_tokens_to_ids("▁the")
     assert pieces[the_t].tolist() == [the_s] + [-1] * 7  # " the" in both, though spelt Ġthe and ▁the
     assert (pieces[bpe.pad_token_id] == -1).all()  # special tokens map to nothing
     assert pieces[bpe.eos_token_id, 0] == sp.eos_token_id  # but the two stops are one event
     for teacher, student in ((bpe, sp), (sp, bpe)):
-        t_text, s_text = crosstok.surfaces(teacher), crosstok.surfaces(student)
-        table = crosstok.token_pieces(teacher, student)
+        t_text, s_text = alignment.surfaces(teacher), alignment.surfaces(student)
+        table = alignment.token_pieces(teacher, student)
         for t, row in enumerate(table.tolist()):
             got = [i for i in row if i >= 0]
             if got and t != teacher.eos_token_id:  # each teacher token's text, exactly, in student tokens
@@ -142,7 +142,7 @@ def test_token_pieces_read_each_teacher_token_as_the_student_does(tiny_teacher_d
         mapped = [t for t, x in enumerate(t_text) if x is not None and x in set(s_text)]
         assert all(table[t, 0] >= 0 for t in mapped) and mapped
     # a teacher token the student reads as several: "▁plus" as "Ġp", "lu", "s"
-    plus = crosstok.token_pieces(sp, bpe)[sp.convert_tokens_to_ids("▁plus")]
+    plus = alignment.token_pieces(sp, bpe)[sp.convert_tokens_to_ids("▁plus")]
     assert plus.tolist() == bpe.convert_tokens_to_ids(["Ġp", "lu", "s"]) + [-1] * 5
     # byte-level BPE reads "\n\n" before a word as two "\n" tokens: the pieces are those of running text
     tk = Tokenizer(models.BPE())
@@ -155,7 +155,7 @@ def test_token_pieces_read_each_teacher_token_as_the_student_does(tiny_teacher_d
     )
     byte = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
     assert byte.tokenize("\n\n") == ["ĊĊ"] and byte.tokenize("\n\nb") == ["Ċ", "Ċ", "b"]
-    got = crosstok.token_pieces(byte, byte)[byte.convert_tokens_to_ids("ĊĊ")]
+    got = alignment.token_pieces(byte, byte)[byte.convert_tokens_to_ids("ĊĊ")]
     assert got[:3].tolist() == [byte.convert_tokens_to_ids("Ċ")] * 2 + [-1]
 
 
@@ -245,8 +245,8 @@ def test_a_padded_vocabulary_pair_trains_and_evaluates(tmp_path, tiny_teacher_di
     import yaml
 
     from distill import pipeline
-    from distill.audit import audit_models
-    from distill.config import load_config
+    from distill.core.recipe import load_config
+    from distill.teacher.audit import audit_models
 
     from conftest import tiny_recipe
 
@@ -280,7 +280,7 @@ def test_a_student_with_its_own_tokenizer_trains_and_evaluates(
     import yaml
 
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     from conftest import tiny_recipe
 
@@ -314,7 +314,7 @@ def test_a_student_with_its_own_tokenizer_trains_and_evaluates(
     # answer's text after its own prompt, computed here token by token
     from transformers import AutoModelForCausalLM
 
-    from distill.data import prompt_token_ids
+    from distill.core.data import prompt_token_ids
 
     teacher, t_tok = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval(), _tok(tiny_teacher_dir)
     prompts = {p.id: p for p in pipeline.load_split(cfg)[1]}
@@ -371,7 +371,7 @@ def test_the_chunked_cross_loss_equals_the_loss_on_whole_logits(method):
     """From hidden states, two positions of logits at a time (a chunk of student tokens straddling
     blocks, a soft-capped head with a bias): the same value and the same gradients for the hidden
     states, the head and its bias as the loss on logits made whole."""
-    from distill.losses import LogitTransform
+    from distill.losses.fused import LogitTransform
 
     torch.manual_seed(1)
     hidden = torch.randn(2, 5, 6, requires_grad=True)
@@ -406,7 +406,7 @@ def test_the_students_own_samples_are_read_again_and_aligned_for_the_teacher(tin
     prompt the teacher was never given gets none."""
     from transformers import AutoModelForCausalLM
 
-    from distill.data import collate, make_example
+    from distill.core.data import collate, make_example
 
     s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
@@ -423,7 +423,8 @@ def test_the_students_own_samples_are_read_again_and_aligned_for_the_teacher(tin
     )
     spelled = [*canonical[: split[0]], *split[1], *canonical[split[0] + 1 :]]
     assert s_tok.decode(spelled, skip_special_tokens=True) == text and spelled != canonical
-    teacher = crosstok.CrossTeacher(model, {}, method="span", k=8, pieces=crosstok.token_pieces(t_tok, s_tok),
+    pieces = alignment.token_pieces(t_tok, s_tok)
+    teacher = crosstok.CrossTeacher(model, {}, method="span", k=8, pieces=pieces,
                                     pad_id=t_tok.pad_token_id, tokenizers=(s_tok, t_tok),
                                     prompts={tuple(s_prompt): t_prompt}, max_len=64)  # fmt: skip
     other = s_tok("a prompt nobody gave")["input_ids"]
@@ -473,8 +474,8 @@ def test_span_rows_inside_a_chunk_the_student_splits_follow_the_chain_rule(
     """A SentencePiece-style teacher reads " plus" as one token, the byte-level student as three:
     each of the three positions gets a row, the teacher's distribution where it starts the chunk (a
     forward pass made here) carried into the student's tokens after what it has read of the chunk."""
-    from distill.cache import sample_key
-    from distill.data import collate, make_example
+    from distill.core.data import collate, make_example
+    from distill.teacher.signal import sample_key
 
     s_tok, t_tok = _tok(tiny_teacher_dir), _tok(metaspace_tok)
     model = build_llama(tmp_path / "teacher", t_tok, layers=1, seed=2).eval()
@@ -483,7 +484,7 @@ def test_span_rows_inside_a_chunk_the_student_splits_follow_the_chain_rule(
     answer = crosstok.student_answer_ids(s_tok, text, True)
     item = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
     ex = make_example(s_prompt, answer, 64)
-    k, pieces = len(t_tok), crosstok.token_pieces(t_tok, s_tok)  # the teacher's whole distribution
+    k, pieces = len(t_tok), alignment.token_pieces(t_tok, s_tok)  # the teacher's whole distribution
     kw = {"method": "span", "k": k, "pieces": pieces, "pad_id": t_tok.pad_token_id}
     teacher = crosstok.CrossTeacher(model, {sample_key(ex[0]): item}, **kw)
     sig = teacher.signal(collate([ex], s_tok.pad_token_id))
@@ -540,8 +541,8 @@ def _teacher_of_its_own_logits(kind: str, t_tok, folder):
 
 def _one_sample(s_tok, t_tok, text: str):
     """(the sample's key, its item, a batch of it) for ``text`` answering one question."""
-    from distill.cache import sample_key
-    from distill.data import collate, make_example
+    from distill.core.data import collate, make_example
+    from distill.teacher.signal import sample_key
 
     s_prompt, t_prompt = s_tok("question?")["input_ids"], t_tok("question?")["input_ids"]
     ex = make_example(s_prompt, crosstok.student_answer_ids(s_tok, text, True), 64)
@@ -566,7 +567,7 @@ def test_the_cross_teacher_signal_is_made_from_the_models_own_logits(
     uld = crosstok.CrossTeacher(model, {key: item}, method="uld", pieces=None, **kw).signal(batch)
     want = torch.stack([logp[base + c.teacher[0]].topk(8).values.exp() for c in item.chunks])
     torch.testing.assert_close(uld.sorted, want, rtol=1e-4, atol=1e-5)
-    pieces = crosstok.token_pieces(t_tok, s_tok)
+    pieces = alignment.token_pieces(t_tok, s_tok)
     span = crosstok.CrossTeacher(model, {key: item}, method="span", pieces=pieces, **kw).signal(batch)
     multi = [c for c in item.chunks if len(c.teacher) > 1]
     assert multi
@@ -578,7 +579,7 @@ def test_the_cross_teacher_signal_is_made_from_the_models_own_logits(
 def test_a_cross_teacher_whose_logits_are_not_its_heads_is_refused(tmp_path, tiny_teacher_dir, metaspace_tok):
     """A model that scales its logits without a config key saying so: its head's output is not its
     logits, and the signal would be another distribution than the model's. Refused, with the reason."""
-    from distill.models import ModelError
+    from distill.core.models import ModelError
 
     s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
     model = _teacher_of_its_own_logits("hidden", t_tok, tmp_path / "teacher")
@@ -596,8 +597,9 @@ def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_te
     student's own) is graded by the model given."""
     from transformers import AutoModelForCausalLM
 
-    from distill.cache import CachedCrossTeacher, CacheError, CacheMeta, build_cross_cache, sample_key
-    from distill.data import collate, make_example
+    from distill.core.data import collate, make_example
+    from distill.teacher.cache import CachedCrossTeacher, CacheError, CacheMeta, build_cross_cache
+    from distill.teacher.signal import sample_key
 
     s_tok, t_tok = _tok(metaspace_tok), _tok(tiny_teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
@@ -609,7 +611,7 @@ def test_a_cross_tokenizer_cache_gives_the_live_signal(method, tmp_path, tiny_te
         ex = make_example(s_prompt, crosstok.student_answer_ids(s_tok, text, True), 64)
         items[sample_key(ex[0])] = crosstok.build_item(s_prompt, t_prompt, text, s_tok, t_tok, True, 64)
         examples.append(ex)
-    pieces = crosstok.token_pieces(t_tok, s_tok) if method == "span" else None
+    pieces = alignment.token_pieces(t_tok, s_tok) if method == "span" else None
     kw = {"method": method, "k": 8, "pieces": pieces, "pad_id": t_tok.pad_token_id}
     live = crosstok.CrossTeacher(model, items, **kw)
     expected = {"teacher": "tiny", "teacher_weights_hash": "w", "tokenizer_hash": "t", "k": 8,
@@ -676,8 +678,9 @@ def test_training_across_tokenizers_from_the_cache_never_loads_the_teacher(
     import json
 
     from distill import pipeline
-    from distill.cache import CacheError
-    from distill.config import load_config
+    from distill.core.recipe import load_config
+    from distill.teacher import factory
+    from distill.teacher.cache import CacheError
 
     from conftest import tiny_run
 
@@ -696,7 +699,7 @@ def test_training_across_tokenizers_from_the_cache_never_loads_the_teacher(
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(pipeline, "_training_teacher", no_teacher)
+    monkeypatch.setattr(factory, "training_teacher", no_teacher)
     pipeline.train_student(cfg)
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     assert summary["teacher_signal"].startswith("cached teacher, another tokenizer: span")

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from distill.data import (
+from distill.core.data import (
     DataError,
     Prompt,
     collate,

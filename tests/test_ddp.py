@@ -36,7 +36,7 @@ def test_two_processes_equal_one(tiny_teacher_dir, tmp_path):
     # ...and training did move the weights (the comparison is not between two untouched copies).
     from transformers import AutoModelForCausalLM
 
-    from distill.models import shrink_layers
+    from distill.student.prune import shrink_layers
 
     init = shrink_layers(AutoModelForCausalLM.from_pretrained(tiny_teacher_dir), [0, 3]).state_dict()
     moved = sum(not torch.equal(init[k], a[k]) for k in a)

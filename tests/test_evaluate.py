@@ -7,7 +7,7 @@ import copy
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.evaluate import forced_metrics
+from distill.evaluate.metrics import forced_metrics
 
 from conftest import random_examples
 
@@ -32,7 +32,7 @@ def test_padded_lm_head_pair_is_compared_on_the_real_vocabulary(tiny_teacher_dir
 def test_teacher_logprob_of_answers_matches_a_hand_sum(tiny_teacher_dir):
     import torch
 
-    from distill.evaluate import teacher_logprob
+    from distill.evaluate.metrics import teacher_logprob
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     examples = random_examples(300, 5, 4, lambda i: 2 + i, lambda i: 3 + i % 2)
@@ -49,7 +49,7 @@ def test_teacher_logprob_of_answers_matches_a_hand_sum(tiny_teacher_dir):
 
 
 def test_rouge_l_and_reference_matching_against_hand_values():
-    from distill.evaluate import matches_reference, rouge_l
+    from distill.evaluate.metrics import matches_reference, rouge_l
 
     # LCS "the cat on the mat" = 5 of 6 words each way: P = R = F1 = 5/6
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)

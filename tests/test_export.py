@@ -15,10 +15,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from distill import pipeline
-from distill.config import ConfigError, load_config
-from distill.export import serving_problems
-from distill.gguf_export import GGUFExportError, gguf_arch, write_gguf
-from distill.models import prune_width
+from distill.core.config import ConfigError
+from distill.core.recipe import load_config
+from distill.export.folder import serving_problems
+from distill.export.gguf import GGUFExportError, gguf_arch, write_gguf
+from distill.student.prune import prune_width
 
 from conftest import build_llama, build_tokenizer, tiny_recipe, tiny_run
 
@@ -223,7 +224,7 @@ def test_gguf_only_export_and_a_failed_export_keeps_the_last_one(
     def disk_full(*args, **kwargs):
         raise GGUFExportError(f"could not write {out}/tiny-f16.gguf: No space left on device")
 
-    monkeypatch.setattr("distill.gguf_export.write_ggufs", disk_full)
+    monkeypatch.setattr("distill.export.gguf.write_ggufs", disk_full)
     with pytest.raises(GGUFExportError, match="No space left"):
         pipeline.export(cfg)
     assert (out / "tiny-f16.gguf").read_bytes() == before  # the last good export stays whole
@@ -378,7 +379,7 @@ def test_gemma3_student_runs_in_llama_cpp_like_transformers(config, tiny, tmp_pa
 
 
 def test_gemma3_layer_pattern_llama_cpp_cannot_run_is_refused(tiny, tmp_path):
-    from distill.models import shrink_layers
+    from distill.student.prune import shrink_layers
 
     _, tok, _ = tiny
     model = _tiny_gemma3(tmp_path / "g", tok, layers=12)
@@ -467,7 +468,7 @@ def test_a_gguf_teacher_keeps_its_linear_rope_scaling_when_dequantised(tiny, tmp
     run like the model the file was written from."""
     from transformers import AutoConfig
 
-    from distill.models import convert_gguf
+    from distill.core.models import convert_gguf
 
     folder, tok, _ = tiny
     llama = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -506,7 +507,7 @@ def test_rope_scaling_a_gguf_export_cannot_say_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "runs").exists()
     pipeline.prepare(load_config(tmp_path / "r.yaml", ["export.formats=[hf]"]))  # the way out works
 
-    from distill.models import ModelError, gguf_rope_scaling
+    from distill.core.models import ModelError, gguf_rope_scaling
 
     meta = {
         "general.architecture": "qwen2",

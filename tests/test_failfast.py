@@ -11,9 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill import cli, pipeline
+from distill import cli
 from distill.cli import app
-from distill.models import gguf_metadata
+from distill.core.models import gguf_metadata
+from distill.stages import generate as generate_stage
 
 from conftest import tiny_recipe
 
@@ -70,7 +71,7 @@ def runs(tmp_path):
 def test_config_mistakes_exit_2_before_any_work(tmp_path, runs, tiny_teacher_dir, prompts_file, monkeypatch,
                                                 override, needle):  # fmt: skip
     started = []
-    monkeypatch.setattr(pipeline, "generate_answers", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(generate_stage, "generate_answers", lambda *a, **k: started.append(1))
     recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file)
     if needle is None:  # ... but k larger than the tiny vocabulary is not
         override, needle = "cache.k=100000", "cache.k=100000 exceeds the vocabulary"
@@ -134,7 +135,7 @@ def test_an_unexpected_error_prints_a_line_and_the_log_path(tmp_path, runs, tiny
     def boom(*_a, **_k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "generate_answers", boom)
+    monkeypatch.setattr(generate_stage, "generate_answers", boom)
     out = _invoke(tmp_path, tiny_recipe(runs, tiny_teacher_dir, prompts_file), stage="generate")
     assert out.exit_code == 1 and "unexpected error: ZeroDivisionError: a bug" in out.output
     assert "Traceback" not in out.output
@@ -167,12 +168,12 @@ def test_onpolicy_rows_need_the_teachers_tokenizer_even_at_alpha_0(
     is refused before generation, whatever alpha weighs."""
     from types import SimpleNamespace
 
-    from distill import audit
+    from distill.teacher import audit
 
     other = SimpleNamespace(token_level=False, lines=lambda: ["the two vocabularies differ"])
     monkeypatch.setattr(audit, "audit_models", lambda *a, **k: other)
     started = []
-    monkeypatch.setattr(pipeline, "generate_answers", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(generate_stage, "generate_answers", lambda *a, **k: started.append(1))
     recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file, train={"alpha": 0.0, "onpolicy_fraction": 0.5},
                          student={"init": "model", "model": str(tiny_teacher_dir)})  # fmt: skip
     out = _invoke(tmp_path, recipe)
@@ -187,10 +188,10 @@ def test_onpolicy_rows_need_the_teachers_tokenizer_even_at_alpha_0(
 def test_humaneval_without_a_sandbox_is_refused_before_any_work(
     tmp_path, runs, tiny_teacher_dir, prompts_file, monkeypatch
 ):
-    from distill import tasks
+    from distill.evaluate import tasks
 
     started = []
-    monkeypatch.setattr(pipeline, "generate_answers", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(generate_stage, "generate_answers", lambda *a, **k: started.append(1))
     monkeypatch.setattr(tasks, "sandbox_available", lambda: False)
     recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file)
     recipe.setdefault("evaluate", {})["tasks"] = ["humaneval"]

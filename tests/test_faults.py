@@ -50,7 +50,7 @@ pytestmark = pytest.mark.faults
 
 def _run(config: str, function: str) -> None:  # in the child
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     getattr(pipeline, function)(load_config(config))
 
@@ -89,7 +89,7 @@ def _config(folder: Path, prompts: Path, teacher: Path) -> Path:
 def _prepared(root: Path, stage: str, prompts: Path, teacher: Path) -> Path:
     """A run folder with the stages before ``stage`` done, made once per stage and copied per trial."""
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     done = root / f"before-{stage}"
     if not done.exists():
@@ -139,7 +139,7 @@ def _check(stage: str, got: dict, ref: dict, run: Path) -> None:
         assert set(got["ids"]) == set(ref["ids"]), "an answer was lost"
         assert got["answers"] == ref["answers"]
     elif stage == "cache":
-        from distill.cache import verify_cache
+        from distill.teacher.cache import verify_cache
 
         assert sorted(got) == sorted(ref), "a shard was lost or added"
         assert all(got[k] == ref[k] for k in ref), "a shard differs from the uninterrupted run's"
@@ -154,7 +154,7 @@ def _check(stage: str, got: dict, ref: dict, run: Path) -> None:
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, forkserver, tmp_path):
     from distill import pipeline
-    from distill.config import load_config
+    from distill.core.recipe import load_config
 
     root, prompts, teacher = base
     function = STAGES[stage][0]

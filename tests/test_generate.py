@@ -7,9 +7,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import distill.generate as gen
-from distill.config import GenerateConfig
-from distill.data import read_prompts
+import distill.teacher.generate as gen
+from distill.core.answers import write_records
+from distill.core.config import GenerateConfig
+from distill.core.data import read_prompts
 
 
 @pytest.fixture()
@@ -42,7 +43,7 @@ def test_answers_are_cut_at_eos_and_records_complete(teacher, prompts_file, tmp_
 
 
 def test_batched_left_padding_matches_one_by_one(teacher, prompts_file):
-    from distill.data import prompt_token_ids
+    from distill.core.data import prompt_token_ids
 
     model, tok = teacher
     rows = [prompt_token_ids(tok, p) for p in read_prompts(prompts_file)[:4]]
@@ -89,7 +90,7 @@ def test_answers_with_unicode_line_breaks_read_back_whole(tmp_path):
     texts = ["Service staff \u2028friendly", "a\u0085b\u2029c", "x\x1cy\x0bz\x0c", "plain"]
     path = tmp_path / "answers.jsonl"
     with path.open("a") as f:
-        gen.write_records(f, [{"id": f"p{i}", "text": t, "token_ids": [i]} for i, t in enumerate(texts)])
+        write_records(f, [{"id": f"p{i}", "text": t, "token_ids": [i]} for i, t in enumerate(texts)])
     got = gen.read_answers(path)
     assert [got[f"p{i}"]["text"] for i in range(len(texts))] == texts
     with path.open("a") as f:

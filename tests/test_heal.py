@@ -11,8 +11,9 @@ from safetensors.torch import load_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill import pipeline
-from distill.config import load_config
-from distill.data import DataError, general_text_examples, read_general_text
+from distill.core.data import DataError, general_text_examples, read_general_text
+from distill.core.recipe import load_config
+from distill.stages import train as train_stage
 
 from conftest import tiny_recipe, tiny_run
 
@@ -40,7 +41,7 @@ def test_read_general_text_splits_documents_and_names_bad_lines(tmp_path):
 
 
 def test_the_bundled_text_holds_no_prompt_of_the_default_set():
-    from distill.data import read_prompts
+    from distill.core.data import read_prompts
 
     docs = read_general_text("default")
     openings = {d.splitlines()[0].lower().rstrip("?").strip() for d in docs}
@@ -82,17 +83,17 @@ def test_healing_runs_first_and_a_rerun_starts_from_its_weights(tmp_path, tiny_t
     assert any(not torch.equal(healed[k], v) for k, v in init.state_dict().items())  # healing changed it
     # a rerun of the task stage from scratch starts from the healed weights, without healing again
     seen = {}
-    real_train = pipeline.train
+    real_train = train_stage.train
 
     def spy(student, *args, **kwargs):
         seen.setdefault("first", {k: v.clone() for k, v in student.state_dict().items()})
         return real_train(student, *args, **kwargs)
 
-    pipeline.train = spy
+    train_stage.train = spy
     try:
         pipeline.train_student(cfg)
     finally:
-        pipeline.train = real_train
+        train_stage.train = real_train
     assert len((run / "heal" / "metrics.jsonl").read_text().splitlines()) == 3
     for k, v in healed.items():
         torch.testing.assert_close(seen["first"][k], v)

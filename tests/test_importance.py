@@ -10,8 +10,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from distill import pipeline
-from distill.config import load_config
-from distill.importance import block_importance, most_important_layers
+from distill.core.recipe import load_config
+from distill.student.importance import block_importance, most_important_layers
 
 from conftest import random_examples, tiny_recipe, tiny_run
 
@@ -73,7 +73,7 @@ def test_importance_needs_the_teachers_answers(tmp_path, tiny_teacher_dir, promp
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_hidden_alignment_matches_a_float64_reference(kind):
-    from distill.losses import hidden_alignment
+    from distill.losses.divergences import hidden_alignment
 
     g = torch.Generator().manual_seed(7)
     s = [torch.randn(2, 5, 8, generator=g, requires_grad=True) for _ in range(3)]
@@ -114,7 +114,7 @@ def test_training_with_hidden_alignment_pairs_the_kept_layers(tmp_path, tiny_tea
 
 
 def test_hidden_alignment_through_a_projection_matches_a_reference():
-    from distill.losses import hidden_alignment
+    from distill.losses.divergences import hidden_alignment
 
     g = torch.Generator().manual_seed(8)
     s = [torch.randn(2, 5, 6, generator=g, requires_grad=True) for _ in range(2)]  # student width 6

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from distill import pipeline
-from distill.config import RunConfig
-from distill.data import Prompt, prompt_token_ids, read_prompts
-from distill.generate import LlamaCppEngine
-from distill.models import load_model, load_tokenizer, resolve_gguf
+from distill.core.config import RunConfig
+from distill.core.data import Prompt, prompt_token_ids, read_prompts
+from distill.core.models import load_model, load_tokenizer, resolve_gguf
+from distill.teacher.generate import LlamaCppEngine
 
 pytestmark = [
     pytest.mark.integration,

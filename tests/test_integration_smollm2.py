@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.data import Prompt, prompt_token_ids
-from distill.generate import generate_batch
-from distill.models import resolve_gguf, save_dequantized
+from distill.core.data import Prompt, prompt_token_ids
+from distill.core.generation import generate_batch
+from distill.core.models import resolve_gguf, save_dequantized
 
 pytestmark = [
     pytest.mark.integration,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill import losses as L
+from distill.losses import fused
 
 SHAPE = (3, 47, 123)  # odd on purpose
 
@@ -410,7 +411,7 @@ def test_padded_topk_entries_are_no_outcome(tail):
 
 def sampled(t, k, m, seed=0):
     """Top-k of dense teacher logits ``(N, V)`` plus ``m`` tail samples per row (the cache's sampler)."""
-    from distill.cache import _tail_samples
+    from distill.teacher.cache import _tail_samples
 
     lp = torch.log_softmax(t.double(), -1)
     vals, ids = lp.topk(k, -1)
@@ -610,11 +611,11 @@ def test_compile_fallback_is_for_compile_errors_only(monkeypatch):
     def no_compiler(*_):
         raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
 
-    monkeypatch.setitem(L._COMPILED, "test_oom", out_of_memory)
+    monkeypatch.setitem(fused._COMPILED, "test_oom", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        L._run_compiled("test_oom", lambda x: x + 1, (1,), True)
-    assert L._COMPILED["test_oom"] is out_of_memory  # still compiled: nothing was switched off
-    monkeypatch.setitem(L._COMPILED, "test_cc", no_compiler)
+        fused._run_compiled("test_oom", lambda x: x + 1, (1,), True)
+    assert fused._COMPILED["test_oom"] is out_of_memory  # still compiled: nothing was switched off
+    monkeypatch.setitem(fused._COMPILED, "test_cc", no_compiler)
     with pytest.warns(UserWarning, match="runs eagerly"):
-        assert L._run_compiled("test_cc", lambda x: x + 1, (1,), True) == 2
-    assert L._COMPILED["test_cc"] is None
+        assert fused._run_compiled("test_cc", lambda x: x + 1, (1,), True) == 2
+    assert fused._COMPILED["test_cc"] is None

@@ -4,13 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.models import (
-    ModelNotFoundError,
-    count_params,
-    evenly_spaced_layers,
-    resolve_gguf,
-    shrink_layers,
-)
+from distill.core.models import ModelNotFoundError, count_params, resolve_gguf
+from distill.student.prune import evenly_spaced_layers, shrink_layers
 
 
 def test_evenly_spaced_layers():
@@ -65,7 +60,7 @@ def test_layer_outputs_are_read_at_a_final_norm_named_ln_f():
     input, and the norm of it is transformers' last hidden state."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from distill.models import forward_with_layer_outputs
+    from distill.core.models import forward_with_layer_outputs
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0)
@@ -85,7 +80,8 @@ def test_hidden_alignment_without_a_known_final_norm_is_refused_before_any_work(
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
     from distill import pipeline
-    from distill.config import ConfigError, load_config
+    from distill.core.config import ConfigError
+    from distill.core.recipe import load_config
 
     from conftest import tiny_recipe
 

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-import distill.train as tr
-from distill import onpolicy
-from distill.config import TrainConfig
-from distill.generate import eos_ids
-from distill.models import shrink_layers
-from distill.teacher import LiveTeacher
+import distill.train.loop as tr
+from distill.core.config import TrainConfig
+from distill.core.generation import eos_ids
+from distill.student.prune import shrink_layers
+from distill.teacher.signal import LiveTeacher
+from distill.train import onpolicy
 
 
 @pytest.fixture()
@@ -152,8 +152,8 @@ def test_cached_off_policy_rows_and_live_graded_samples(
     import yaml
 
     from distill import pipeline
-    from distill.cache import CachedTeacher
-    from distill.config import load_config
+    from distill.core.recipe import load_config
+    from distill.teacher.cache import CachedTeacher
 
     from conftest import tiny_recipe
 
@@ -191,8 +191,8 @@ def test_cached_off_policy_rows_and_live_graded_samples(
 
 
 def _grader(server, tok, k=3):
-    from distill.api import ApiGrader
-    from distill.config import ApiConfig
+    from distill.core.config import ApiConfig
+    from distill.teacher.api import ApiGrader
 
     cfg = ApiConfig(base_url=server.url, model="t", endpoint="completions", top_logprobs=k, max_retries=0,
                     api_key_env=None)  # fmt: skip
@@ -246,8 +246,9 @@ def test_api_grader_signal_and_a_run_graded_by_the_api(setup, tmp_path):
 def test_api_grader_refuses_a_server_that_does_not_echo(setup):
     from types import SimpleNamespace
 
-    from distill.api import ApiError, ApiGrader
-    from distill.config import ApiConfig
+    from distill.core.config import ApiConfig
+    from distill.teacher.api import ApiGrader
+    from distill.teacher.api_client import ApiError
 
     _, tok, _ = setup
     plain = {"choices": [{"text": "x", "logprobs": None, "finish_reason": "length"}]}

@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill import cache as C
-from distill.config import TrainConfig
-from distill.data import collate, pack
-from distill.models import shrink_layers
-from distill.teacher import LiveTeacher
-from distill.train import GROUP_SPAN, distill_loss, micro_batches, train
+from distill.core.config import TrainConfig
+from distill.core.data import collate, pack
+from distill.student.prune import shrink_layers
+from distill.teacher import cache as C
+from distill.teacher.signal import LiveTeacher
+from distill.train.loop import GROUP_SPAN, micro_batches, train
+from distill.train.step import distill_loss
 
 from conftest import random_examples
 
@@ -141,7 +142,7 @@ def test_the_declared_torch_floor_is_one_packing_works_with():
     import re
     from pathlib import Path
 
-    from distill.data import PACKING_MIN_TORCH
+    from distill.core.data import PACKING_MIN_TORCH
 
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     floor = tuple(int(x) for x in re.search(r'"torch>=(\d+)\.(\d+)', text).groups())
@@ -149,7 +150,7 @@ def test_the_declared_torch_floor_is_one_packing_works_with():
 
 
 def test_packing_refuses_an_older_torch(monkeypatch):
-    from distill import data
+    from distill.core import data
 
     monkeypatch.setattr(data.torch, "__version__", "2.5.1+cpu")
     with pytest.raises(ValueError, match="needs torch >= 2.6"):

@@ -10,7 +10,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill import pipeline
-from distill.config import RunConfig, load_config
+from distill.core.config import RunConfig
+from distill.core.recipe import load_config
 
 from conftest import tiny_recipe
 

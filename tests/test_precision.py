@@ -9,10 +9,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from distill import hardware
 from distill.cli import app
-from distill.config import load_config
-from distill.hardware import Precision, choose_precision, resolve_device
+from distill.core import hardware
+from distill.core.hardware import Precision, choose_precision, resolve_device
+from distill.core.recipe import load_config
+from distill.teacher import factory
 
 CPU = torch.device("cpu")
 
@@ -130,9 +131,9 @@ def test_teacher_placement_plumbing_on_cpu(tiny_teacher_dir, tmp_path, prompts_f
     """teacher.device and device_map reach the loader, and the live teacher hands its signal back on
     the batch's device (the CPU here; on a GPU box the same code moves a teacher to cuda:1)."""
     from distill import pipeline
-    from distill.data import collate
-    from distill.models import load_model
-    from distill.teacher import HeadRows, LiveTeacher
+    from distill.core.data import collate
+    from distill.core.models import load_model
+    from distill.teacher.signal import HeadRows, LiveTeacher
 
     from conftest import tiny_recipe
 
@@ -143,7 +144,7 @@ def test_teacher_placement_plumbing_on_cpu(tiny_teacher_dir, tmp_path, prompts_f
     recipe = tiny_recipe(tmp_path, tiny_teacher_dir, prompts_file)
     recipe["teacher"]["device"] = "cpu"
     cfg = type(load_config(None)).model_validate(recipe)
-    teacher = pipeline._load_teacher(cfg, torch.float32)
+    teacher = factory.load_teacher(cfg, torch.float32)
     assert teacher.device == CPU
     live = LiveTeacher(teacher)
     batch = collate([([5, 6, 7, 8], [False, False, True, True])], 0)

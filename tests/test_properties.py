@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill import cache as C
-from distill.config import ConfigError, RunConfig, load_config, parse_override
-from distill.data import DataError, read_prompts
+from distill.core.config import ConfigError, RunConfig
+from distill.core.data import DataError, read_prompts
+from distill.core.recipe import load_config, parse_override
+from distill.teacher import cache as C
 
 from conftest import random_examples
 

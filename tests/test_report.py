@@ -14,10 +14,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill import pipeline, stats
+from distill import pipeline
 from distill.cli import app
-from distill.config import load_config
-from distill.report import cost_per_million, fmt, samples
+from distill.core.recipe import load_config
+from distill.evaluate import intervals as stats
+from distill.evaluate.report import cost_per_million, fmt, samples
 
 from conftest import tiny_recipe
 
@@ -245,7 +246,7 @@ def test_peak_memory_is_the_childs_own_not_its_parents(tiny_teacher_dir):
     with 1.5 GiB held here, the tiny model's process must still report far less."""
     import torch
 
-    from distill.evaluate import peak_memory
+    from distill.evaluate.metrics import peak_memory
 
     held = np.ones(3 << 27, dtype=np.float32)  # 1.5 GiB, touched
     got = peak_memory(tiny_teacher_dir, [1, 2, 3], 4, torch.float32)
@@ -289,7 +290,7 @@ def _cross_tokenizer_eval(old_intervals: bool = False) -> dict:
 
 @pytest.mark.parametrize("old_intervals", [False, True], ids=["new", "earlier-eval-json"])
 def test_the_report_of_a_student_with_its_own_tokenizer_keeps_bits_per_byte_not_kl(tmp_path, old_intervals):
-    from distill.report import headline, write_report
+    from distill.evaluate.report import headline, write_report
 
     results = _cross_tokenizer_eval(old_intervals)
     cards = {label: value for label, value, _ in headline(results)}
@@ -314,7 +315,7 @@ def test_the_report_of_a_student_with_its_own_tokenizer_keeps_bits_per_byte_not_
 @pytest.mark.parametrize("old_intervals", [False, True], ids=["new", "earlier-eval-json"])
 @pytest.mark.parametrize("y", ["kl", "top1_agreement"])
 def test_compare_leaves_a_student_with_its_own_tokenizer_out_of_a_ranking_on_kl(tmp_path, y, old_intervals):
-    from distill.compare import compare_runs
+    from distill.evaluate.compare import compare_runs
 
     shared = _cross_tokenizer_eval()
     for m in ("untrained_student", "student"):  # one tokenizer: KL and agreement exist

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from distill import tasks
-from distill.config import ConfigError, EvaluateConfig
+from distill.core.config import ConfigError, EvaluateConfig
+from distill.evaluate import tasks
 
 SANDBOX = tasks.sandbox_available()
 NO_SANDBOX = "bubblewrap cannot make a sandbox here (make install-bubblewrap)"
@@ -214,7 +214,7 @@ def test_the_refusal_says_why_the_sandbox_probe_failed(monkeypatch):
 def test_evaluate_refuses_code_before_any_answer_without_a_sandbox(monkeypatch):
     monkeypatch.setattr(tasks, "sandbox_available", lambda: False)
     calls = []
-    monkeypatch.setattr("distill.generate.generate_batch", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr("distill.core.generation.generate_batch", lambda *a, **k: calls.append(a) or [])
 
     class Cfg:
         evaluate = EvaluateConfig(tasks=["humaneval"], task_size=2)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from distill import stats
+from distill.evaluate import intervals as stats
 
 
 def _rows(values: list[tuple]) -> list[dict]:

@@ -11,11 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill import pipeline, tasks
+from distill import pipeline
 from distill.cli import app
-from distill.config import load_config
-from distill.data import DataError, read_prompts
-from distill.generate import Generation
+from distill.core.data import DataError, read_prompts
+from distill.core.generation import Generation
+from distill.core.recipe import load_config
+from distill.evaluate import tasks
 
 from conftest import tiny_recipe
 
@@ -101,7 +102,7 @@ def test_task_accuracy_kept_and_intervals_end_to_end(tmp_path, tiny_teacher_dir,
         texts = [f"it is {2 * i if i < right[model] else -1}" for i in range(start, start + len(rows))]
         return [Generation(tok_(t, add_special_tokens=False)["input_ids"], "stop") for t in texts]
 
-    monkeypatch.setattr("distill.generate.generate_batch", answers)
+    monkeypatch.setattr("distill.core.generation.generate_batch", answers)
     results, scored = tasks.evaluate_tasks({m: m for m in right}, tok, cfg)
     iv = results["sums"]["intervals"]
     assert results["sums"]["items"] == 10 and results["sums"]["max_new_tokens"] == 48
@@ -153,3 +154,38 @@ def test_an_evaluated_run_reports_its_tasks(tmp_path, tiny_teacher_dir, prompts_
         assert r["correct"] == tasks.score(item, r["text"])[0]
     page = (cfg.run_dir / "report" / "report.html").read_text()
     assert "<h2>Tasks</h2>" in page and "arithmetic (exact answer)" in page
+
+
+def test_a_labelling_item_counts_only_an_answer_that_names_its_label_alone(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    rows = [
+        {"id": "a", "prompt": "Positive or negative? Great film.", "reference": "positive",
+         "choices": ["positive", "negative"]},
+        {"id": "b", "prompt": "Sport or politics? The striker scored.", "reference": "sport",
+         "choices": ["sport", "politics"]},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = tasks.load_task(str(path))
+    assert a.choices == ("positive", "negative")
+    assert tasks.score(a, "Positive.")[0] == 1.0
+    assert tasks.score(a, "The sentiment is positive")[0] == 1.0
+    assert tasks.score(a, "It could be positive or negative.")[0] == 0.0  # both labels: no choice made
+    assert tasks.score(a, "Negative")[0] == 0.0
+    assert tasks.score(a, "nonpositive")[0] == 0.0  # whole words only
+    assert tasks.score(b, "SPORT")[0] == 1.0
+    assert tasks.score(b, "")[0] == 0.0
+    # without choices the same answer that names both labels would pass the containment rule
+    assert tasks.score(tasks.TaskItem(a.prompt, "positive"), "It could be positive or negative.")[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("choices", "reference", "message"),
+    [(["positive"], "positive", "two or more"), (["yes", "no"], "maybe", "must be one of its choices"),
+     ("yes,no", "yes", "two or more"), (["yes", ""], "yes", "two or more")],
+)  # fmt: skip
+def test_labelling_items_with_bad_choices_are_refused_naming_the_line(tmp_path, choices, reference, message):
+    path = tmp_path / "labels.jsonl"
+    row = {"id": "a", "prompt": "Yes or no?", "reference": reference, "choices": choices}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"labels.jsonl.*line 1.*{message}|labels.jsonl.*{message}"):
+        read_prompts(path)

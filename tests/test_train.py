@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-import distill.train as tr
-from distill.config import TrainConfig
-from distill.models import shrink_layers
-from distill.teacher import LiveTeacher
+import distill.train.loop as tr
+from distill import losses as L
+from distill.core.config import TrainConfig
+from distill.student.prune import shrink_layers
+from distill.teacher.signal import LiveTeacher
+from distill.train import checkpoint, step
 
 from conftest import random_examples
 
@@ -138,7 +141,7 @@ def test_chunked_loss_path_equals_plain(setup, alpha, sparse):
         def signal(self, b, lazy=False):
             lp = torch.log_softmax(live.signal(b).float(), -1)
             vals, ids = lp.topk(16, -1)
-            return tr.TopKTeacher(ids, vals, "bucket")
+            return L.TopKTeacher(ids, vals, "bucket")
 
     signal = TopK() if sparse else live
     n = batch.num_target_tokens
@@ -162,7 +165,7 @@ def test_live_teacher_lazy_logits_are_its_logits(setup):
     """For a chunked loss the live teacher hands over hidden states and its head (``HeadRows``),
     whose rows make exactly its logits; a model whose logits are not its head's output (here
     soft-capped) is caught by the first call's check and keeps giving plain logits."""
-    from distill.teacher import HeadRows
+    from distill.teacher.signal import HeadRows
 
     teacher, tok, examples = setup
     batch = tr.collate(examples[:4], tok.pad_token_id)
@@ -215,7 +218,7 @@ def test_a_fresh_start_removes_the_old_runs_checkpoints(setup, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
     assert _steps_logged(tmp_path) == [1, 2]
     # a later resume continues the new run, not the old one
-    saved = tr.load_file(tmp_path / "checkpoints" / "step-000002" / "model.safetensors")
+    saved = load_file(tmp_path / "checkpoints" / "step-000002" / "model.safetensors")
     for k, v in fresh.state_dict().items():
         if k in saved:
             assert torch.equal(saved[k], v), k
@@ -258,12 +261,12 @@ def test_jsd_beta_and_skew_come_from_the_config(loss, kw, option):
     from distill import losses as L
 
     cfg = _cfg(loss=loss, alpha=0.7, **kw)
-    assert tr.loss_options(cfg) == option
+    assert step.loss_options(cfg) == option
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 5, 30, generator=g), torch.randn(2, 5, 30, generator=g)
     labels, mask = torch.randint(0, 30, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.bool)
     parts = {"kd": 0.0, "ce": 0.0}
-    tr.kd_ce_loss(cfg, None, parts)(s, tr.Targets(t, labels), mask, num_tokens=10)
+    step.kd_ce_loss(cfg, None, parts)(s, step.Targets(t, labels), mask, num_tokens=10)
     assert parts["kd"] == pytest.approx(float(L.LOSSES[loss](s, t, mask, num_tokens=10, **option)), rel=1e-6)
 
 
@@ -372,7 +375,7 @@ def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):
 
 
 def test_prompt_targets_are_the_prompt_positions_of_each_sample():
-    from distill.data import Batch
+    from distill.core.data import Batch
 
     ids = torch.arange(10).view(1, 10)
     answer = torch.tensor([[0, 0, 1, 1, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)
@@ -415,7 +418,7 @@ def test_prompt_weight_trains_and_logs_its_part(setup, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["prompt_kd"] > 0 for r in rows)
     with pytest.raises(ValueError, match="train.prompt_weight needs a live local teacher"):
-        from distill.config import load_config
+        from distill.core.recipe import load_config
 
         load_config(None, ["train.prompt_weight=0.5", "train.hidden_weight=0", "cache.use=true"])
 
@@ -489,7 +492,7 @@ def test_each_process_resumes_from_its_own_random_state(setup, tmp_path):
     per_rank = []
     for seed in (11, 22):  # (rank 0, rank 1)
         torch.manual_seed(seed)
-        per_rank.append(tr._rng_states())
+        per_rank.append(checkpoint._rng_states())
     assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
     path = tr.save_checkpoint(
         tmp_path, 4, student.state_dict(), opt.state_dict(), keep=1, rng_states=per_rank

@@ -11,9 +11,13 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from distill import pipeline
-from distill.config import ConfigError, load_config
-from distill.importance import top_channels, top_heads, width_importance
-from distill.models import prune_width
+from distill.core.answers import read_answers
+from distill.core.config import ConfigError
+from distill.core.models import load_tokenizer
+from distill.core.recipe import load_config
+from distill.student.importance import top_channels, top_heads, width_importance
+from distill.student.prune import prune_width
+from distill.teacher.examples import training_examples
 
 from conftest import random_examples, tiny_recipe
 
@@ -143,11 +147,9 @@ def test_shrink_with_widths_keeps_the_most_active_heads_and_channels(
         c["speedup"] > 0 and c["params"] == report["candidates"][0]["params"] for c in report["candidates"]
     )
     # rebuild the expected cut from an independent importance pass over the same calibration answers
-    tok = pipeline.load_tokenizer(str(tiny_teacher_dir))
+    tok = load_tokenizer(str(tiny_teacher_dir))
     train_p, _ = pipeline.load_split(cfg)
-    calib = pipeline.training_examples(
-        cfg, tok, train_p, pipeline.read_answers(cfg.run_dir / "answers.jsonl")
-    )
+    calib = training_examples(cfg, tok, train_p, read_answers(cfg.run_dir / "answers.jsonl"))
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     width = width_importance(teacher, calib[: cfg.student.calibration_samples], tok.pad_token_id)
     for j, i in enumerate(chosen["layers"]):
@@ -195,13 +197,13 @@ def test_width_and_target_checked_before_any_work(tmp_path, tiny_teacher_dir, pr
 
 def _fake_speed(monkeypatch, a=0.1, b=0.2):
     """Seconds per token (in teacher units) of a + b * layers: a deterministic stand-in for timing."""
-    import distill.student as st
+    import distill.student.build as st
 
     monkeypatch.setattr(st, "_speedup", lambda model, *args: 1 / (a + b * model.config.num_hidden_layers))
 
 
 def test_depth_for_speedup_fits_the_time_per_layer(tiny_teacher_dir, monkeypatch):
-    from distill.student import depth_for_speedup
+    from distill.student.build import depth_for_speedup
 
     _fake_speed(monkeypatch)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
@@ -279,11 +281,9 @@ def test_hidden_importance_and_shrink_keep_the_most_active_channels(tmp_path, ti
     student = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "student_init")
     assert student.config.hidden_size == 24 and student.config.num_attention_heads == 4
     # the reference importance: |RMSNorm output| per channel, one unpadded sequence at a time
-    tok = pipeline.load_tokenizer(str(tiny_teacher_dir))
+    tok = load_tokenizer(str(tiny_teacher_dir))
     train_p, _ = pipeline.load_split(cfg)
-    calib = pipeline.training_examples(
-        cfg, tok, train_p, pipeline.read_answers(cfg.run_dir / "answers.jsonl")
-    )
+    calib = training_examples(cfg, tok, train_p, read_answers(cfg.run_dir / "answers.jsonl"))
     calib = calib[: cfg.student.calibration_samples]
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     ref = torch.zeros(32, dtype=torch.float64)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import build_default_prompts as build  # noqa: E402
 
-from distill.data import read_prompts, split_prompts  # noqa: E402
+from distill.core.data import read_prompts, split_prompts  # noqa: E402
 
 EMBEDDED = ROOT / "src/distill/prompts/default.jsonl"
 MATHS_TASKS = ROOT / "src/distill/prompts/maths_tasks.jsonl"

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 import shutil
 import sys
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from distill import fsio, interrupt, pipeline
-from distill.api import ApiError
-from distill.cache import CacheError
-from distill.config import ConfigError, RunConfig, load_config_with_notes
-from distill.data import DataError
-from distill.gguf_export import GGUFExportError
-from distill.models import ModelError, ModelNotFoundError, cache_root
-from distill.progress import console
-from distill.train import TrainingError
+from distill import pipeline
+from distill.core import fsio, interrupt, runlog
+from distill.core.config import ConfigError, RunConfig
+from distill.core.data import DataError
+from distill.core.errors import TrainingError
+from distill.core.models import ModelError, ModelNotFoundError, cache_root
+from distill.core.progress import console
+from distill.core.recipe import load_config_with_notes
+from distill.export.gguf import GGUFExportError
+from distill.teacher.api_client import ApiError
+from distill.teacher.cache import CacheError
 
 app = typer.Typer(
     help="Distil a large language model (teacher) into a smaller one (student).",
@@ -32,18 +34,50 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@dataclass
+class _Output:
+    """The app's own options, set by ``main`` before a command runs."""
+
+    verbose: bool = False  # every library's logging and progress bars on the console too
+
+
+_OUTPUT = _Output()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="show other libraries' logging, warnings and progress bars on the console too "
+            "(without it they go to the run folder's logs/run.log)",
+        ),
+    ] = False,
+) -> None:
+    """Distil a large language model (teacher) into a smaller one (student)."""
+    _OUTPUT.verbose = verbose
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="recipe YAML; default: the embedded default recipe"),
 ]
+
+
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config key, e.g. --set train.lr=1e-4 (repeatable)"),
 ]
+
+
 ForceOpt = Annotated[
     bool,
     typer.Option("--force", help="use a run folder whose outputs another config made (named when refused)"),
 ]
+
+
 USER_ERRORS = (
     ApiError,
     CacheError,
@@ -75,7 +109,7 @@ def _config_and_notes(config: Path | None, overrides: list[str] | None) -> tuple
 
 
 # What a run folder holds before any stage has finished anything: a failed start removes it.
-_START_FILES = {"config.yaml", "precision.json", "split.json"}
+_START_FILES = {"config.yaml", "precision.json", "split.json", "logs"}
 
 
 def _crash_log(exc: BaseException) -> Path:
@@ -91,11 +125,16 @@ def _crash_log(exc: BaseException) -> Path:
 def _call(fn, cfg: RunConfig, *args, force: bool = False, **kwargs):
     """Run a stage: a user error prints one line and exits 2; an unexpected one prints a short
     message and the path of a log with its traceback, and exits 1. A run folder this call made
-    is removed again if the stage failed before finishing anything in it."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    is removed again if the stage failed before finishing anything in it. Other libraries' output
+    goes to the run folder's logs/run.log (and the console too with --verbose)."""
     made = [p for p in (cfg.run_dir, *cfg.run_dir.parents) if not p.exists()]  # folders this call may make
+    log = cfg.run_dir / "logs" / "run.log"
     try:
-        with interrupt.stop_at_safe_points(), pipeline.allow_config_change() if force else nullcontext():
+        with (
+            runlog.run_output(log, verbose=_OUTPUT.verbose),
+            interrupt.stop_at_safe_points(),
+            pipeline.allow_config_change() if force else nullcontext(),
+        ):
             return fn(cfg, *args, **kwargs)
     except interrupt.Stopped as exc:
         _remove_unstarted(cfg.run_dir, made)
@@ -140,9 +179,41 @@ def run(
     set_: SetOpt = None,
     fresh: Annotated[bool, typer.Option(help="ignore training checkpoints")] = False,
     force: ForceOpt = False,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="the teacher: a bundled name, a Hugging Face folder or a .gguf file; with "
+            "--api-base, the model name the server expects"
+        ),
+    ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="shrink (a student cut from the teacher), or a model to start from: a bundled "
+            "name, a Hugging Face folder or a .gguf file"
+        ),
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="your prompts: a JSONL, TXT, CSV or Parquet file")] = None,
+    api_base: Annotated[
+        str | None, typer.Option(help="an OpenAI-compatible endpoint, up to /v1, that serves --teacher")
+    ] = None,
 ) -> None:
-    """All stages: generate -> shrink -> train -> evaluate -> export."""
-    _call(pipeline.run_all, _config(config, set_), resume=not fresh, force=force)
+    """All stages: generate -> shrink -> train -> evaluate -> export.
+
+    --teacher, --student, --data and --api-base stand for --set overrides (README: "Your own
+    teacher and prompts"); a flag and a --set naming the same key are refused."""
+    from rich.markup import escape
+
+    from distill.core.recipe import quick_start_overrides
+
+    try:
+        overrides = quick_start_overrides(
+            set_, teacher=teacher, student=student, data=data, api_base=api_base
+        )
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    _call(pipeline.run_all, _config(config, overrides), resume=not fresh, force=force)
 
 
 @app.command()
@@ -219,7 +290,7 @@ def report(
     ] = None,
 ) -> None:
     """The run's report again from its folder -> report/report.html (self-contained) and report.md."""
-    from distill.report import ReportError, write_report
+    from distill.evaluate.report import ReportError, write_report
 
     if price_per_hour is not None and price_per_hour <= 0:
         console.print(f"[red]error:[/red] --price-per-hour must be above 0, not {price_per_hour}")
@@ -243,7 +314,7 @@ def compare(
     ] = ("top1_agreement"),
 ) -> None:
     """Several runs' students in one table and one quality-against-speed plot."""
-    from distill.compare import CompareError, compare_runs
+    from distill.evaluate.compare import CompareError, compare_runs
 
     if metric not in ("top1_agreement", "kl", "rouge_l", "reference_accuracy"):
         console.print(
@@ -274,7 +345,7 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="print the audit as JSON")] = False,
 ) -> None:
     """May the two models' logits be compared id by id? The tokenizer audit, and the valid methods."""
-    from distill.audit import audit_models
+    from distill.teacher.audit import audit_models
 
     try:
         result = audit_models(teacher, student, trust_remote_code=trust_remote_code)

@@ -1,0 +1,403 @@
+"""The one training loop: student on prompt + teacher answer, alpha * KD + (1 - alpha) * CE.
+
+Read it top to bottom in ``train``: each step draws ``grad_accum`` micro-batches whose
+positions are fixed by the step number (so a resumed run sees the same data),
+counts the target tokens of the whole step first (the loss is normalised by that
+global count, which keeps gradient accumulation exact), then accumulates, clips,
+steps, and now and then logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel
+
+from distill.core import fsio, interrupt
+from distill.core.config import TrainConfig
+from distill.core.data import Batch, collate, pack, prompt_part
+from distill.core.errors import TrainingError
+from distill.core.progress import console, progress_bar
+from distill.teacher.signal import TeacherSignal
+from distill.train import onpolicy
+from distill.train.checkpoint import (
+    _is_fsdp2,
+    _keep_metrics_upto,
+    full_states,
+    gathered_rng_states,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distill.train.step import check_chunked_head, distill_loss
+
+Example = tuple[list[int], list[bool]]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``cfg.lr``, then cosine decay to 10% of it at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+GROUP_SPAN = 32  # optimizer steps whose samples are sorted by length together (group_by_length)
+
+
+def _stream_sample(examples: list[Example], i: int, seed: int, perms: dict[int, list[int]]) -> int:
+    """Index of sample ``i`` of the training stream: a seeded permutation per epoch."""
+    n = len(examples)
+    epoch, k = divmod(i, n)
+    if epoch not in perms:
+        perms[epoch] = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(perms[epoch])
+    return perms[epoch][k]
+
+
+def micro_batches(
+    examples: list[Example], step: int, cfg: TrainConfig, pad_id: int, rank: int = 0, world: int = 1
+) -> list[Batch]:
+    """This process's ``grad_accum`` micro-batches of optimizer step ``step``.
+
+    A step takes ``batch_size * world * grad_accum`` samples of the stream and cuts them into
+    ``grad_accum`` global micro-batches of ``batch_size * world``; process ``rank`` takes rows
+    ``[rank * batch_size, (rank + 1) * batch_size)`` of each. Sample ``i`` of the stream is
+    ``perm(epoch)[i % n]`` with a per-epoch seeded permutation, so the batches depend only on
+    (seed, step, global batch): resume is exact, and one process with ``batch_size * world``,
+    or with ``grad_accum`` times the batch, sees the same samples in each step.
+
+    ``cfg.group_by_length``: the samples of every ``GROUP_SPAN`` steps are sorted by length and
+    dealt out to those steps again in a seeded order, and a step's samples stay sorted, so a
+    micro-batch holds samples of similar length (less padding) while the order of lengths over
+    steps stays random. ``cfg.packing``: a micro-batch's samples are packed into as few rows of
+    ``max_seq_len`` as fit, with attention kept inside each sample.
+    """
+    global_bs = cfg.batch_size * world
+    per_step = global_bs * cfg.grad_accum
+    perms: dict[int, list[int]] = {}
+    if cfg.group_by_length:
+        span, slot = divmod(step, GROUP_SPAN)
+        first = span * GROUP_SPAN * per_step
+        pool = [_stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * per_step)]
+        pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
+        order = list(range(GROUP_SPAN))
+        random.Random(cfg.seed * 104729 + span).shuffle(order)
+        chosen = pool[order[slot] * per_step : (order[slot] + 1) * per_step]
+    else:
+        chosen = [_stream_sample(examples, step * per_step + j, cfg.seed, perms) for j in range(per_step)]
+    out = []
+    for m in range(cfg.grad_accum):
+        group = chosen[m * global_bs : (m + 1) * global_bs]
+        rows = [examples[s] for s in group[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
+        out.append(pack(rows, pad_id, cfg.max_seq_len) if cfg.packing else collate(rows, pad_id))
+    return out
+
+
+PLAN_WARMUP = 1  # steps not timed: the first compiles the fused loss and warms the allocator
+
+
+PLAN_MEASURE = (
+    2  # steps timed to plan the rest (inside the LR warmup, so no step so far depended on the plan)
+)
+
+
+@dataclass
+class TimePlan:
+    """The step count ``train.time_budget`` allows, measured once and kept (a resumed run reuses it,
+    so its LR schedule is the one the run started with).
+
+    On-policy steps cost more as λ rises: each micro-batch with at least one row chosen makes the
+    student sample, in one batched ``generate`` call whose time hardly depends on how many rows it
+    has (decoding is latency-bound at these batch sizes). The plan counts each step as its base time
+    plus, per micro-batch, the chance that some row is chosen, ``1 - (1 - λ(step))^rows``, times the
+    time of a call, measured in the timed steps or, while λ is still 0 there, by a probe."""
+
+    max_steps: int
+    step_seconds: float  # base: a step without sampling
+    budget_seconds: float
+    spent_seconds: float  # wall time before the plan: warm-up and the measured steps
+    capped: bool  # max_steps was the smaller bound
+    sample_seconds_per_call: float = 0.0
+    calls_per_step: int = 0  # micro-batches per step (on this process)
+    rows_per_call: int = 0  # rows of a micro-batch
+    planned_seconds: float | None = None
+
+    @classmethod
+    def fit(
+        cls, cfg: TrainConfig, done: int, measured: list[float], spent: float,
+        sampled_in_steps: float = 0.0, per_call: float = 0.0, calls_per_step: int = 0, rows_per_call: int = 0,
+    ) -> TimePlan:  # fmt: skip
+        """``measured``: seconds of each timed step, of which ``sampled_in_steps`` in all went to
+        on-policy sampling; ``per_call``: seconds of one sampling call."""
+        base = max(1e-6, (sum(measured) - sampled_in_steps) / len(measured))
+        left = max(0.0, cfg.time_budget_s - spent)
+
+        def cost(n: int) -> float:  # seconds of steps done..n-1 when the run has n steps
+            c = cfg.model_copy(update={"max_steps": n})
+            calls = [
+                calls_per_step * (1 - (1 - onpolicy.fraction_at(s, c)) ** rows_per_call)
+                for s in range(done, n)
+            ]
+            return (n - done) * base + per_call * sum(calls)
+
+        lo, hi = done, max(done, cfg.max_steps)  # the most steps whose cost fits: cost grows with n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+        fits_cap = cost(cfg.max_steps) <= left
+        return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_call, calls_per_step, rows_per_call,
+                   spent + cost(lo))  # fmt: skip
+
+    def describe(self, budget: str) -> str:
+        eta = (
+            self.planned_seconds
+            or self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
+        )
+        bound = " (train.max_steps, the upper bound)" if self.capped else ""
+        sampling = (f" + {self.sample_seconds_per_call:.2f} s per micro-batch the student samples for"
+                    if self.sample_seconds_per_call else "")  # fmt: skip
+        return (f"time budget {budget}: {self.step_seconds:.2f} s/step after warm-up{sampling} -> "
+                f"{self.max_steps} steps{bound}, about {eta / 60:.1f} min in all")  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        fsio.write_text(path, json.dumps(self.__dict__, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> TimePlan | None:
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> float:
+    """Seconds of one sampling call, timed on one micro-batch's prompts (for the time plan while λ
+    is still 0; the samples are thrown away, the RNG left as it was)."""
+    rows = [prompt_part(ids, m) for ids, m in examples[: cfg.batch_size]]
+    t0 = time.perf_counter()
+    onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step)
+    return time.perf_counter() - t0
+
+
+def train(
+    student: PreTrainedModel,
+    teacher: TeacherSignal,
+    examples: list[Example],
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    pad_id: int,
+    vocab_size: int | None = None,
+    resume: bool = True,
+    accelerator: Accelerator | None = None,
+    onpolicy_teacher: TeacherSignal | None = None,
+) -> dict:
+    """Train ``student`` in place; checkpoints and ``metrics.jsonl`` go under ``out_dir``.
+
+    Runs as one process, or as several under ``accelerate launch`` / ``torchrun`` (DDP):
+    every process takes its share of each step's micro-batches, the loss is divided by
+    the step's *global* count of target tokens and multiplied by the number of processes
+    (DDP averages gradients), so N processes equal one with the same global batch. A student
+    already sharded with FSDP2's ``fully_shard`` is trained as it is (its gradients are
+    reduce-scattered and averaged the same way), and its checkpoints hold the full weights.
+
+    ``onpolicy_teacher``: grades the rows the student sampled itself, where ``teacher`` cannot (a
+    cache holds the teacher's answers only); default ``teacher``.
+
+    Returns a summary: steps, tokens, wall seconds, first and last loss.
+    """
+    if not examples:
+        raise TrainingError("no training examples: did the teacher answer any training prompt?")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if cfg.dtype == "auto":  # called directly, not through the pipeline (which resolves it first)
+        from distill.core.hardware import choose_precision
+
+        text = student.config.get_text_config()
+        hidden = text.hidden_size
+        chosen = choose_precision("auto", acc.device, hidden, getattr(text, "intermediate_size", 4 * hidden))
+        cfg = cfg.model_copy(update={"dtype": chosen.dtype})
+        if main:
+            console.print(f"precision: {chosen.reason}")
+    if world > 1:  # each process measured for itself: rank 0's choice holds for all
+        bf16 = torch.tensor([float(cfg.bf16)], device=acc.device)
+        torch.distributed.broadcast(bf16, src=0)
+        cfg = cfg.model_copy(update={"dtype": "bfloat16" if bool(bf16.item()) else "float32"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    try:  # one fused kernel per step: on a CPU, 3.5x faster than the per-tensor ops
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    metrics_path, plan_path = out_dir / "metrics.jsonl", out_dir / "train_plan.json"
+    if not resume and main:  # a fresh start: nothing of an earlier run may be rotated in or resumed
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
+        plan_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    step = 0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        step = load_checkpoint(last, student, opt, rank=rank)
+        if main:
+            console.print(f"resuming from {last} (step {step})")
+    if main:  # steps logged after the checkpoint were undone by the kill: they are run again
+        _keep_metrics_upto(metrics_path, step)
+    plan = TimePlan.load(plan_path) if cfg.time_budget_s else None
+    if plan is not None:
+        cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
+    if _is_fsdp2(student) and cfg.chunked_loss:
+        raise TrainingError(
+            "train.chunked_loss reads the LM head's weight outside its forward, where FSDP2 keeps it "
+            "sharded: set train.chunked_loss=false for an FSDP-sharded student"
+        )
+    if _is_fsdp2(student):  # sharded by the caller (fully_shard): accelerate must not wrap it in DDP
+        model, opt = student, acc.prepare(opt)
+    else:
+        model, opt = acc.prepare(student, opt)
+    if acc.log_with:
+        acc.init_trackers("tensorboard")
+    if cfg.chunked_loss:
+        check_chunked_head(model, micro_batches(examples, step, cfg, pad_id, rank, world)[0].to(acc.device))
+    # on the student's own answers: the chosen divergence alone, no CE (its tokens are not targets)
+    on_cfg = cfg.model_copy(update={"alpha": 1.0, "loss": cfg.onpolicy_loss})
+    history: list[dict] = []
+    t_start, tokens = time.perf_counter(), 0
+    step_times: list[float] = []
+    sampling: list[float] = []  # seconds each step spent in on-policy sampling
+    sampled_calls: list[int] = []
+    with progress_bar("step", disable=not main) as bar:
+        task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batches = [
+                (b.to(acc.device), False) for b in micro_batches(examples, step, cfg, pad_id, rank, world)
+            ]
+            if cfg.onpolicy_fraction > 0:  # some answers resampled by the student itself (GKD)
+                t_sample = time.perf_counter()
+                retok = getattr(teacher, "retokenize", None)  # another tokenizer: the samples re-read
+                batches = [
+                    part
+                    for m, (b, _) in enumerate(batches)
+                    for part in onpolicy.mix(
+                        b, model, cfg, pad_id, step=step, micro=m, rank=rank, retokenize=retok
+                    )
+                ]
+                sampling.append(time.perf_counter() - t_sample)
+            n_prompt = sum(int(b.prompt_targets().sum()) for b, _ in batches) if cfg.prompt_weight else 0
+            counts = torch.tensor([sum(b.num_target_tokens for b, _ in batches), n_prompt])
+            if world > 1:
+                counts = acc.reduce(counts.to(acc.device), "sum").cpu()
+            n_tok, n_prompt = (int(c) for c in counts)
+            parts = torch.zeros(5, dtype=torch.float64)  # loss, kd, ce, hidden, prompt kd of this process
+            on_rows = 0
+            for i, (batch, on) in enumerate(batches):
+                # Gradients are all-reduced once, on the step's last micro-batch.
+                sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
+                on_rows += len(batch.samples()) if on else 0
+                with sync:
+                    grader = (onpolicy_teacher or teacher) if on else teacher  # a cache knows no samples
+                    part = distill_loss(
+                        model, grader, batch, on_cfg if on else cfg, n_tok, vocab_size, n_prompt
+                    )
+                    acc.backward(part.loss * world)  # DDP averages over processes; we want the sum
+                parts += torch.tensor(
+                    [float(part.loss.detach()), part.kd, part.ce, part.hidden, part.prompt],
+                    dtype=torch.float64,
+                )
+            if world > 1:
+                parts = acc.reduce(parts.to(acc.device), "sum").cpu()
+            norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # FSDP2: a DTensor
+            # Both figures are global (summed over processes; the norm of all-reduced gradients), so
+            # every process stops here together, and a bad step never reaches the weights.
+            if not (math.isfinite(parts[0]) and math.isfinite(grad_norm)):
+                kept = latest_checkpoint(ckpt_dir)
+                raise TrainingError(
+                    f"non-finite {'loss' if not math.isfinite(parts[0]) else 'gradient norm'} at step "
+                    f"{step + 1} (loss={float(parts[0])}, grad norm={grad_norm}); the step was not applied; "
+                    f"last good checkpoint: {kept or 'none'}. Lower train.lr or check the data."
+                )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            step_tokens = sum(int(b.attention_mask.sum()) for b, _ in batches) * world
+            tokens += step_tokens
+            total, kd, ce, hidden, prompt_kd = parts.tolist()
+            rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "prompt_kd": prompt_kd,
+                   "lr": lr, "grad_norm": grad_norm, "target_tokens": n_tok, "onpolicy_rows": on_rows,
+                   "tokens_per_s": step_tokens / dt}  # fmt: skip
+            history.append(rec)
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if acc.log_with:
+                acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
+            rate = tokens / (time.perf_counter() - t_start)  # every process's tokens, since this run began
+            bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f} · {rate:,.0f} tok/s")
+            step_times.append(dt)
+            sampled_calls.append(sum(1 for _, on in batches if on))  # one generate call each
+            if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
+                in_steps, per_call = 0.0, 0.0
+                if cfg.onpolicy_fraction > 0:
+                    in_steps = sum(sampling[PLAN_WARMUP:])
+                    n_calls = sum(sampled_calls[PLAN_WARMUP:])
+                    per_call = (
+                        in_steps / n_calls if n_calls else _sampling_probe(model, examples, step, cfg, pad_id)
+                    )
+                plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start,
+                                    in_steps, per_call, cfg.grad_accum, cfg.batch_size)  # fmt: skip
+                if world > 1:  # every process must stop at the same step: rank 0's plan holds
+                    agreed = torch.tensor([plan.max_steps], device=acc.device)
+                    torch.distributed.broadcast(agreed, src=0)
+                    plan.max_steps = int(agreed)
+                cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
+                if main:
+                    plan.save(plan_path)
+                    console.print(plan.describe(cfg.time_budget))
+                bar.update(task, total=cfg.max_steps)
+            stopping = interrupt.requested() is not None
+            if world > 1:  # every process stops at the same step, whichever got the signal
+                flag = acc.reduce(torch.tensor([float(stopping)], device=acc.device), "sum")
+                stopping = bool(flag.item() > 0)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
+                state, opt_state = full_states(acc, model, opt)  # collective under FSDP / DeepSpeed
+                rng = gathered_rng_states(world)  # collective: every process's own, to rank 0
+                if main:
+                    save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints, rng)
+                acc.wait_for_everyone()
+            if stopping and step < cfg.max_steps:
+                kept = ckpt_dir / f"step-{step:06d}"
+                interrupt.stop(f"stopped at step {step} of {cfg.max_steps}, checkpoint {kept} written; run "
+                               "the same command again to resume from it")  # fmt: skip
+    if acc.log_with:
+        acc.end_training()
+    student.eval()
+    return {
+        "steps": step,
+        "time_plan": None if plan is None else plan.__dict__,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - t_start,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+    }
