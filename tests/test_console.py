@@ -25,8 +25,9 @@ THIRD_PARTY = ("Loading weights", "Writing model shards", "Writing the following
 
 
 def test_plain_progress_lines_on_a_fake_clock():
-    """A line at each percent mark and after each interval, one when the bar closes half-way; the
-    rate counts this bar's own work (not the 20 steps resumed), the ETA follows from it."""
+    """Nothing before a bar has run one interval (its 25 % mark included), a line after each
+    interval, one when the bar closes half-way; the rate counts this bar's own work (not the 20
+    steps resumed), the ETA follows from it."""
     now, lines = [0.0], []
     bar = PlainProgress("step", interval=30, clock=lambda: now[0], write=lines.append)
     with bar:
@@ -36,9 +37,29 @@ def test_plain_progress_lines_on_a_fake_clock():
             bar.update(task, advance=steps, info=f"loss {t / 10:.3f}")
         now[0] = 60
     assert lines == [
-        "train: 26/100 step (26%) · 0.3 step/s · elapsed 0:00:20 · eta 0:04:06 · loss 2.000",  # 25 % mark
-        "train: 28/100 step (28%) · 0.16 step/s · elapsed 0:00:50 · eta 0:07:30 · loss 5.000",  # 30 s later
+        "train: 27/100 step (27%) · 0.156 step/s · elapsed 0:00:45 · eta 0:07:49 · loss 4.500",  # 30 s on
         "train: 30/100 step (30%) · 0.167 step/s · elapsed 0:01:00 · eta 0:07:00 · loss 5.500",  # closed
+    ]
+
+
+def test_a_long_bar_prints_its_percent_marks_and_a_short_one_only_its_end():
+    now, lines = [0.0], []
+    bar = PlainProgress("it", interval=30, clock=lambda: now[0], write=lines.append)
+    with bar:
+        long = bar.add_task("long", total=8, info="")
+        for i in range(8):
+            now[0] = 10 * (i + 1)
+            bar.update(long, advance=1)
+        short = bar.add_task("short", total=4, info="")
+        for _ in range(4):
+            now[0] += 2
+            bar.update(short, advance=1)
+    assert lines == [
+        "long: 3/8 it (38%) · 0.1 it/s · elapsed 0:00:30 · eta 0:00:50",  # 30 s on (25 % came before)
+        "long: 4/8 it (50%) · 0.1 it/s · elapsed 0:00:40 · eta 0:00:40",  # 50 %
+        "long: 6/8 it (75%) · 0.1 it/s · elapsed 0:01:00 · eta 0:00:20",  # 75 %
+        "long: 8/8 it (100%) · 0.1 it/s · elapsed 0:01:20 · eta 0:00:00",  # its end
+        "short: 4/4 it (100%) · 0.5 it/s · elapsed 0:00:08 · eta 0:00:00",  # only its end
     ]
 
 
@@ -52,8 +73,7 @@ def test_plain_progress_marks_a_changed_total_and_a_bar_without_progress():
         now[0] = 4
         bar.update(task, total=2)  # a smaller total: half done at once
         idle = bar.add_task("idle", total=3)
-    assert lines == [
-        "teacher cache: 1/4 shard (25%) · 0.5 shard/s · elapsed 0:00:02 · eta 0:00:06 · 80 tokens",
+    assert lines == [  # no mark before an interval; the bar closes half-way and says where it stopped
         "teacher cache: 1/2 shard (50%) · 0.25 shard/s · elapsed 0:00:04 · eta 0:00:04 · 80 tokens",
     ]
     assert bar.line(idle, 4) == "idle: 0/3 shard (0%) · ? shard/s · elapsed 0:00:00 · eta ?"

@@ -87,3 +87,19 @@ def test_quality_intervals_record_and_say_how_many_resamples_were_left_out():
         w.startswith("reference_accuracy (teacher):") and f"not finite on {want} of 400 resamples" in w
         for w in out["warnings"]
     ), out["warnings"]
+
+
+def test_console_warnings_gather_the_resample_counts_in_one_line_and_keep_the_others():
+    from distill.evaluate.intervals import summarised_warnings
+
+    noise = "kl: the student's difference from the untrained student (+0.1) is within the noise"
+    warnings = [
+        "reference_accuracy (teacher): not finite on 3 of 2000 resamples of the 32 held-out prompts (...)",
+        noise,
+        "arithmetic: accuracy kept: not finite on 104 of 2000 resamples of the 100 items (...)",
+    ]
+    out = summarised_warnings(warnings)
+    assert out[0] == noise and len(out) == 2
+    assert out[1].startswith("2 intervals are over fewer resamples")
+    assert "reference_accuracy (teacher), arithmetic: accuracy kept;" in out[1]
+    assert summarised_warnings([noise]) == [noise] and summarised_warnings([]) == []

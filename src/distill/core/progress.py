@@ -1,9 +1,10 @@
 """Progress (rate and ETA) and console output shared by the stages.
 
 In a terminal a progress bar is a live rich bar. Anywhere else (a log file, CI, a pipe, or
-``TERM=dumb``) it is a plain line now and then: at 25, 50, 75 and 100 % and every
-``DISTILL_PROGRESS_SECONDS`` seconds (30 unless set), each with what is done, the rate, the time
-spent and left, and the bar's ``info``. ``NO_COLOR`` turns colour off (rich reads it).
+``TERM=dumb``) it is a plain line now and then: every ``DISTILL_PROGRESS_SECONDS`` seconds (30
+unless set), at 25, 50 and 75 % once a bar has run that long, and at its end, each with what is
+done, the rate, the time spent and left, and the bar's ``info``; a bar that ends sooner prints one
+line. Long lines are not wrapped there. ``NO_COLOR`` turns colour off (rich reads it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from rich.progress import (
 from rich.text import Text
 
 console = Console(stderr=True)
+if not console.is_terminal:  # a log file or a pipe: a long line stays one line, not wrapped at 80
+    console.soft_wrap = True
 
 # Seconds between two plain progress lines of one bar when nothing else prints one (a percent mark).
 INTERVAL_ENV = "DISTILL_PROGRESS_SECONDS"
@@ -102,8 +105,9 @@ class PlainProgress:
     """Progress as plain lines, for a console that cannot redraw a bar: the part of rich's
     ``Progress`` the stages use (a context manager, ``add_task``, ``update``).
 
-    A task prints a line when it first reaches 25, 50, 75 and 100 %, at its first update
-    ``interval`` seconds or more after its last line (or its start), and when the bar closes with
+    A task prints a line when it finishes, at its first update ``interval`` seconds or more after
+    its last line (or its start), when it first reaches 25, 50 or 75 % once it has run for
+    ``interval`` seconds (a bar that ends sooner prints only its end), and when the bar closes with
     progress not yet printed (a stop half-way). Lines are printed from ``update`` alone: nothing
     runs in between.
 
@@ -170,7 +174,10 @@ class PlainProgress:
         if info is not None:
             task.info = info
         now = self.clock()
-        if _mark(task) > task.mark or now - task.printed_at >= self.interval:
+        finished = bool(task.total) and task.completed >= task.total
+        # a bar that ends within one interval prints only its end; a longer one its marks too
+        marked = _mark(task) > task.mark and now - task.started >= self.interval
+        if finished or marked or now - task.printed_at >= self.interval:
             self._print(task_id, now)
 
     def line(self, task_id: int, now: float) -> str:

@@ -252,3 +252,18 @@ def quality_intervals(
                     f"{name}: the trained student is worse than the untrained one ({shown})"
                 )
     return out
+
+
+def summarised_warnings(warnings: list[str]) -> list[str]:
+    """The warnings for the console: each as it is, but those about resamples a figure could not be
+    computed on (see ``quality_intervals``) in one line naming their figures; eval.json keeps all."""
+    dropped = [w for w in warnings if ": not finite on " in w]
+    out = [w for w in warnings if w not in dropped]
+    if dropped:
+        names = ", ".join(w.split(": not finite on ", 1)[0] for w in dropped)
+        out.append(
+            f"{len(dropped)} intervals are over fewer resamples than asked: on some resamples the figure "
+            f"has nothing to be computed on (e.g. no item with a reference drawn): {names}; "
+            "eval.json names the count of each"
+        )
+    return out

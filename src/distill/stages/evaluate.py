@@ -14,6 +14,7 @@ from distill.core.fsio import write_json
 from distill.core.models import load_tokenizer, resolve_model_dir
 from distill.core.progress import console
 from distill.evaluate.heldout import score_heldout
+from distill.evaluate.intervals import summarised_warnings
 from distill.evaluate.metrics import results_table
 from distill.evaluate.report import write_report
 from distill.stages.run_folder import load_split, setup
@@ -56,9 +57,8 @@ def evaluate(cfg: RunConfig) -> dict:
         accuracy = {m: ci["reference_accuracy"]["value"] for m, ci in task["intervals"]["models"].items()}
         console.print(f"task {name} ({task['items']} items): accuracy "
                       + ", ".join(f"{m} {v:.3f}" for m, v in accuracy.items()))  # fmt: skip
-    for warning in intervals["warnings"] + [
-        w for t in task_results.values() for w in t["intervals"]["warnings"]
-    ]:
+    task_warnings = [w for t in task_results.values() for w in t["intervals"]["warnings"]]
+    for warning in summarised_warnings(intervals["warnings"] + task_warnings):
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     console.print(f"report with plots: {write_report(run, results)}")
     return results
