@@ -146,10 +146,8 @@ def score_default(run: Path) -> None:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from distill.core.answers import answer_key, read_answers, write_records
     from distill.core.config import EvaluateConfig
     from distill.core.data import prompt_token_ids, read_prompts
-    from distill.core.generation import generate_batch
     from distill.core.hardware import DTYPES
     from distill.core.models import load_model, load_tokenizer
     from distill.evaluate.metrics import compare_speed, evaluate_model
@@ -163,23 +161,7 @@ def main() -> None:
     teacher = load_model("smollm2-135m-instruct")
     tok = load_tokenizer("smollm2-135m-instruct")
     ids = {p.id: prompt_token_ids(tok, p) for p in prompts}
-    cache = Path("runs/bench-ood/answers.jsonl")
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        recs = []
-        with torch.no_grad():
-            for i in range(0, len(prompts), 8):
-                chunk = prompts[i : i + 8]
-                gens = generate_batch(teacher, tok, [ids[p.id] for p in chunk], max_new_tokens=64)  # fp32
-                for p, g in zip(chunk, gens, strict=True):
-                    text = tok.decode(g.token_ids, skip_special_tokens=True)
-                    recs.append(
-                        {"id": p.id, "text": text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
-                    )
-        with cache.open("w") as f:
-            write_records(f, recs)
-    answers = read_answers(cache)
-    assert all(answer_key(p.id) in answers for p in prompts)
+    answers = teacher_answers(prompts, teacher, tok, ids, Path("runs/bench-ood/answers.jsonl"))
     cfg = EvaluateConfig(max_new_tokens=64)
     raw: dict[str, list[dict]] = {}
     if append and RESULTS.is_file():  # keep the runs scored before, but for those scored again now
