@@ -159,6 +159,17 @@ def kd_ce_block(z: Tensor, y: Tensor, labels: Tensor, *, alpha: float, temperatu
     return _run_compiled("dense", _kd_ce_block, args, compile)
 
 
+_COMPILED: dict[str, Callable] = {}
+
+
+# What a failed *compilation* raises (no C++ compiler, an unsupported op or backend). Anything else,
+# an out-of-memory error above all, is a real failure of the step and propagates.
+_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    torch._inductor.exc.InductorError,
+)
+
+
 def _run_compiled(name: str, fn: Callable, args: tuple, compile: bool):
     """``fn(*args)`` through ``torch.compile`` (one dynamic-shape graph, compiled on first use);
     if compiling fails (no C++ compiler, an unsupported backend), warn once and run it eagerly."""
@@ -334,14 +345,3 @@ def chunked_divergence(
         kwargs,
         transform or LogitTransform(),
     )
-
-
-_COMPILED: dict[str, Callable] = {}
-
-
-# What a failed *compilation* raises (no C++ compiler, an unsupported op or backend). Anything else,
-# an out-of-memory error above all, is a real failure of the step and propagates.
-_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
-    torch._dynamo.exc.TorchDynamoException,
-    torch._inductor.exc.InductorError,
-)
