@@ -319,6 +319,34 @@ def test_time_plan_fits_the_budget_and_respects_max_steps():
     assert "19 steps" in plan.describe("10s")
 
 
+def test_step_sizes_are_the_positions_each_steps_batches_compute():
+    import random
+
+    rng = random.Random(0)
+    examples = [([1] * rng.randint(3, 60), [True] * 2) for _ in range(37)]
+    for grouped in (False, True):
+        cfg = _cfg(batch_size=3, grad_accum=2, group_by_length=grouped)
+        sizes = tr.StepSizes(examples, cfg)
+        for s in (0, 1, 5, 12, 40):  # 40: past the first epoch and the first span of 32 steps
+            padded = sum(b.input_ids.numel() for b in tr.micro_batches(examples, s, cfg, pad_id=0))
+            assert sizes(s) == padded
+
+
+def test_the_plan_weighs_each_step_by_its_size():
+    # steps 0..2 timed at 1 s with 100 positions each; every later step has 200, so costs 2 s:
+    # 20 s left fit 10 more steps, not the 20 the mean step time alone would allow
+    cfg = _cfg(max_steps=1000, time_budget="25s")
+    plan = tr.TimePlan.fit(cfg, 3, [1.0, 1.0, 1.0], 5.0, sizes=lambda s: 100 if s < 3 else 200)
+    assert plan.max_steps == 13 and plan.planned_seconds == pytest.approx(25.0)
+    assert tr.TimePlan.fit(cfg, 3, [1.0, 1.0, 1.0], 5.0).max_steps == 23
+
+
+def test_the_plan_times_the_rest_of_the_warmup_within_bounds():
+    assert tr.plan_measure(_cfg(warmup_steps=10)) == 9  # steps 2..10: no step so far used the plan
+    assert tr.plan_measure(_cfg(warmup_steps=0)) == 2
+    assert tr.plan_measure(_cfg(warmup_steps=500)) == 10
+
+
 def test_time_plan_counts_the_students_sampling_as_lambda_rises():
     # constant lambda 0.5, one micro-batch of 4 rows a step: a sampling call (2 s) unless no row is
     # chosen, so each step costs 1 + 2 * (1 - 0.5 ** 4) = 2.875 s; 97 s left after 3 steps
@@ -358,6 +386,7 @@ def test_time_budget_sets_the_step_count_and_a_resume_keeps_it(setup, tmp_path):
     )
     plan = json.loads((tmp_path / "train_plan.json").read_text())
     assert plan["max_steps"] == summary["steps"] == 40 and plan["capped"]  # 2 h: max_steps binds
+    assert plan["measured_steps"] == 4  # warm-up steps 2..5, timed after one untimed step
     # a resumed run reads the plan instead of measuring again, so its schedule is the one it began with
     (tmp_path / "train_plan.json").write_text(json.dumps({**plan, "max_steps": 7}))
     import shutil

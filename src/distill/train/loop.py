@@ -84,18 +84,7 @@ def micro_batches(
     ``max_seq_len`` as fit, with attention kept inside each sample.
     """
     global_bs = cfg.batch_size * world
-    per_step = global_bs * cfg.grad_accum
-    perms: dict[int, list[int]] = {}
-    if cfg.group_by_length:
-        span, slot = divmod(step, GROUP_SPAN)
-        first = span * GROUP_SPAN * per_step
-        pool = [_stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * per_step)]
-        pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
-        order = list(range(GROUP_SPAN))
-        random.Random(cfg.seed * 104729 + span).shuffle(order)
-        chosen = pool[order[slot] * per_step : (order[slot] + 1) * per_step]
-    else:
-        chosen = [_stream_sample(examples, step * per_step + j, cfg.seed, perms) for j in range(per_step)]
+    chosen = _step_samples(examples, step, cfg, world, {}, {})
     out = []
     for m in range(cfg.grad_accum):
         group = chosen[m * global_bs : (m + 1) * global_bs]
@@ -104,12 +93,64 @@ def micro_batches(
     return out
 
 
+def _step_samples(
+    examples: list[Example], step: int, cfg: TrainConfig, world: int, perms: dict, pools: dict
+) -> list[int]:
+    """Indices of the samples of optimizer step ``step`` over every process, in order (see
+    ``micro_batches``); ``perms`` and ``pools`` cache the epochs' permutations and the spans' pools."""
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    if not cfg.group_by_length:
+        return [_stream_sample(examples, step * per_step + j, cfg.seed, perms) for j in range(per_step)]
+    span, slot = divmod(step, GROUP_SPAN)
+    if span not in pools:
+        first = span * GROUP_SPAN * per_step
+        pool = [_stream_sample(examples, first + j, cfg.seed, perms) for j in range(GROUP_SPAN * per_step)]
+        pool.sort(key=lambda s: len(examples[s][0]))  # stable: ties keep the stream's order
+        order = list(range(GROUP_SPAN))
+        random.Random(cfg.seed * 104729 + span).shuffle(order)
+        pools[span] = (pool, order)
+    pool, order = pools[span]
+    return pool[order[slot] * per_step : (order[slot] + 1) * per_step]
+
+
+class StepSizes:
+    """Positions each optimizer step computes on a process, padding included (or, packed, the rows
+    of ``max_seq_len`` it fills): what a step's time follows. Known before the step runs, since the
+    batches depend only on (seed, step, global batch)."""
+
+    def __init__(self, examples: list[Example], cfg: TrainConfig, world: int = 1):
+        self.examples, self.cfg, self.world = examples, cfg, world
+        self.perms: dict = {}
+        self.pools: dict = {}
+        self.sizes: list[int] = []
+
+    def __call__(self, step: int) -> int:
+        cfg, bs = self.cfg, self.cfg.batch_size
+        while len(self.sizes) <= step:
+            chosen = _step_samples(self.examples, len(self.sizes), cfg, self.world, self.perms, self.pools)
+            total = 0
+            for start in range(0, len(chosen), bs):  # one process's micro-batch each
+                lens = [len(self.examples[s][0]) for s in chosen[start : start + bs]]
+                if cfg.packing:
+                    total += math.ceil(sum(lens) / cfg.max_seq_len) * cfg.max_seq_len
+                else:
+                    total += len(lens) * max(lens)
+            self.sizes.append(math.ceil(total / self.world))
+        return self.sizes[step]
+
+
 PLAN_WARMUP = 1  # steps not timed: the first compiles the fused loss and warms the allocator
 
 
-PLAN_MEASURE = (
-    2  # steps timed to plan the rest (inside the LR warmup, so no step so far depended on the plan)
-)
+PLAN_MEASURE = (2, 10)  # the fewest and the most steps timed to plan the rest
+
+
+def plan_measure(cfg: TrainConfig) -> int:
+    """Steps timed before the plan: the rest of the LR warmup (so no step so far depended on the
+    plan), at least 2 and at most 10. Two steps proved too few: their time varies by a third from
+    step to step on a shared CPU, and a plan from a fast pair overran its budget by half."""
+    low, high = PLAN_MEASURE
+    return min(high, max(low, cfg.warmup_steps - PLAN_WARMUP))
 
 
 @dataclass
@@ -132,37 +173,58 @@ class TimePlan:
     calls_per_step: int = 0  # micro-batches per step (on this process)
     rows_per_call: int = 0  # rows of a micro-batch
     planned_seconds: float | None = None
+    measured_steps: int = 0  # steps timed for the plan
 
     @classmethod
     def fit(
         cls, cfg: TrainConfig, done: int, measured: list[float], spent: float,
         sampled_in_steps: float = 0.0, per_call: float = 0.0, calls_per_step: int = 0, rows_per_call: int = 0,
+        sizes: StepSizes | None = None,
     ) -> TimePlan:  # fmt: skip
-        """``measured``: seconds of each timed step, of which ``sampled_in_steps`` in all went to
-        on-policy sampling; ``per_call``: seconds of one sampling call."""
+        """``measured``: seconds of each timed step (the ``len(measured)`` steps before ``done``),
+        of which ``sampled_in_steps`` in all went to on-policy sampling; ``per_call``: seconds of
+        one sampling call. With ``sizes``, a step's base time is taken in proportion to the
+        positions it computes (a step of long samples costs more than one of short ones);
+        without, every step costs the measured mean."""
         base = max(1e-6, (sum(measured) - sampled_in_steps) / len(measured))
+        timed = 1 if sizes is None else sum(sizes(s) for s in range(done - len(measured), done))
+
+        def per_step(s: int) -> float:
+            return base if sizes is None else base * len(measured) * sizes(s) / timed
+
         left = max(0.0, cfg.time_budget_s - spent)
+        prefix = [0.0]  # prefix[k]: base seconds of steps done..done+k-1
+
+        def base_cost(n: int) -> float:
+            while len(prefix) <= n - done:
+                prefix.append(prefix[-1] + per_step(done + len(prefix) - 1))
+            return prefix[n - done]
 
         def cost(n: int) -> float:  # seconds of steps done..n-1 when the run has n steps
             c = cfg.model_copy(update={"max_steps": n})
             calls = [
                 calls_per_step * (1 - (1 - onpolicy.fraction_at(s, c)) ** rows_per_call)
                 for s in range(done, n)
-            ]
-            return (n - done) * base + per_call * sum(calls)
+            ] if per_call else []  # fmt: skip
+            return base_cost(n) + per_call * sum(calls)
 
         lo, hi = done, max(done, cfg.max_steps)  # the most steps whose cost fits: cost grows with n
+        if per_call == 0:  # no sampling: walk up, so a lifted max_steps costs no more than the budget
+            n = done
+            while n < hi and base_cost(n + 1) <= left:
+                n += 1
+            lo = hi = n
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
-        fits_cap = cost(cfg.max_steps) <= left
+        fits_cap = lo >= cfg.max_steps  # the most that fit is all max_steps allows
         return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_call, calls_per_step, rows_per_call,
-                   spent + cost(lo))  # fmt: skip
+                   spent + cost(lo), len(measured))  # fmt: skip
 
     def describe(self, budget: str) -> str:
         eta = (
             self.planned_seconds
-            or self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE) * self.step_seconds
+            or self.spent_seconds + (self.max_steps - PLAN_WARMUP - PLAN_MEASURE[0]) * self.step_seconds
         )
         bound = " (train.max_steps, the upper bound)" if self.capped else ""
         sampling = (f" + {self.sample_seconds_per_call:.2f} s per micro-batch the student samples for"
@@ -278,6 +340,7 @@ def train(
     history: list[dict] = []
     t_start, tokens = time.perf_counter(), 0
     step_times: list[float] = []
+    measure = plan_measure(cfg)
     sampling: list[float] = []  # seconds each step spent in on-policy sampling
     sampled_calls: list[int] = []
     with progress_bar("step", disable=not main) as bar:
@@ -357,7 +420,7 @@ def train(
             bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f} · {rate:,.0f} tok/s")
             step_times.append(dt)
             sampled_calls.append(sum(1 for _, on in batches if on))  # one generate call each
-            if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + PLAN_MEASURE:
+            if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + measure:
                 in_steps, per_call = 0.0, 0.0
                 if cfg.onpolicy_fraction > 0:
                     in_steps = sum(sampling[PLAN_WARMUP:])
@@ -366,7 +429,8 @@ def train(
                         in_steps / n_calls if n_calls else _sampling_probe(model, examples, step, cfg, pad_id)
                     )
                 plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start,
-                                    in_steps, per_call, cfg.grad_accum, cfg.batch_size)  # fmt: skip
+                                    in_steps, per_call, cfg.grad_accum, cfg.batch_size,
+                                    StepSizes(examples, cfg, world))  # fmt: skip
                 if world > 1:  # every process must stop at the same step: rank 0's plan holds
                     agreed = torch.tensor([plan.max_steps], device=acc.device)
                     torch.distributed.broadcast(agreed, src=0)
