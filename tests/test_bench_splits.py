@@ -20,8 +20,10 @@ SPLITS = {
     "quality_test": DATA / "quality_test_prompts.jsonl",
     "ood_validation": DATA / "ood_prompts.jsonl",
     "ood_test": DATA / "ood_test_prompts.jsonl",
+    "ood_validation_labels": DATA / "ood_labels.jsonl",
     "ood_test_labels": DATA / "ood_test_labels.jsonl",
 }
+LABELS = ("ood_validation_labels", "ood_test_labels")
 
 
 def norm(text: str) -> str:
@@ -46,22 +48,20 @@ def test_each_split_is_disjoint_from_training_prompts_tasks_and_the_other_test_s
     mine = user_texts(SPLITS[name])
     assert mine, f"{name} is empty"
     embedded = read_prompts(None)
-    train, held = split_prompts(embedded, 32, 0)  # the default recipe's split (data.heldout_size, split_seed)
+    train, _ = split_prompts(embedded, 32, 0)  # the default recipe's split (data.heldout_size, split_seed)
     training = {norm(m["content"]) for p in train for m in p.messages if m["role"] == "user"}
     assert not mine & training, f"{name} shares prompts with the default recipe's training prompts"
-    if name == "quality_validation":  # the prompts the default run holds out of the embedded set
-        assert mine == {norm(m["content"]) for p in held for m in p.messages if m["role"] == "user"}
-    else:
-        assert not mine & user_texts(resources.files("distill").joinpath("prompts/default.jsonl"))
+    assert not mine & user_texts(resources.files("distill").joinpath("prompts/default.jsonl"))
     assert not mine & task_texts(), f"{name} shares prompts with a task the report scores"
-    if name.endswith("test") or name.endswith("labels"):
+    if name.endswith("test") or name in LABELS:  # a test split, or a labels split beside one
         for other, path in SPLITS.items():
             if other != name:
                 assert not mine & user_texts(path), f"{name} shares prompts with {other}"
 
 
-def test_the_labelling_items_have_choices_balanced_labels_and_score_their_own_reference():
-    items = tasks.load_task(str(SPLITS["ood_test_labels"]))
+@pytest.mark.parametrize("name", LABELS)
+def test_the_labelling_items_have_choices_balanced_labels_and_score_their_own_reference(name):
+    items = tasks.load_task(str(SPLITS[name]))
     assert len(items) >= 30 and all(it.choices for it in items)
     for it in items:
         assert tasks.score(it, it.reference.capitalize() + ".")[0] == 1.0
@@ -72,3 +72,33 @@ def test_the_labelling_items_have_choices_balanced_labels_and_score_their_own_re
         counts[it.reference] = counts.get(it.reference, 0) + 1
     for choices, counts in by_kind.items():  # no label is more than 60% of its kind: a constant answer fails
         assert max(counts.values()) <= 0.6 * sum(counts.values()), (choices, counts)
+
+
+def labelled_texts(path: Path) -> set[str]:
+    """The texts a labels file asks about: each user message after its instruction line."""
+    return {
+        norm(m["content"].split("\n", 1)[1])
+        for p in read_prompts(path)
+        for m in p.messages
+        if m["role"] == "user"
+    }
+
+
+@pytest.mark.parametrize("name", LABELS)
+def test_each_labelling_item_has_distinct_choices_and_its_reference_among_them(name):
+    items = tasks.load_task(str(SPLITS[name]))
+    assert items
+    for it in items:
+        assert len(set(it.choices)) == len(it.choices) >= 2, (it.prompt.id, it.choices)
+        assert it.reference in it.choices, (it.prompt.id, it.reference, it.choices)
+        assert "\n" in it.prompt.messages[-1]["content"], (
+            f"{it.prompt.id}: no text after the instruction line"
+        )
+
+
+def test_the_validation_and_test_labelling_items_label_different_texts():
+    validation = labelled_texts(SPLITS["ood_validation_labels"])
+    test = labelled_texts(SPLITS["ood_test_labels"])
+    assert len(validation) == len(read_prompts(SPLITS["ood_validation_labels"])), "a validation text repeats"
+    assert len(test) == len(read_prompts(SPLITS["ood_test_labels"])), "a test text repeats"
+    assert not validation & test, f"texts labelled in both splits: {sorted(validation & test)}"

@@ -1,8 +1,10 @@
 """Write the fixed validation and test prompt sets of bench/quality.py under bench/data/.
 
-- ``quality_validation_prompts.jsonl``: the 32 prompts the default run holds out of the embedded
-  set (``data.heldout_size=32``, ``data.split_seed=0``). Recipes were compared on these before,
-  so they can only serve to choose.
+- ``quality_validation_prompts.jsonl``: 32 of the original 300 rows of the embedded set: the ones
+  the default run held out of it (``data.heldout_size=32``, ``data.split_seed=0``) when this file
+  was written. They have since been removed from the embedded set (default.jsonl, large.jsonl), so
+  no run trains on them. Recipes were compared on these before, so they can only serve to choose.
+  (``validation_rows`` reads them from the embedded set as it was then; the file is not rebuilt.)
 - ``quality_test_prompts.jsonl``: 32 prompts drawn afresh from the same three sources in the same
   shares (16 conversation openers, 10 arithmetic questions, 6 documentation passages), none of
   them in the embedded set, in the maths tasks or in the validation set. Nothing is chosen on
