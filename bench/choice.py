@@ -1,0 +1,232 @@
+"""Which recipe carries the teacher's quality to other domains? Chosen on validation splits only.
+
+    python bench/choice.py [--candidates narrow,broad,...] [--budget 6m]
+
+Every candidate starts from the same untrained student and learns from the same teacher answers
+(greedy, 64 tokens) for the same wall-clock as the shipped recipe: one source run
+(``runs/bench-choice-source``: the default recipe's generate and shrink stages on the embedded
+prompt set) answers every prompt once, and each candidate copies its answers and ``student_init/``.
+The candidates differ in what they train on and how:
+
+- ``narrow``: the embedded set before its broad rows (its first 268 rows, ``data.max_prompts=268``:
+  conversation openers, arithmetic, Python reference passages), the recipe as shipped before;
+- ``broad``: the whole embedded set (those rows and the instruction formats, more mathematics,
+  standard-library documentation: src/distill/prompts/SOURCES.md);
+- ``broad_packing``: the same, samples packed into rows of ``train.max_seq_len`` (no padding);
+- ``broad_heal``: the same, the first minute of the budget spent healing the pruned student on
+  general English text (``heal.data=default``), the rest on the teacher's answers.
+
+Each is scored on three validation splits, which choose and nothing else (the test splits of
+bench/ood.py and bench/quality.py report):
+
+- in-domain: ``bench/data/quality_validation_prompts.jsonl`` (32 prompts of the sources of the
+  embedded set's first rows, kept out of the embedded set; teacher answers cached under
+  ``runs/bench-choice-validation/``);
+- other domains, open prompts: ``bench/data/ood_prompts.jsonl`` (40; teacher answers cached under
+  ``runs/bench-ood/``);
+- other domains, labelling: ``bench/data/ood_labels.jsonl`` (40 items with reference labels).
+
+KL(teacher || student) and top-1 agreement teacher-forced on the teacher's answers, ROUGE-L of the
+student's greedy answer against the teacher's, labelling accuracy and its kept share (student over
+teacher), each with a 95% bootstrap interval over prompts or items. The rule, fixed before the
+runs: the candidate with the lowest other-domain validation KL is chosen. Every candidate is
+reported. Figures go to bench/results/choice.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+RESULTS = ROOT / "bench" / "results" / "choice.json"
+DATA = ROOT / "bench" / "data"
+IN_DOMAIN = DATA / "quality_validation_prompts.jsonl"
+OTHER = DATA / "ood_prompts.jsonl"
+LABELS = DATA / "ood_labels.jsonl"
+SOURCE = "bench-choice-source"
+RULE = "lowest other-domain validation KL (bench/data/ood_prompts.jsonl)"
+HEAL_MINUTES = 1.0
+# Overrides on the shipped recipe; {rest} is the budget less the healing minute.
+CANDIDATES: dict[str, list[str]] = {
+    "narrow": ["data.max_prompts=268"],
+    "broad": [],
+    "broad_packing": ["train.packing=true"],
+    "broad_heal": ["heal.data=default", f"heal.time_budget={HEAL_MINUTES:g}m", "train.time_budget={rest}"],
+}
+METRICS = ("kl", "top1_agreement", "rouge_l")
+
+
+def minutes(budget: str) -> float:
+    from distill.core.units import duration_seconds
+
+    return duration_seconds(budget) / 60
+
+
+def overrides(name: str, budget: str) -> list[str]:
+    rest = f"{minutes(budget) - HEAL_MINUTES:g}m"
+    out = [f"name=bench-choice-{name}", f"train.time_budget={budget}"]
+    return out + [o.format(rest=rest) for o in CANDIDATES[name]]
+
+
+def score(cfg, models: dict, tok, prompts_file: Path, answers: dict) -> dict[str, list[dict]]:
+    """Per-prompt figures of every model but the teacher on ``prompts_file``, teacher-forced on
+    ``answers`` (the teacher's), the teacher's own row included as the reference."""
+    from distill.core.data import prompt_token_ids, read_prompts
+    from distill.evaluate.metrics import evaluate_model
+
+    prompts = read_prompts(prompts_file)
+    ids = {p.id: prompt_token_ids(tok, p, max_tokens=cfg.data.max_prompt_tokens) for p in prompts}
+    out = {}
+    for name, model in models.items():
+        res, _ = evaluate_model(name, model, models["teacher"], tok, prompts, ids, answers, cfg.evaluate,
+                                weights_dir=None, max_seq_len=cfg.train.max_seq_len,
+                                reference_answers=name == "teacher")  # fmt: skip
+        out[name] = res["per_prompt"]
+    return out
+
+
+def child(name: str, budget: str) -> dict:
+    import torch
+    from ood import teacher_answers
+    from transformers import AutoModelForCausalLM
+
+    from distill import pipeline
+    from distill.core.data import prompt_token_ids, read_prompts
+    from distill.core.models import load_model, load_tokenizer
+    from distill.core.recipe import load_config
+    from distill.evaluate.intervals import quality_intervals
+    from distill.evaluate.tasks import evaluate_tasks
+
+    cfg, _ = pipeline.prepare(load_config(None, overrides(name, budget)))
+    pipeline.shrink(cfg)  # the source run's student_init is in place: nothing to do
+    t0 = time.perf_counter()
+    pipeline.train_student(cfg, resume=False)
+    train_s = time.perf_counter() - t0
+    run = cfg.run_dir
+    summary = json.loads((run / "train_summary.json").read_text())
+    tok = load_tokenizer(cfg.teacher.model)
+    teacher = load_model(cfg.teacher.model)  # fp32: the reference, as in eval.json
+    models = {
+        "teacher": teacher,
+        "student": AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval(),
+    }
+    other = read_prompts(OTHER)
+    other_ids = {p.id: prompt_token_ids(tok, p) for p in other}
+    other_answers = teacher_answers(other, teacher, tok, other_ids, ROOT / "runs/bench-ood/answers.jsonl")
+    val = read_prompts(IN_DOMAIN)
+    val_ids = {p.id: prompt_token_ids(tok, p) for p in val}
+    val_cache = ROOT / "runs/bench-choice-validation/answers.jsonl"
+    val_answers = teacher_answers(val, teacher, tok, val_ids, val_cache)
+    splits = {
+        "in_domain": score(cfg, models, tok, IN_DOMAIN, val_answers),
+        "other": score(cfg, models, tok, OTHER, other_answers),
+    }
+    draws = cfg.evaluate.bootstrap_draws
+    out: dict = {
+        split: quality_intervals(pp, draws=draws, metrics=METRICS) | {"per_prompt": pp["student"]}
+        for split, pp in splits.items()
+    }
+    task_cfg = load_config(run / "config.yaml", [f"evaluate.tasks=[{LABELS}]", "evaluate.task_size=null"])
+    tasks, answers = evaluate_tasks(models, tok, task_cfg)
+    out["labels"] = tasks[LABELS.stem] | {"answers": answers}
+    out.update(steps=summary["steps"], train_seconds=train_s, time_plan=summary.get("time_plan"),
+               training_prompts=len(json.loads((run / "split.json").read_text())["train"]),
+               overrides=overrides(name, budget))  # fmt: skip
+    return out
+
+
+def figures(res: dict) -> dict:
+    """The candidate's validation figures with intervals: {split_metric: {value, low, high}}."""
+    out = {}
+    for split in ("in_domain", "other"):
+        for m in METRICS:
+            out[f"{split}_{m}"] = res[split]["models"]["student"][m]
+    labels = res["labels"]["intervals"]
+    out["labels_student_accuracy"] = labels["models"]["student"]["reference_accuracy"]
+    out["labels_teacher_accuracy"] = labels["models"]["teacher"]["reference_accuracy"]
+    out["labels_accuracy_kept"] = labels["kept"]["reference_accuracy"]
+    return out
+
+
+def source_run() -> Path:
+    """The default recipe's generate and shrink stages, run once: the candidates' shared start."""
+    run = ROOT / "runs" / SOURCE
+    if not (run / "student_init" / "model.safetensors").is_file():
+        distill = str(Path(sys.executable).with_name("distill"))
+        for stage in ("generate", "shrink"):
+            subprocess.run([distill, stage, "--set", f"name={SOURCE}"], check=True, cwd=ROOT)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--budget", default="6m", help="training wall-clock per candidate (the default recipe's)")
+    ap.add_argument("--child", metavar="NAME")
+    ap.add_argument("--append", action="store_true", help="keep the candidates already recorded")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.budget)))
+        return
+    from distill.core.hardware import cpu_model
+
+    raw, commands = {}, []
+    if args.append and RESULTS.is_file():
+        before = json.loads(RESULTS.read_text())
+        raw, commands = before["raw"], before["commands"]
+    commands.append("python bench/choice.py " + " ".join(sys.argv[1:]))
+    source = source_run()
+    for name in args.candidates.split(","):
+        run = ROOT / "runs" / f"bench-choice-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        shutil.copy(source / "answers.jsonl", run / "answers.jsonl")
+        shutil.copytree(source / "student_init", run / "student_init")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--child", name, "--budget", args.budget]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        raw[name] = json.loads(line[7:]) | {"wall_seconds": time.perf_counter() - t0}
+        trained = set(json.loads((run / "split.json").read_text())["train"])
+        val_ids = {json.loads(ln)["id"] for ln in IN_DOMAIN.read_text().splitlines() if ln}
+        if trained & val_ids:
+            raise SystemExit(f"{run} trained on prompts of {IN_DOMAIN}")
+        table = {n: figures(r) | {"steps": r["steps"], "training_prompts": r["training_prompts"]}
+                 for n, r in raw.items()}  # fmt: skip
+        chosen = min(table, key=lambda n: table[n]["other_kl"]["value"])
+        out = {
+            "selection": "validation",
+            "rule": RULE,
+            "chosen": chosen,
+            "candidates": {n: CANDIDATES[n] for n in raw},
+            "budget": args.budget,
+            "table": table,
+            "raw": raw,
+            "splits": {
+                k: str(p.relative_to(ROOT))
+                for k, p in (("in_domain", IN_DOMAIN), ("other", OTHER), ("labels", LABELS))
+            },  # fmt: skip
+            "cpu": cpu_model(),
+            "commands": commands,
+            "date": dt.date.today().isoformat(),
+        }
+        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+        f = table[name]
+        print(f"{name}: {f['steps']} steps, other KL {f['other_kl']['value']:.3f}, in-domain KL "
+              f"{f['in_domain_kl']['value']:.3f}, labels kept {f['labels_accuracy_kept']['value']:.2f}",
+              flush=True)  # fmt: skip
+    print(f"chosen on validation: {chosen} ({RULE})")
+
+
+if __name__ == "__main__":
+    main()
