@@ -37,7 +37,7 @@ def test_read_general_text_splits_documents_and_names_bad_lines(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_general_text(tmp_path / "missing.txt")
     default = read_general_text("default")
-    assert len(default) > 1000 and all(d.strip() for d in default)
+    assert len(default) > 500 and all(d.strip() for d in default)
 
 
 def test_the_bundled_text_holds_no_prompt_of_the_default_set():

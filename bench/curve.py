@@ -1,0 +1,245 @@
+"""How much quality does training compute buy? The default recipe at several time budgets.
+
+    python bench/curve.py --reuse 6m=runs/default --budgets 6m,20m,60m [--large 60m] [--append]
+
+Needs the default run (``make demo``): its teacher answers and its untrained student. Each point
+trains the shipped recipe (src/distill/recipes/default.yaml) from that same untrained student on
+the same teacher answers, for a training wall-clock of ``--budgets`` each (``train.max_steps`` is
+lifted so the budget alone sets the step count, and checkpoints are written every 200 steps
+instead of 40), each in its own process, one at a time.
+``--reuse 6m=RUN`` scores a run already trained with the recipe at that budget (the `make demo`
+run itself) instead of training it again. ``--large 60m`` adds a point trained on the larger
+embedded prompt set (src/distill/prompts/large.jsonl; the teacher answers it once, into
+``runs/bench-curve-large-source/``).
+
+Every point is scored on the test splits, which nothing was chosen on:
+
+- in-domain: ``bench/data/quality_test_prompts.jsonl`` (32);
+- other domains: ``bench/data/ood_test_prompts.jsonl`` (48 open prompts) and
+  ``bench/data/ood_test_labels.jsonl`` (40 labelling items);
+
+KL(teacher || student) and top-1 agreement teacher-forced on the teacher's greedy answers, and the
+labelling accuracy kept (student over teacher), each with a 95% bootstrap interval. Figures go to
+bench/results/curve.json (``ood_test_kl_at_<budget>`` and the points), the plot to
+docs/curve.png. The CPU model is recorded: a minute of training buys more on a faster machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+RESULTS = ROOT / "bench" / "results" / "curve.json"
+PLOT = ROOT / "docs" / "curve.png"
+DATA = ROOT / "bench" / "data"
+IN_DOMAIN = DATA / "quality_test_prompts.jsonl"
+OTHER = DATA / "ood_test_prompts.jsonl"
+LABELS = DATA / "ood_test_labels.jsonl"
+LARGE_SOURCE = "bench-curve-large-source"
+MAX_STEPS = 100_000  # the budget sets the count
+CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writing checkpoints
+
+
+def point_name(budget: str, large: bool) -> str:
+    return f"{budget}-large" if large else budget
+
+
+def score_run(run: Path) -> dict:
+    """The run's trained student on the three test splits, with intervals."""
+    import torch
+    from choice import score
+    from ood import teacher_answers
+    from transformers import AutoModelForCausalLM
+
+    from distill.core.data import prompt_token_ids, read_prompts
+    from distill.core.models import load_model, load_tokenizer
+    from distill.core.recipe import load_config
+    from distill.evaluate.intervals import quality_intervals
+    from distill.evaluate.tasks import evaluate_tasks
+
+    cfg = load_config(run / "config.yaml", [f"evaluate.tasks=[{LABELS}]", "evaluate.task_size=null"])
+    tok = load_tokenizer(cfg.teacher.model)
+    teacher = load_model(cfg.teacher.model)  # fp32: the reference, as in eval.json
+    models = {
+        "teacher": teacher,
+        "student": AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval(),
+    }
+    out = {}
+    for split, path, cache in (("in_domain", IN_DOMAIN, "runs/bench-curve-test/answers.jsonl"),
+                               ("other", OTHER, "runs/bench-ood-test/answers.jsonl")):  # fmt: skip
+        prompts = read_prompts(path)
+        ids = {p.id: prompt_token_ids(tok, p, system_prompt=cfg.data.system_prompt) for p in prompts}
+        answers = teacher_answers(prompts, teacher, tok, ids, ROOT / cache)
+        pp = score(cfg, models, tok, path, answers)
+        iv = quality_intervals(pp, draws=cfg.evaluate.bootstrap_draws, metrics=("kl", "top1_agreement"))
+        out[split] = iv["models"]["student"] | {"prompts": len(prompts)}
+    tasks, _ = evaluate_tasks(models, tok, cfg)
+    labels = tasks[LABELS.stem]["intervals"]
+    out["labels"] = {
+        "teacher_accuracy": labels["models"]["teacher"]["reference_accuracy"],
+        "student_accuracy": labels["models"]["student"]["reference_accuracy"],
+        "accuracy_kept": labels["kept"]["reference_accuracy"],
+        "items": tasks[LABELS.stem]["items"],
+    }
+    return out
+
+
+def child(budget: str, large: bool) -> dict:
+    from distill import pipeline
+    from distill.core.recipe import load_config
+
+    name = point_name(budget, large)
+    overrides = [f"name=bench-curve-{name}", f"train.time_budget={budget}", f"train.max_steps={MAX_STEPS}",
+                 f"train.checkpoint_every={CHECKPOINT_EVERY}"]  # fmt: skip
+    if large:
+        overrides.append(f"data.path={large_prompts()}")
+    cfg, _ = pipeline.prepare(load_config(None, overrides))
+    pipeline.shrink(cfg)  # the source run's student_init is in place: nothing to do
+    t0 = time.perf_counter()
+    pipeline.train_student(cfg, resume=False)
+    train_s = time.perf_counter() - t0
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    return score_run(cfg.run_dir) | {
+        "steps": summary["steps"],
+        "train_seconds": train_s,
+        "overrides": overrides,
+    }
+
+
+def large_prompts() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("distill") / "prompts" / "large.jsonl"))
+
+
+def large_source(source: Path) -> Path:
+    """The teacher's answers to the larger prompt set (generated once) and the default run's
+    untrained student."""
+    run = ROOT / "runs" / LARGE_SOURCE
+    distill = str(Path(sys.executable).with_name("distill"))
+    sets = ["--set", f"name={LARGE_SOURCE}", "--set", f"data.path={large_prompts()}"]
+    subprocess.run([distill, "generate", *sets], check=True, cwd=ROOT)
+    if not (run / "student_init").is_dir():
+        shutil.copytree(source / "student_init", run / "student_init")
+    return run
+
+
+def plot(points: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for split, label, colour in (("other", "other domains (test)", "tab:red"),
+                                 ("in_domain", "in-domain (test)", "tab:blue")):  # fmt: skip
+        pts = sorted((p for p in points.values() if not p["large"]), key=lambda p: p["minutes"])
+        xs = [p["minutes"] for p in pts]
+        ys = [p[split]["kl"]["value"] for p in pts]
+        err = [
+            [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
+            [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colour, label=label)
+        for p in (p for p in points.values() if p["large"]):
+            k = p[split]["kl"]
+            yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
+            ax.errorbar([p["minutes"]], [k["value"]], yerr=yerr, marker="s", capsize=3, color=colour,
+                        mfc="white", ls="none", label=f"{label}, larger prompt set")  # fmt: skip
+    ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
+    ax.set_xscale("log")
+    ax.set_xticks([p["minutes"] for p in points.values()])
+    ax.set_xticklabels([f"{p['minutes']:g}" for p in points.values()])
+    ax.set_xlabel("training wall-clock, minutes (log scale)")
+    ax.set_ylabel("KL(teacher || student), nats/token")
+    ax.set_title("The default recipe: quality against training time (95% intervals)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT)
+
+
+def main() -> None:
+    from distill.core.hardware import cpu_model
+    from distill.core.units import duration_seconds
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="6m,20m,60m")
+    ap.add_argument("--large", default=None, help="a budget to train on the larger prompt set too")
+    ap.add_argument("--reuse", action="append", default=[], help="BUDGET=RUN: score that run for that budget")
+    ap.add_argument("--source", default="runs/default", help="the default run: answers and student_init")
+    ap.add_argument("--child", metavar="BUDGET")
+    ap.add_argument("--child-large", action="store_true")
+    ap.add_argument("--append", action="store_true", help="keep the points already recorded")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.child_large)))
+        return
+    source = Path(args.source)
+    reuse = dict(r.split("=", 1) for r in args.reuse)
+    before = json.loads(RESULTS.read_text()) if args.append and RESULTS.is_file() else {}
+    points, commands = before.get("points", {}), before.get("commands", [])
+    commands.append("python bench/curve.py " + " ".join(sys.argv[1:]))
+    todo = [(b, False) for b in args.budgets.split(",") if b] + ([(args.large, True)] if args.large else [])
+    for budget, large in todo:
+        name = point_name(budget, large)
+        t0 = time.perf_counter()
+        if budget in reuse and not large:
+            run = Path(reuse[budget])
+            from distill.core.recipe import load_config
+
+            cfg = load_config(run / "config.yaml")
+            default = load_config(None)
+            if cfg.train.model_dump(exclude={"max_steps"}) != default.train.model_dump(exclude={"max_steps"}):
+                raise SystemExit(f"{run} was not trained with the default recipe's train settings")
+            if duration_seconds(cfg.train.time_budget) != duration_seconds(budget):
+                raise SystemExit(f"{run} was trained for {cfg.train.time_budget}, not {budget}")
+            summary = json.loads((run / "train_summary.json").read_text())
+            res = score_run(run) | {"steps": summary["steps"], "train_seconds": summary["seconds"],
+                                    "reused": str(run)}  # fmt: skip
+        else:
+            src = large_source(source) if large else source
+            run = ROOT / "runs" / f"bench-curve-{name}"
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir(parents=True)
+            shutil.copy(src / "answers.jsonl", run / "answers.jsonl")
+            shutil.copytree(src / "student_init", run / "student_init")
+            if not large:
+                shutil.copy(source / "split.json", run / "split.json")
+            cmd = [sys.executable, __file__, "--child", budget] + (["--child-large"] if large else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            res = json.loads(line[7:])
+        points[name] = res | {"budget": budget, "minutes": duration_seconds(budget) / 60, "large": large,
+                              "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+        out = {f"ood_test_kl_at_{n.replace('-', '_')}": p["other"]["kl"]["value"] for n, p in points.items()}
+        out |= {
+            f"ood_test_kl_at_{n.replace('-', '_')}_interval": [
+                p["other"]["kl"]["low"],
+                p["other"]["kl"]["high"],
+            ]
+            for n, p in points.items()
+        }
+        splits = {"in_domain": IN_DOMAIN, "other": OTHER, "labels": LABELS}
+        out |= {"points": points, "source": str(source), "cpu": cpu_model(), "commands": commands,
+                "splits": {k: str(v.relative_to(ROOT)) for k, v in splits.items()},
+                "date": dt.date.today().isoformat()}  # fmt: skip
+        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+        plot(points)
+        p = points[name]
+        print(f"{name}: {p['steps']} steps, other-domain KL {p['other']['kl']['value']:.3f}, in-domain KL "
+              f"{p['in_domain']['kl']['value']:.3f}, labels kept {p['labels']['accuracy_kept']['value']:.2f}",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
