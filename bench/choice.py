@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -94,30 +93,18 @@ def score(cfg, models: dict, tok, prompts_file: Path, answers: dict) -> dict[str
 
 
 def child(name: str, budget: str) -> dict:
-    import torch
+    from candidates import student_and_teacher, train_candidate
     from ood import teacher_answers
-    from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
     from distill.core.data import prompt_token_ids, read_prompts
-    from distill.core.models import load_model, load_tokenizer
     from distill.core.recipe import load_config
     from distill.evaluate.intervals import quality_intervals
     from distill.evaluate.tasks import evaluate_tasks
 
-    cfg, _ = pipeline.prepare(load_config(None, overrides(name, budget)))
-    pipeline.shrink(cfg)  # the source run's student_init is in place: nothing to do
-    t0 = time.perf_counter()
-    pipeline.train_student(cfg, resume=False)
-    train_s = time.perf_counter() - t0
+    cfg, summary, train_s = train_candidate(overrides(name, budget))
     run = cfg.run_dir
-    summary = json.loads((run / "train_summary.json").read_text())
-    tok = load_tokenizer(cfg.teacher.model)
-    teacher = load_model(cfg.teacher.model)  # fp32: the reference, as in eval.json
-    models = {
-        "teacher": teacher,
-        "student": AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval(),
-    }
+    student, teacher, tok = student_and_teacher(cfg, run)
+    models = {"teacher": teacher, "student": student}
     other = read_prompts(OTHER)
     other_ids = {p.id: prompt_token_ids(tok, p) for p in other}
     other_answers = teacher_answers(other, teacher, tok, other_ids, ROOT / "runs/bench-ood/answers.jsonl")
@@ -176,6 +163,8 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.budget)))
         return
+    from candidates import run_child, seed_run
+
     from distill.core.hardware import cpu_model
 
     raw, commands = {}, []
@@ -186,17 +175,10 @@ def main() -> None:
     source = source_run()
     for name in args.candidates.split(","):
         run = ROOT / "runs" / f"bench-choice-{name}"
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
-        shutil.copy(source / "answers.jsonl", run / "answers.jsonl")
-        shutil.copytree(source / "student_init", run / "student_init")
+        seed_run(run, source)
         t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--child", name, "--budget", args.budget]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        raw[name] = json.loads(line[7:]) | {"wall_seconds": time.perf_counter() - t0}
+        res = run_child(__file__, ["--child", name, "--budget", args.budget], name)
+        raw[name] = res | {"wall_seconds": time.perf_counter() - t0}
         trained = set(json.loads((run / "split.json").read_text())["train"])
         val_ids = {json.loads(ln)["id"] for ln in IN_DOMAIN.read_text().splitlines() if ln}
         if trained & val_ids:

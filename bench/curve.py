@@ -54,24 +54,18 @@ def point_name(budget: str, large: bool) -> str:
 
 def score_run(run: Path) -> dict:
     """The run's trained student on the three test splits, with intervals."""
-    import torch
+    from candidates import student_and_teacher
     from choice import score
     from ood import teacher_answers
-    from transformers import AutoModelForCausalLM
 
     from distill.core.data import prompt_token_ids, read_prompts
-    from distill.core.models import load_model, load_tokenizer
     from distill.core.recipe import load_config
     from distill.evaluate.intervals import quality_intervals
     from distill.evaluate.tasks import evaluate_tasks
 
     cfg = load_config(run / "config.yaml", [f"evaluate.tasks=[{LABELS}]", "evaluate.task_size=null"])
-    tok = load_tokenizer(cfg.teacher.model)
-    teacher = load_model(cfg.teacher.model)  # fp32: the reference, as in eval.json
-    models = {
-        "teacher": teacher,
-        "student": AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval(),
-    }
+    student, teacher, tok = student_and_teacher(cfg, run)
+    models = {"teacher": teacher, "student": student}
     out = {}
     for split, path, cache in (("in_domain", IN_DOMAIN, "runs/bench-curve-test/answers.jsonl"),
                                ("other", OTHER, "runs/bench-ood-test/answers.jsonl")):  # fmt: skip
@@ -93,20 +87,14 @@ def score_run(run: Path) -> dict:
 
 
 def child(budget: str, large: bool) -> dict:
-    from distill import pipeline
-    from distill.core.recipe import load_config
+    from candidates import train_candidate
 
     name = point_name(budget, large)
     overrides = [f"name=bench-curve-{name}", f"train.time_budget={budget}", f"train.max_steps={MAX_STEPS}",
                  f"train.checkpoint_every={CHECKPOINT_EVERY}"]  # fmt: skip
     if large:
         overrides.append(f"data.path={large_prompts()}")
-    cfg, _ = pipeline.prepare(load_config(None, overrides))
-    pipeline.shrink(cfg)  # the source run's student_init is in place: nothing to do
-    t0 = time.perf_counter()
-    pipeline.train_student(cfg, resume=False)
-    train_s = time.perf_counter() - t0
-    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    cfg, summary, train_s = train_candidate(overrides)
     return score_run(cfg.run_dir) | {
         "steps": summary["steps"],
         "train_seconds": train_s,
@@ -167,6 +155,8 @@ def plot(points: dict) -> None:
 
 
 def main() -> None:
+    from candidates import run_child, seed_run
+
     from distill.core.hardware import cpu_model
     from distill.core.units import duration_seconds
 
@@ -197,7 +187,8 @@ def main() -> None:
 
             cfg = load_config(run / "config.yaml")
             default = load_config(None)
-            if cfg.train.model_dump(exclude={"max_steps"}) != default.train.model_dump(exclude={"max_steps"}):
+            same = {"max_steps", "dtype"}  # the run folder records the dtype that auto chose
+            if cfg.train.model_dump(exclude=same) != default.train.model_dump(exclude=same):
                 raise SystemExit(f"{run} was not trained with the default recipe's train settings")
             if duration_seconds(cfg.train.time_budget) != duration_seconds(budget):
                 raise SystemExit(f"{run} was trained for {cfg.train.time_budget}, not {budget}")
@@ -207,18 +198,8 @@ def main() -> None:
         else:
             src = large_source(source) if large else source
             run = ROOT / "runs" / f"bench-curve-{name}"
-            shutil.rmtree(run, ignore_errors=True)
-            run.mkdir(parents=True)
-            shutil.copy(src / "answers.jsonl", run / "answers.jsonl")
-            shutil.copytree(src / "student_init", run / "student_init")
-            if not large:
-                shutil.copy(source / "split.json", run / "split.json")
-            cmd = [sys.executable, __file__, "--child", budget] + (["--child-large"] if large else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-            res = json.loads(line[7:])
+            seed_run(run, src, ("answers.jsonl",) if large else ("answers.jsonl", "split.json"))
+            res = run_child(__file__, ["--child", budget] + (["--child-large"] if large else []), name)
         points[name] = res | {"budget": budget, "minutes": duration_seconds(budget) / 60, "large": large,
                               "wall_seconds": time.perf_counter() - t0}  # fmt: skip
         out = {f"ood_test_kl_at_{n.replace('-', '_')}": p["other"]["kl"]["value"] for n, p in points.items()}

@@ -33,10 +33,7 @@ import argparse
 import datetime as dt
 import json
 import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from distill.core.hardware import cpu_model
@@ -98,28 +95,17 @@ def _score(cfg, student, teacher, tok, prompts_file: Path, answers_file: Path) -
 
 
 def child(recipe: str, budget: str | None) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from candidates import student_and_teacher, train_candidate
 
-    from distill import pipeline
     from distill.core.data import prompt_token_ids, read_prompts
     from distill.core.hardware import DTYPES
-    from distill.core.models import load_model, load_tokenizer
-    from distill.core.recipe import load_config
     from distill.evaluate.metrics import compare_speed
 
     overrides = [f"name=bench-quality-{recipe}", *RECIPES[recipe]]
     overrides += [f"train.time_budget={budget}"] if budget else []
-    cfg, _ = pipeline.prepare(load_config(None, overrides))
-    pipeline.shrink(cfg)  # the source run's student_init is in place: nothing to do
-    t0 = time.perf_counter()
-    pipeline.train_student(cfg, resume=False)
-    train_s = time.perf_counter() - t0
+    cfg, summary, train_s = train_candidate(overrides)
     run = cfg.run_dir
-    summary = json.loads((run / "train_summary.json").read_text())
-    tok = load_tokenizer(cfg.teacher.model)
-    teacher = load_model(cfg.teacher.model)
-    student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+    student, teacher, tok = student_and_teacher(cfg, run)
     out = {
         "validation": _score(cfg, student, teacher, tok, VALIDATION, validation_answers(teacher, tok)),
         "test": _score(cfg, student, teacher, tok, TEST, ROOT / "runs" / TEST_RUN / "answers.jsonl"),
@@ -229,6 +215,8 @@ def main() -> None:
         return
     source = Path(args.source)
     check_not_trained_on(source)
+    from candidates import run_child, seed_run
+
     raw, commands = {}, []
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
@@ -236,20 +224,10 @@ def main() -> None:
     commands.append("python bench/quality.py " + " ".join(sys.argv[1:]))
     test_answers()
     for recipe in args.recipes.split(","):
-        run = ROOT / "runs" / f"bench-quality-{recipe}"
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
-        for f in ("answers.jsonl", "split.json"):
-            shutil.copy(source / f, run / f)
-        shutil.copytree(source / "student_init", run / "student_init")
-        cmd = [sys.executable, __file__, "--child", recipe] + (
-            ["--budget", args.budget] if args.budget else []
+        seed_run(ROOT / "runs" / f"bench-quality-{recipe}", source, ("answers.jsonl", "split.json"))
+        raw[recipe] = run_child(
+            __file__, ["--child", recipe] + (["--budget", args.budget] if args.budget else []), recipe
         )
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{recipe} failed:\n{done.stderr[-3000:]}")
-        raw[recipe] = json.loads(line[7:])
         print(recipe, {k: raw[recipe][k] for k in ("steps", "speedup_batch1")}, flush=True)
         result = summarise(raw, args.budget, commands) if "default" in raw else None
         if result:

