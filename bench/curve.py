@@ -125,6 +125,7 @@ def plot(points: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for split, label, colour in (("other", "other domains (test)", "tab:red"),
@@ -144,6 +145,7 @@ def plot(points: dict) -> None:
                         mfc="white", ls="none", label=f"{label}, larger prompt set")  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([p["minutes"] for p in points.values()])
     ax.set_xticklabels([f"{p['minutes']:g}" for p in points.values()])
     ax.set_xlabel("training wall-clock, minutes (log scale)")
