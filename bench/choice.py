@@ -16,6 +16,17 @@ The candidates differ in what they train on and how:
 - ``broad_heal``: the same, the first minute of the budget spent healing the pruned student on
   general English text (``heal.data=default``), the rest on the teacher's answers.
 
+A second round starts from the chosen ``broad_packing`` (the default recipe since), runs it again
+beside the new candidates (the time plan had changed: the first round's broad runs overran their
+budget), and tries the other levers on it:
+
+- ``samples``: one more teacher answer per training prompt, sampled from the teacher's whole
+  distribution at temperature 1 (``generate.extra_samples=1``), beside the greedy one; the source
+  run generates them once and the time it took is recorded (``extra_samples_generate_seconds``);
+- ``lr_2x``: twice the learning rate (2.4e-3);
+- ``wsd``: the learning rate held after warm-up and decayed over the last 20% of the steps
+  (``train.lr_schedule=wsd``) instead of the cosine decay over all of them.
+
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
 
@@ -59,7 +70,11 @@ CANDIDATES: dict[str, list[str]] = {
     "broad": [],
     "broad_packing": ["train.packing=true"],
     "broad_heal": ["heal.data=default", f"heal.time_budget={HEAL_MINUTES:g}m", "train.time_budget={rest}"],
+    "samples": ["generate.extra_samples=1"],
+    "lr_2x": ["train.lr=2.4e-3"],
+    "wsd": ["train.lr_schedule=wsd"],
 }
+EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
 
 
@@ -143,14 +158,22 @@ def figures(res: dict) -> dict:
     return out
 
 
-def source_run() -> Path:
-    """The default recipe's generate and shrink stages, run once: the candidates' shared start."""
+def source_run(samples: bool) -> tuple[Path, float | None]:
+    """The default recipe's generate and shrink stages, run once: the candidates' shared start.
+    With ``samples``, the extra teacher samples too (a candidate asking for none trains on the
+    first answers only); returns the run and the seconds those samples took, when made now."""
     run = ROOT / "runs" / SOURCE
+    distill = str(Path(sys.executable).with_name("distill"))
     if not (run / "student_init" / "model.safetensors").is_file():
-        distill = str(Path(sys.executable).with_name("distill"))
         for stage in ("generate", "shrink"):
             subprocess.run([distill, stage, "--set", f"name={SOURCE}"], check=True, cwd=ROOT)
-    return run
+    seconds = None
+    if samples and not any('"sample": ' in ln for ln in (run / "answers.jsonl").read_text().splitlines()):
+        t0 = time.perf_counter()
+        more = ["--set", f"generate.extra_samples={EXTRA_SAMPLES}"]
+        subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
+        seconds = time.perf_counter() - t0
+    return run, seconds
 
 
 def main() -> None:
@@ -167,18 +190,21 @@ def main() -> None:
 
     from distill.core.hardware import cpu_model
 
-    raw, commands = {}, []
+    raw, commands, extra_s = {}, [], None
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
         raw, commands = before["raw"], before["commands"]
+        extra_s = before.get("extra_samples_generate_seconds")
     commands.append("python bench/choice.py " + " ".join(sys.argv[1:]))
-    source = source_run()
-    for name in args.candidates.split(","):
+    names = args.candidates.split(",")
+    source, seconds = source_run(any("extra_samples" in o for n in names for o in CANDIDATES[n]))
+    extra_s = seconds if seconds is not None else extra_s
+    for name in names:
         run = ROOT / "runs" / f"bench-choice-{name}"
         seed_run(run, source)
         t0 = time.perf_counter()
         res = run_child(__file__, ["--child", name, "--budget", args.budget], name)
-        raw[name] = res | {"wall_seconds": time.perf_counter() - t0}
+        raw[name] = res | {"wall_seconds": time.perf_counter() - t0, "date": dt.date.today().isoformat()}
         trained = set(json.loads((run / "split.json").read_text())["train"])
         val_ids = {json.loads(ln)["id"] for ln in IN_DOMAIN.read_text().splitlines() if ln}
         if trained & val_ids:
@@ -198,6 +224,7 @@ def main() -> None:
                 k: str(p.relative_to(ROOT))
                 for k, p in (("in_domain", IN_DOMAIN), ("other", OTHER), ("labels", LABELS))
             },  # fmt: skip
+            "extra_samples_generate_seconds": extra_s,
             "cpu": cpu_model(),
             "commands": commands,
             "date": dt.date.today().isoformat(),

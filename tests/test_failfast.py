@@ -81,6 +81,13 @@ def test_config_mistakes_exit_2_before_any_work(tmp_path, runs, tiny_teacher_dir
     assert not started and not runs.exists()
 
 
+def test_extra_samples_with_an_api_teacher_exit_2(tmp_path, runs, tiny_teacher_dir, prompts_file):
+    recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file, generate={"extra_samples": 2})
+    recipe["teacher"]["kind"] = "openai"
+    _refused(_invoke(tmp_path, recipe), "generate.extra_samples is for a local teacher", "teacher.api.n")
+    assert not runs.exists()
+
+
 def test_bad_prompt_files_exit_2_naming_file_and_line(tmp_path, runs, tiny_teacher_dir):
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')

@@ -120,3 +120,33 @@ def test_sampling_draws_from_the_whole_distribution_not_a_default_cut(teacher, p
     assert model.generation_config.top_k == 1  # the model's own setting is left as it was
     differ = [k for k in greedy if greedy[k]["token_ids"] != sampled[k]["token_ids"]]
     assert len(differ) >= 3, differ
+
+
+def test_extra_samples_beside_the_greedy_answer(teacher, prompts_file, tmp_path):
+    """The first answer stays the greedy one; the prompts asked for get extra sampled answers,
+    keyed apart, and a file grown from greedy-only answers ends equal to one written at once."""
+    from distill.core.answers import answer_key
+
+    model, tok = teacher
+    prompts = read_prompts(prompts_file)[:5]
+    greedy = gen.generate_answers(model, tok, prompts, tmp_path / "g.jsonl", GenerateConfig(max_new_tokens=8))
+    cfg = GenerateConfig(max_new_tokens=8, batch_size=2, extra_samples=2, generation_temperature=1.5, seed=3)
+    sampled = {p.id for p in prompts[:3]}
+    once = gen.generate_answers(model, tok, prompts, tmp_path / "once.jsonl", cfg, sampled=sampled)
+    assert len(once) == 5 + 2 * 3
+    for p in prompts:
+        assert once[answer_key(p.id)]["token_ids"] == greedy[p.id]["token_ids"]
+        assert "sample" not in once[answer_key(p.id)]
+        for j in (1, 2):
+            key = answer_key(p.id, j)
+            assert (key in once) == (p.id in sampled)
+            if key in once:
+                assert once[key]["id"] == p.id and once[key]["sample"] == j
+    draws = {(i, j): once[answer_key(i, j)]["token_ids"] for i in sampled for j in (1, 2)}
+    differ = [ij for ij, ids in draws.items() if ids != greedy[ij[0]]["token_ids"]]
+    assert len(differ) >= 4, differ
+    grown = tmp_path / "grown.jsonl"
+    gen.generate_answers(model, tok, prompts, grown, GenerateConfig(max_new_tokens=8, batch_size=2))
+    after = gen.generate_answers(model, tok, prompts, grown, cfg, sampled=sampled)
+    assert {k: v["token_ids"] for k, v in after.items()} == {k: v["token_ids"] for k, v in once.items()}
+    assert len(_lines(grown)) == len(once)  # only the samples were added

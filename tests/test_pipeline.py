@@ -133,3 +133,25 @@ def test_the_default_recipes_methods_together_end_to_end(tmp_path, tiny_teacher_
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
     assert results["student"]["params"] < results["teacher"]["params"]
+
+
+def test_extra_teacher_samples_are_generated_for_training_prompts_and_trained_on(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    """generate.extra_samples=1: one more (sampled) answer per training prompt, none for the
+    held-out ones; training reads both, and a config asking for none reads the first only."""
+    from conftest import tiny_run
+
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file,
+                   generate={"extra_samples": 1, "generation_temperature": 1.5},
+                   filter={"dedupe": False, "min_chars": 0})  # fmt: skip
+    run = cfg.run_dir
+    split = json.loads((run / "split.json").read_text())
+    answers = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
+    sampled = sorted(a["id"] for a in answers if a.get("sample") == 1)
+    assert sampled == sorted(split["train"]) and len(answers) == 13 + len(split["train"])
+    report = json.loads((run / "filter_report.json").read_text())
+    assert report["kept"] + report["dropped"] == 2 * len(split["train"])
+    pipeline.train_student(load_config(tmp_path / "r.yaml", ["generate.extra_samples=0"]), resume=False)
+    report = json.loads((run / "filter_report.json").read_text())
+    assert report["kept"] + report["dropped"] == len(split["train"])

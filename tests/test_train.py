@@ -120,6 +120,11 @@ def test_lr_schedule():
     assert tr.lr_at(0, cfg) == pytest.approx(0.1) and tr.lr_at(9, cfg) == pytest.approx(1.0)
     assert tr.lr_at(10, cfg) == pytest.approx(1.0) and tr.lr_at(100, cfg) == pytest.approx(0.1)
     assert tr.lr_at(55, cfg) == pytest.approx(0.55)
+    wsd = _cfg(max_steps=100, warmup_steps=10, lr=1.0, lr_schedule="wsd")  # decays over the last 18 steps
+    assert tr.lr_at(5, wsd) == pytest.approx(0.6) and tr.lr_at(82, wsd) == pytest.approx(1.0)
+    assert tr.lr_at(91, wsd) == pytest.approx(0.55) and tr.lr_at(100, wsd) == pytest.approx(0.1)
+    const = _cfg(max_steps=100, warmup_steps=10, lr=1.0, lr_schedule="constant")
+    assert tr.lr_at(5, const) == pytest.approx(0.6) and tr.lr_at(99, const) == 1.0
 
 
 def test_unknown_loss_and_empty_data(setup, tmp_path):

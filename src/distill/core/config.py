@@ -179,6 +179,10 @@ class GenerateConfig(_Strict):
     generation_temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
+    extra_samples: int = Field(
+        0, ge=0, le=16, description="answers sampled per training prompt beside the first (at "
+        "generation_temperature and top_p, from the whole distribution); held-out prompts get one",
+    )  # fmt: skip
 
 
 class StudentConfig(_Strict):
@@ -302,6 +306,11 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="after the linear warm-up: cosine decay to 10% of lr at max_steps; wsd "
+        "(warmup-stable-decay): lr held, then a linear decay to 10% over the last 20% of the steps; "
+        "constant: lr held",
+    )  # fmt: skip
     max_steps: int = Field(120, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1)

@@ -53,9 +53,12 @@ def generate(cfg: RunConfig) -> Path:
     answers = generate_answers(
         model, tok, train_p + held, out, cfg.generate, engine=engine,
         system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        sampled={p.id for p in train_p},
     )  # fmt: skip
     stops = sum(a["finish_reason"] == "stop" for a in answers.values())
-    console.print(f"{len(answers)} teacher answers in {out} ({stops} ended with eos)")
+    extra = sum(a.get("sample", 0) > 0 for a in answers.values())
+    also = f", {extra} of them sampled beside the first answer" if extra else ""
+    console.print(f"{len(answers)} teacher answers in {out} ({stops} ended with eos{also})")
     return out
 
 

@@ -38,6 +38,8 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     run, cfg = setup(cfg)
     init = need(run / "student_init", "shrink")
     answers = read_answers(need(run / "answers.jsonl", "generate"))
+    if cfg.teacher.kind != "openai":  # a file generated with more samples than asked keeps its first ones
+        answers = {k: a for k, a in answers.items() if a.get("sample", 0) <= cfg.generate.extra_samples}
     train_p, _ = load_split(cfg)
     tok = AutoTokenizer.from_pretrained(init)
     t_tok = other_tokenizer(cfg, tok)  # the teacher's, when the student has its own

@@ -70,34 +70,45 @@ def generate_answers(
     system_prompt: str | None = None,
     max_prompt_tokens: int = 256,
     engine: LlamaCppEngine | None = None,
+    sampled: set[str] | None = None,
 ) -> dict[str, dict]:
-    """Answer every prompt not yet in ``out_path``; returns all answers by prompt id.
+    """Answer every prompt not yet in ``out_path``; returns all answers by ``answer_key``.
 
     ``engine``: llama.cpp instead of ``model`` (transformers), which may then be None.
+    Answer 0 of each prompt follows ``cfg.do_sample``; the prompts whose ids are in ``sampled``
+    (every prompt when None) also get ``cfg.extra_samples`` answers drawn at
+    ``cfg.generation_temperature`` and ``cfg.top_p``, recorded with ``"sample": j`` (1, 2, ...).
     Each batch is appended and fsynced as soon as it is done, so a killed run loses
     at most the batch in flight and a rerun asks only for what is missing. Sampling
-    is seeded per batch from ``cfg.seed`` and the batch's first id, so a resumed
+    is seeded per batch from ``cfg.seed``, the sample index and the batch's first id, so a resumed
     run draws the same answers as an uninterrupted one with the same batching.
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_answers(out_path)
-    todo = [p for p in prompts if answer_key(p.id) not in done]
+    extra = {p.id: cfg.extra_samples if sampled is None or p.id in sampled else 0 for p in prompts}
+    wanted = [(p, j) for p in prompts for j in range(1 + extra[p.id])]
+    todo = [(p, j) for p, j in wanted if answer_key(p.id, j) not in done]
     encoded = {
         p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens)
-        for p in todo
+        for p, _ in todo
     }
-    # Similar lengths in a batch waste less on padding; sorting keeps batching deterministic.
-    todo.sort(key=lambda p: (len(encoded[p.id]), p.id))
-    with progress_bar("prompt") as bar:
-        task = bar.add_task("teacher answers", total=len(prompts), completed=len(done), info="")
+    # Similar lengths in a batch waste less on padding; sorting keeps batching deterministic. A
+    # batch holds one sample index, so it is greedy or sampled throughout.
+    todo.sort(key=lambda pj: (pj[1], len(encoded[pj[0].id]), pj[0].id))
+    batches: list[list[tuple[Prompt, int]]] = []
+    for j in sorted({j for _, j in todo}):
+        group = [pj for pj in todo if pj[1] == j]
+        batches += [group[s : s + cfg.batch_size] for s in range(0, len(group), cfg.batch_size)]
+    with progress_bar("answer") as bar:
+        task = bar.add_task("teacher answers", total=len(wanted), completed=len(wanted) - len(todo), info="")
         ntok = 0
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start : start + cfg.batch_size]
-            seed = cfg.seed * 1_000_003 + zlib.crc32(chunk[0].id.encode())
+        for chunk in batches:
+            j = chunk[0][1]
+            seed = cfg.seed * 1_000_003 + zlib.crc32(chunk[0][0].id.encode()) + 7_919 * j
             torch.manual_seed(seed)
-            kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+            kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample or j > 0,
                           generation_temperature=cfg.generation_temperature, top_p=cfg.top_p)  # fmt: skip
-            rows = [encoded[p.id] for p in chunk]
+            rows = [encoded[p.id] for p, _ in chunk]
             if engine is not None:
                 gens = engine(rows, seed=seed % 2**31, **kwargs)
             else:  # top_k 0: the whole distribution, as llama.cpp samples, not the model's default cut
@@ -110,12 +121,14 @@ def generate_answers(
                     "finish_reason": g.finish_reason,
                     "prompt_tokens": len(encoded[p.id]),
                 }
-                for p, g in zip(chunk, gens, strict=True)
+                | ({"sample": j} if j else {})
+                for (p, _), g in zip(chunk, gens, strict=True)
             ]
             append_records(out_path, records)
-            done.update({answer_key(r["id"]): r for r in records})
-            if interrupt.requested() is not None and len(done) < len(prompts):
-                interrupt.stop(f"stopped after {len(done)} of {len(prompts)} answers, all written to "
+            done.update({answer_key(r["id"], j): r for r in records})
+            left = sum(answer_key(p.id, i) not in done for p, i in wanted)
+            if interrupt.requested() is not None and left:
+                interrupt.stop(f"stopped after {len(wanted) - left} of {len(wanted)} answers, all written to "
                                f"{out_path}; run the same command again to generate the rest")  # fmt: skip
             ntok += sum(len(g.token_ids) for g in gens)
             bar.update(task, advance=len(chunk), info=f"{ntok} answer tokens")

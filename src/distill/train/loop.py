@@ -44,12 +44,23 @@ Example = tuple[list[int], list[bool]]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``cfg.lr``, then cosine decay to 10% of it at ``max_steps``."""
+    """Linear warmup to ``cfg.lr``, then ``cfg.lr_schedule``: cosine decay to 10% of it at
+    ``max_steps``; ``wsd``: held, then a linear decay to 10% over the last ``WSD_DECAY`` of the
+    steps; ``constant``: held."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "wsd":
+        decay = max(1.0, WSD_DECAY * (cfg.max_steps - cfg.warmup_steps))
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay)) / decay))
+        return cfg.lr * (1 - 0.9 * progress)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+WSD_DECAY = 0.2  # the share of the steps after warm-up that wsd spends decaying
 
 
 GROUP_SPAN = 32  # optimizer steps whose samples are sorted by length together (group_by_length)
