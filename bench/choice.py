@@ -190,11 +190,14 @@ def main() -> None:
 
     from distill.core.hardware import cpu_model
 
-    raw, commands, extra_s = {}, [], None
+    raw, commands, extra_s, adoption = {}, [], None, {}
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
         raw, commands = before["raw"], before["commands"]
         extra_s = before.get("extra_samples_generate_seconds")
+        # what was made the default, when a limit outside the rule ruled the chosen one out
+        keys = ("adopted", "adoption", "demo_wall_min_with_samples")
+        adoption = {k: before[k] for k in keys if k in before}
     commands.append("python bench/choice.py " + " ".join(sys.argv[1:]))
     names = args.candidates.split(",")
     source, seconds = source_run(any("extra_samples" in o for n in names for o in CANDIDATES[n]))
@@ -216,7 +219,8 @@ def main() -> None:
             "selection": "validation",
             "rule": RULE,
             "chosen": chosen,
-            "candidates": {n: CANDIDATES[n] for n in raw},
+            **adoption,
+            "candidates": {n: CANDIDATES.get(n, r["overrides"]) for n, r in raw.items()},
             "budget": args.budget,
             "table": table,
             "raw": raw,

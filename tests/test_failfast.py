@@ -82,10 +82,21 @@ def test_config_mistakes_exit_2_before_any_work(tmp_path, runs, tiny_teacher_dir
 
 
 def test_extra_samples_with_an_api_teacher_exit_2(tmp_path, runs, tiny_teacher_dir, prompts_file):
-    recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file, generate={"extra_samples": 2})
+    """Asked for on the command line with an API teacher: refused. Set by the recipe: set to 0, with
+    a note (the embedded default asks for one, and its API quickstart must still run)."""
+    from distill.core.recipe import load_config_with_notes
+
+    recipe = tiny_recipe(runs, tiny_teacher_dir, prompts_file)
     recipe["teacher"]["kind"] = "openai"
-    _refused(_invoke(tmp_path, recipe), "generate.extra_samples is for a local teacher", "teacher.api.n")
+    out = _invoke(tmp_path, recipe, "--set", "generate.extra_samples=2")
+    _refused(out, "generate.extra_samples is for a local teacher", "teacher.api.n")
     assert not runs.exists()
+    recipe["generate"]["extra_samples"] = 2
+    (tmp_path / "api.yaml").write_text(yaml.safe_dump(recipe))
+    cfg, notes = load_config_with_notes(tmp_path / "api.yaml")
+    assert cfg.generate.extra_samples == 0 and notes == [
+        "generate.extra_samples 2 -> 0: an API teacher's answers per prompt are teacher.api.n"
+    ]
 
 
 def test_bad_prompt_files_exit_2_naming_file_and_line(tmp_path, runs, tiny_teacher_dir):

@@ -155,3 +155,15 @@ def test_extra_teacher_samples_are_generated_for_training_prompts_and_trained_on
     pipeline.train_student(load_config(tmp_path / "r.yaml", ["generate.extra_samples=0"]), resume=False)
     report = json.loads((run / "filter_report.json").read_text())
     assert report["kept"] + report["dropped"] == len(split["train"])
+    # The shrunk student is calibrated on each prompt's first answer: the samples leave it as it is.
+    chosen = {}
+    for name, keep in (("with-samples", lambda a: True), ("greedy-only", lambda a: "sample" not in a)):
+        other = run.parent / name
+        other.mkdir()
+        kept = [a for a in answers if keep(a)]
+        (other / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in kept))
+        sets = [f"name={name}", "student.layer_selection=importance", "student.calibration_samples=4"]
+        pipeline.shrink(load_config(tmp_path / "r.yaml", sets))
+        record = json.loads((other / "student_candidates.json").read_text())
+        chosen[name] = [{k: v for k, v in c.items() if k != "speedup"} for c in record["candidates"]]  # timed
+    assert chosen["with-samples"] == chosen["greedy-only"]

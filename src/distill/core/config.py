@@ -179,10 +179,8 @@ class GenerateConfig(_Strict):
     generation_temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    extra_samples: int = Field(
-        0, ge=0, le=16, description="answers sampled per training prompt beside the first (at "
-        "generation_temperature and top_p, from the whole distribution); held-out prompts get one",
-    )  # fmt: skip
+    extra_samples: int = Field(0, ge=0, le=16, description="answers sampled per training prompt beside the "
+                               "first, at generation_temperature and top_p (a local teacher)")  # fmt: skip
 
 
 class StudentConfig(_Strict):
@@ -306,11 +304,8 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="after the linear warm-up: cosine decay to 10% of lr at max_steps; wsd "
-        "(warmup-stable-decay): lr held, then a linear decay to 10% over the last 20% of the steps; "
-        "constant: lr held",
-    )  # fmt: skip
+    lr_schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="after warm-up: "
+        "cosine decay to 10% of lr at max_steps; wsd: held, then linear to 10% in the last 20%")  # fmt: skip
     max_steps: int = Field(120, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -517,6 +512,18 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _extra_samples_from_a_local_teacher(self, info: ValidationInfo) -> RunConfig:
+        """With an API teacher a recipe's ``extra_samples`` is set to 0 (a note), an explicit one refused."""
+        if self.generate.extra_samples and self.teacher.kind == "openai":
+            explicit = (info.context or {}).get("explicit")
+            why = "an API teacher's answers per prompt are teacher.api.n"
+            if explicit is None or _set_in("generate.extra_samples", explicit):
+                raise ValueError(f"generate.extra_samples is for a local teacher; {why}")
+            info.context["notes"].append(f"generate.extra_samples {self.generate.extra_samples} -> 0: {why}")
+            self.generate.extra_samples = 0
+        return self
+
+    @model_validator(mode="after")
     def _tail_samples_fit_the_loss(self) -> RunConfig:
         if self.cache.tail == "sample":
             if not self.cache.tail_samples:
@@ -526,6 +533,11 @@ class RunConfig(_Strict):
                     "cache.tail 'sample' estimates the forward KL at temperature 1: set "
                     "train.loss=forward_kl and train.distill_temperature=1, or use cache.tail=bucket"
                 )
+        if self.cache.tail in ("sample", "bucket") and self.cache.scoring_temperature != 1.0:
+            raise ValueError(
+                f"cache.tail '{self.cache.tail}' needs cache.scoring_temperature=1 (the tail mass is "
+                "known only at the temperature it was scored at); use cache.tail=renormalize"
+            )
         return self
 
     @model_validator(mode="after")
@@ -575,15 +587,6 @@ class RunConfig(_Strict):
                     f"train.{key} needs a live local teacher {why}; the teacher signal is {signal}, "
                     f"which has none: set {fix}, or train.{key}=0"
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _tail_needs_temperature_one(self) -> RunConfig:
-        if self.cache.tail in ("sample", "bucket") and self.cache.scoring_temperature != 1.0:
-            raise ValueError(
-                f"cache.tail '{self.cache.tail}' needs cache.scoring_temperature=1 (the tail mass is "
-                "known only at the temperature it was scored at); use cache.tail=renormalize"
-            )
         return self
 
     @property

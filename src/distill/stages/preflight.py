@@ -76,9 +76,6 @@ def check_run(cfg: RunConfig) -> dict[str, ModelFacts]:
         raise ConfigError(
             f"data.heldout_size={cfg.data.heldout_size} leaves no training prompts ({n} in all)"
         )
-    if cfg.generate.extra_samples and cfg.teacher.kind == "openai":
-        raise ConfigError("generate.extra_samples is for a local teacher; an API teacher's answers per "
-                          "prompt are teacher.api.n (set generate.extra_samples=0)")  # fmt: skip
     if cfg.heal.data:
         read_general_text(cfg.heal.data)  # there, UTF-8, and with text in it
     if cfg.evaluate.tasks:

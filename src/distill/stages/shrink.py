@@ -72,7 +72,9 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
     calib = None
     if answers_path.is_file():
         train_p, _ = load_split(cfg)
-        calib = training_examples(cfg, tok, train_p, read_answers(answers_path))[: s.calibration_samples]
+        # each prompt's first answer: the same student however many samples were generated
+        first = {k: a for k, a in read_answers(answers_path).items() if a.get("sample", 0) == 0}
+        calib = training_examples(cfg, tok, train_p, first)[: s.calibration_samples]
     measured = (
         s.layer_selection == "importance"
         or s.num_heads
