@@ -203,7 +203,8 @@ def main() -> None:
             seed_run(run, src, ("answers.jsonl",) if large else ("answers.jsonl", "split.json"))
             res = run_child(__file__, ["--child", budget] + (["--child-large"] if large else []), name)
         points[name] = res | {"budget": budget, "minutes": duration_seconds(budget) / 60, "large": large,
-                              "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                              "wall_seconds": time.perf_counter() - t0,
+                              "source": str(run if budget in reuse and not large else src)}  # fmt: skip
         out = {f"ood_test_kl_at_{n.replace('-', '_')}": p["other"]["kl"]["value"] for n, p in points.items()}
         out |= {
             f"ood_test_kl_at_{n.replace('-', '_')}_interval": [
@@ -213,7 +214,8 @@ def main() -> None:
             for n, p in points.items()
         }
         splits = {"in_domain": IN_DOMAIN, "other": OTHER, "labels": LABELS}
-        out |= {"points": points, "source": str(source), "cpu": cpu_model(), "commands": commands,
+        out |= {"points": points, "source": before.get("source", str(source)), "cpu": cpu_model(),
+                "commands": commands,
                 "splits": {k: str(v.relative_to(ROOT)) for k, v in splits.items()},
                 "date": dt.date.today().isoformat()}  # fmt: skip
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
