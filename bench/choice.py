@@ -168,11 +168,14 @@ def source_run(samples: bool) -> tuple[Path, float | None]:
         for stage in ("generate", "shrink"):
             subprocess.run([distill, stage, "--set", f"name={SOURCE}"], check=True, cwd=ROOT)
     seconds = None
-    if samples and not any('"sample": ' in ln for ln in (run / "answers.jsonl").read_text().splitlines()):
+    lines = (run / "answers.jsonl").read_text().count("\n")
+    if samples:  # resumes: generates only what is missing, and nothing once all are there
         t0 = time.perf_counter()
         more = ["--set", f"generate.extra_samples={EXTRA_SAMPLES}"]
         subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # loading the teacher included
+        if (run / "answers.jsonl").read_text().count("\n") == lines:
+            seconds = None  # nothing was generated now: the time on record stands
     return run, seconds
 
 

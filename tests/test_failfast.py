@@ -95,7 +95,7 @@ def test_extra_samples_with_an_api_teacher_exit_2(tmp_path, runs, tiny_teacher_d
     (tmp_path / "api.yaml").write_text(yaml.safe_dump(recipe))
     cfg, notes = load_config_with_notes(tmp_path / "api.yaml")
     assert cfg.generate.extra_samples == 0 and notes == [
-        "generate.extra_samples 2 -> 0: an API teacher's answers per prompt are teacher.api.n"
+        "generate.extra_samples -> 0: an API teacher's answers per prompt are teacher.api.n"
     ]
 
 

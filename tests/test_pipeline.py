@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -155,6 +156,12 @@ def test_extra_teacher_samples_are_generated_for_training_prompts_and_trained_on
     pipeline.train_student(load_config(tmp_path / "r.yaml", ["generate.extra_samples=0"]), resume=False)
     report = json.loads((run / "filter_report.json").read_text())
     assert report["kept"] + report["dropped"] == len(split["train"])
+    # The teacher cache scores the sequences training reads: one per kept answer asked for.
+    for extra in (1, 0):
+        pipeline.build_teacher_cache(load_config(tmp_path / "r.yaml", [f"generate.extra_samples={extra}"]))
+        meta = json.loads((run / "teacher_cache" / "meta.json").read_text())
+        assert meta["num_samples"] == (1 + extra) * len(split["train"]), (extra, meta["num_samples"])
+        shutil.rmtree(run / "teacher_cache")
     # The shrunk student is calibrated on each prompt's first answer: the samples leave it as it is.
     chosen = {}
     for name, keep in (("with-samples", lambda a: True), ("greedy-only", lambda a: "sample" not in a)):

@@ -44,6 +44,11 @@ def read_answers(path: Path) -> dict[str, dict]:
     return {answer_key(rec["id"], rec.get("sample", 0)): rec for rec in read_log(path)}
 
 
+def up_to_sample(answers: dict[str, dict], last: int) -> dict[str, dict]:
+    """The answers whose sample index is at most ``last`` (0: each prompt's first answer)."""
+    return {k: a for k, a in answers.items() if a.get("sample", 0) <= last}
+
+
 def write_records(f, records: list[dict]) -> None:
     """Append JSON lines to an open file and make them durable (flush + fsync) before returning."""
     try:

@@ -519,7 +519,7 @@ class RunConfig(_Strict):
             why = "an API teacher's answers per prompt are teacher.api.n"
             if explicit is None or _set_in("generate.extra_samples", explicit):
                 raise ValueError(f"generate.extra_samples is for a local teacher; {why}")
-            info.context["notes"].append(f"generate.extra_samples {self.generate.extra_samples} -> 0: {why}")
+            info.context.setdefault("notes", []).append(f"generate.extra_samples -> 0: {why}")
             self.generate.extra_samples = 0
         return self
 

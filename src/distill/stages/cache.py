@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from distill.core.answers import read_answers
+from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.errors import StageError, need
 from distill.core.models import (
@@ -40,6 +40,8 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     """
     run, cfg = setup(cfg)
     answers = read_answers(need(run / "answers.jsonl", "generate"))
+    if cfg.teacher.kind != "openai":  # the answers training reads (stages/train.py)
+        answers = up_to_sample(answers, cfg.generate.extra_samples)
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     # a student with its own tokenizer (its untrained copy has it) gets a cache across tokenizers

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from distill.core import fsio
-from distill.core.answers import read_answers
+from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.errors import StageError
 from distill.core.hardware import DTYPES
@@ -73,7 +73,7 @@ def _choose_student(cfg: RunConfig, teacher, tok, run: Path):
     if answers_path.is_file():
         train_p, _ = load_split(cfg)
         # each prompt's first answer: the same student however many samples were generated
-        first = {k: a for k, a in read_answers(answers_path).items() if a.get("sample", 0) == 0}
+        first = up_to_sample(read_answers(answers_path), 0)
         calib = training_examples(cfg, tok, train_p, first)[: s.calibration_samples]
     measured = (
         s.layer_selection == "importance"

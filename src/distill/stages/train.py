@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.core import fsio
-from distill.core.answers import read_answers
+from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.errors import StageError, need
 from distill.core.progress import console
@@ -39,7 +39,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     init = need(run / "student_init", "shrink")
     answers = read_answers(need(run / "answers.jsonl", "generate"))
     if cfg.teacher.kind != "openai":  # a file generated with more samples than asked keeps its first ones
-        answers = {k: a for k, a in answers.items() if a.get("sample", 0) <= cfg.generate.extra_samples}
+        answers = up_to_sample(answers, cfg.generate.extra_samples)
     train_p, _ = load_split(cfg)
     tok = AutoTokenizer.from_pretrained(init)
     t_tok = other_tokenizer(cfg, tok)  # the teacher's, when the student has its own

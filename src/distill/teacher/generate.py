@@ -126,8 +126,9 @@ def generate_answers(
             ]
             append_records(out_path, records)
             done.update({answer_key(r["id"], j): r for r in records})
-            left = sum(answer_key(p.id, i) not in done for p, i in wanted)
-            if interrupt.requested() is not None and left:
+            stop = interrupt.requested() is not None  # counted only then: the count walks every answer
+            left = sum(answer_key(p.id, i) not in done for p, i in wanted) if stop else 0
+            if left:
                 interrupt.stop(f"stopped after {len(wanted) - left} of {len(wanted)} answers, all written to "
                                f"{out_path}; run the same command again to generate the rest")  # fmt: skip
             ntok += sum(len(g.token_ids) for g in gens)
