@@ -7,14 +7,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.errors import StageError, need
 from distill.core.models import (
     load_tokenizer,
 )
 from distill.core.progress import console
-from distill.stages.run_folder import load_split, setup
+from distill.stages.run_folder import load_split, run_answers, setup
 from distill.teacher.api import api_cache_rows
 from distill.teacher.cache import (
     CacheMeta,
@@ -39,9 +38,7 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     answer (no new requests); the cache then has k = ``teacher.api.top_logprobs``.
     """
     run, cfg = setup(cfg)
-    answers = read_answers(need(run / "answers.jsonl", "generate"))
-    if cfg.teacher.kind != "openai":  # the answers training reads (stages/train.py)
-        answers = up_to_sample(answers, cfg.generate.extra_samples)
+    answers = run_answers(cfg, run)
     train_p, _ = load_split(cfg)
     tok = load_tokenizer(tokenizer_ref(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     # a student with its own tokenizer (its untrained copy has it) gets a cache across tokenizers

@@ -12,13 +12,14 @@ import yaml
 from rich.markup import escape
 
 from distill.core import fsio
+from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.data import (
     Prompt,
     read_prompts,
     split_prompts,
 )
-from distill.core.errors import StageError
+from distill.core.errors import StageError, need
 from distill.core.hardware import Precision, choose_precision, resolve_device
 from distill.core.models import (
     ModelFacts,
@@ -174,3 +175,11 @@ def load_split(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     split = {"train": [p.id for p in train_p], "heldout": [p.id for p in held]}
     fsio.write_text(split_path, json.dumps(split))
     return train_p, held
+
+
+def run_answers(cfg: RunConfig, run: Path) -> dict[str, dict]:
+    """The run's answers.jsonl, as the config asks for it: with a local teacher each prompt's first
+    ``1 + generate.extra_samples`` answers (a file generated with more is read as asked); with an
+    API teacher all of them (its ``teacher.api.n``)."""
+    answers = read_answers(need(run / "answers.jsonl", "generate"))
+    return answers if cfg.teacher.kind == "openai" else up_to_sample(answers, cfg.generate.extra_samples)

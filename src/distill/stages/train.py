@@ -14,11 +14,10 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.core import fsio
-from distill.core.answers import read_answers, up_to_sample
 from distill.core.config import RunConfig
 from distill.core.errors import StageError, need
 from distill.core.progress import console
-from distill.stages.run_folder import load_split, setup
+from distill.stages.run_folder import load_split, run_answers, setup
 from distill.student.lora import add_lora
 from distill.student.prune import layer_map
 from distill.teacher.examples import kept_examples, kept_text_examples
@@ -37,9 +36,7 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
     """Distil the teacher into student_init -> student/ (checkpoints let a rerun resume)."""
     run, cfg = setup(cfg)
     init = need(run / "student_init", "shrink")
-    answers = read_answers(need(run / "answers.jsonl", "generate"))
-    if cfg.teacher.kind != "openai":  # a file generated with more samples than asked keeps its first ones
-        answers = up_to_sample(answers, cfg.generate.extra_samples)
+    answers = run_answers(cfg, run)
     train_p, _ = load_split(cfg)
     tok = AutoTokenizer.from_pretrained(init)
     t_tok = other_tokenizer(cfg, tok)  # the teacher's, when the student has its own

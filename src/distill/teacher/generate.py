@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -90,14 +91,15 @@ def generate_answers(
     todo = [(p, j) for p, j in wanted if answer_key(p.id, j) not in done]
     encoded = {
         p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens)
-        for p, _ in todo
+        for p in prompts
+        if any(answer_key(p.id, j) not in done for j in range(1 + extra[p.id]))
     }
     # Similar lengths in a batch waste less on padding; sorting keeps batching deterministic. A
     # batch holds one sample index, so it is greedy or sampled throughout.
     todo.sort(key=lambda pj: (pj[1], len(encoded[pj[0].id]), pj[0].id))
     batches: list[list[tuple[Prompt, int]]] = []
-    for j in sorted({j for _, j in todo}):
-        group = [pj for pj in todo if pj[1] == j]
+    for _, same_j in groupby(todo, key=lambda pj: pj[1]):
+        group = list(same_j)
         batches += [group[s : s + cfg.batch_size] for s in range(0, len(group), cfg.batch_size)]
     with progress_bar("answer") as bar:
         task = bar.add_task("teacher answers", total=len(wanted), completed=len(wanted) - len(todo), info="")
