@@ -3,8 +3,8 @@ random points, then run again, must end exactly where an uninterrupted run ends.
 
 Each stage first runs once uninterrupted (the reference, timed). Each trial copies the finished
 earlier stages into a fresh run folder, starts the stage in a child process, SIGKILLs it after a
-seeded random fraction of the reference's duration (so the kills spread over the whole stage, not
-only its start), then runs the same stage again and checks:
+seeded fraction of the reference's duration (drawn in strata, so the kills spread over the whole
+stage, not only its start), then runs the same stage again and checks:
 
 - generate: every prompt answered once, no id twice, each answer the reference's token for token;
 - cache: the shards byte for byte the reference's, none missing or extra, ``verify_cache`` clean;
@@ -12,7 +12,8 @@ only its start), then runs the same stage again and checks:
 
 Children come from a forkserver that has imported distill (and torch) once, so a trial costs the
 stage's own work, not an interpreter start. A trial whose child finished before its kill time is
-not counted; trials are drawn until ``KILLS`` real kills per stage. Until three kills have come
+not counted and its kill time is tried again against the shorter duration measured; trials go on
+until ``KILLS`` real kills per stage. Until three kills have come
 after saved work, every other trial waits for the stage's first answer, shard or checkpoint on
 disk and kills shortly after it, so that case does not depend on the machine's speed.
 Set ``DISTILL_FAULT_REPORT=<file>`` to get the tallies as JSON (bench/RESULTS.md quotes them).
@@ -151,6 +152,17 @@ def _check(stage: str, got: dict, ref: dict, run: Path) -> None:
             assert torch.equal(got["weights"][k], v), f"{k} differs from the uninterrupted run's"
 
 
+def _kill_fractions(rng: random.Random, n: int) -> list[float]:
+    """Kill times as fractions of the reference's duration, one drawn in each of ``n`` equal strata
+    of [0.05, 0.95], ordered from the ends inwards (lowest, highest, second lowest, ...) so the first
+    timed kills already span the stage. A target whose trial finished before its kill is tried again
+    (with the shorter duration measured), not skipped: a late kill is never left to chance."""
+    width = 0.9 / n
+    strata = [rng.uniform(0.05 + i * width, 0.05 + (i + 1) * width) for i in range(n)]
+    order = [i for pair in zip(range(n), reversed(range(n)), strict=True) for i in pair]
+    return [strata[i] for i in order[:n]]
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, forkserver, tmp_path):
     from distill import pipeline
@@ -176,13 +188,14 @@ def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, 
     ref = _outputs(ref_run, stage)
 
     rng = random.Random(f"faults-{stage}")
+    targets = _kill_fractions(rng, KILLS)
     kills, fractions, resumed_mid, progress = 0, [], 0, []
     for trial in range(MAX_TRIALS):
         if kills == KILLS:
             break
         cfg_path = _copy(before, tmp_path / f"t{trial}", prompts, teacher)
         run = load_config(cfg_path).run_dir
-        fraction = rng.uniform(0.05, 0.95)
+        fraction = targets[0]
         # until three kills came after saved work, every other trial waits for the first answer,
         # shard or checkpoint on disk and kills soon after: timing alone would leave that to the
         # machine's speed (a loaded machine spends most of a stage starting up)
@@ -200,10 +213,12 @@ def test_sigkill_anywhere_then_resume_ends_as_an_uninterrupted_run(stage, base, 
             os.kill(p.pid, signal.SIGKILL)
         p.join()
         if p.exitcode == 0:  # it finished before the kill landed (a faster machine): not a fault
-            duration = min(duration, time.perf_counter() - t0)  # a better estimate for the next draws
+            duration = min(duration, time.perf_counter() - t0)  # a better estimate; the same target again
             shutil.rmtree(tmp_path / f"t{trial}")
             continue
         assert p.exitcode == -signal.SIGKILL, f"the stage failed on its own (exit {p.exitcode})"
+        if not after_saved:
+            targets.pop(0)
         kills += 1
         fractions.append(round(fraction, 3))
         progress.append(_progress(run, stage))
