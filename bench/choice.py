@@ -27,6 +27,12 @@ budget), and tries the other levers on it:
 - ``wsd``: the learning rate held after warm-up and decayed over the last 20% of the steps
   (``train.lr_schedule=wsd``) instead of the cosine decay over all of them.
 
+A third round runs the default once more beside ``onpolicy``: the student's own answers in place
+of the teacher's for a share λ of the rows, λ rising linearly from 0 to 0.5 over the run (a warm
+start on the teacher's answers, then on-policy rows graded by the teacher: GKD), on the broad set.
+``--keep-as broad_packing=broad_packing_second`` keeps the earlier round's default run under
+another name, so every run stays reported.
+
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
 
@@ -73,6 +79,7 @@ CANDIDATES: dict[str, list[str]] = {
     "samples": ["generate.extra_samples=1"],
     "lr_2x": ["train.lr=2.4e-3"],
     "wsd": ["train.lr_schedule=wsd"],
+    "onpolicy": ["train.onpolicy_fraction=0.5", "train.onpolicy_schedule=linear"],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
@@ -185,6 +192,8 @@ def main() -> None:
     ap.add_argument("--budget", default="6m", help="training wall-clock per candidate (the default recipe's)")
     ap.add_argument("--child", metavar="NAME")
     ap.add_argument("--append", action="store_true", help="keep the candidates already recorded")
+    ap.add_argument("--keep-as", action="append", default=[], metavar="OLD=NEW",
+                    help="with --append: rename a recorded candidate before it runs again")  # fmt: skip
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.budget)))
@@ -197,6 +206,10 @@ def main() -> None:
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
         raw, commands = before["raw"], before["commands"]
+        for old, new in (k.split("=", 1) for k in args.keep_as):
+            if old not in raw or new in raw:
+                raise SystemExit(f"--keep-as {old}={new}: {old} is not recorded or {new} already is")
+            raw[new] = raw.pop(old)
         extra_s = before.get("extra_samples_generate_seconds")
         # what was made the default, when a limit outside the rule ruled the chosen one out
         keys = ("adopted", "adoption", "demo_wall_min_with_samples")
