@@ -89,10 +89,9 @@ def generate_answers(
     extra = {p.id: cfg.extra_samples if sampled is None or p.id in sampled else 0 for p in prompts}
     wanted = [(p, j) for p in prompts for j in range(1 + extra[p.id])]
     todo = [(p, j) for p, j in wanted if answer_key(p.id, j) not in done]
-    encoded = {
+    encoded = {  # once per prompt, however many of its answers are still to come
         p.id: prompt_token_ids(tok, p, system_prompt=system_prompt, max_tokens=max_prompt_tokens)
-        for p in prompts
-        if any(answer_key(p.id, j) not in done for j in range(1 + extra[p.id]))
+        for p in {p.id: p for p, _ in todo}.values()
     }
     # Similar lengths in a batch waste less on padding; sorting keeps batching deterministic. A
     # batch holds one sample index, so it is greedy or sampled throughout.
