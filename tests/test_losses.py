@@ -266,6 +266,22 @@ def test_chunked_with_bias_and_global_count():
         torch.testing.assert_close(a, 0.3 * b)
 
 
+def test_chunked_with_a_frozen_head_gives_the_hidden_gradient_only():
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 13, 8, generator=g, requires_grad=True)
+    weight = torch.randn(29, 8, generator=g)  # frozen: no gradient asked for
+    teacher = torch.randn(2, 13, 29, generator=g)
+    plain = L.forward_kl(hidden @ weight.T, teacher)
+    (gh_p,) = torch.autograd.grad(0.7 * plain, [hidden])
+    chunked = L.chunked_divergence(L.forward_kl, hidden, weight, teacher, chunk_size=5)
+    (gh_c,) = torch.autograd.grad(0.7 * chunked, [hidden])
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(gh_c, gh_p)
+    chunked = L.chunked_divergence(L.forward_kl, hidden, weight, teacher, chunk_size=5)
+    chunked.backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
 def test_chunked_all_masked():
     hidden = torch.randn(4, 5, 6, requires_grad=True)
     weight = torch.randn(9, 6, requires_grad=True)

@@ -47,6 +47,25 @@ def test_loss_goes_down_and_metrics_are_logged(setup, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010", "step-000012"]
 
 
+def test_frozen_embeddings_keep_their_values_and_the_rest_trains(setup, tmp_path):
+    teacher, tok, examples = setup
+    student = _student(teacher)
+    assert student.get_input_embeddings().weight is student.get_output_embeddings().weight  # tied
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    summary = tr.train(student, LiveTeacher(teacher), examples, _cfg(max_steps=4, freeze_embeddings=True),
+                       tmp_path, pad_id=tok.pad_token_id)  # fmt: skip
+    assert summary["steps"] == 4
+    after = student.state_dict()
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(after[embed], before[embed])
+    moved = [k for k in before if k not in (embed, "lm_head.weight") and not torch.equal(after[k], before[k])]
+    assert any("layers.0.mlp" in k for k in moved) and any("self_attn" in k for k in moved)
+    # the checkpoint holds the full student, the frozen weights included
+    ckpt = tr.latest_checkpoint(tmp_path / "checkpoints")
+    saved = load_file(ckpt / "model.safetensors")
+    assert torch.equal(saved[embed], before[embed])
+
+
 def test_kill_and_resume_gives_identical_weights(setup, tmp_path, monkeypatch):
     teacher, tok, examples = setup
     student_a = _student(teacher)

@@ -316,6 +316,11 @@ class TrainConfig(_Strict):
         description="bfloat16: bf16 autocast for forward passes (fp32 master weights); float32: none; "
         + _AUTO_DTYPE,
     )
+    freeze_embeddings: bool = Field(
+        False, description="keep the token embeddings and the LM head (one matrix when tied) as the "
+        "student started: the words the training prompts never use keep the teacher's vectors, and "
+        "each step skips the head's weight gradient",
+    )  # fmt: skip
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     chunked_loss: bool = Field(
         True, description="compute the loss from hidden states block by block: no (B, T, V) logits"

@@ -231,7 +231,8 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, loss_fn, teacher, rows, chunk_size, num_tokens, kwargs, transform):
         grad_h = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        need_w = ctx.needs_input_grad[1]  # a frozen head (train.freeze_embeddings): no weight gradient
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w, b = weight.detach(), None if bias is None else bias.detach()
@@ -259,7 +260,9 @@ class _ChunkedLoss(torch.autograd.Function):
             # d/dh = g W, d/dW += g^T h, d/db += sum g; matmuls in the input dtype as in the plain
             # form's backward, accumulated in fp32 (in place where the dtypes allow).
             grad_h[idx] = (g @ w).float()
-            if g.dtype == torch.float32:
+            if grad_w is None:
+                pass
+            elif g.dtype == torch.float32:
                 grad_w.addmm_(g.T, h)
             else:  # low precision: a (V, H) product in slices, so no full-size temporary
                 for v0 in range(0, g.shape[1], _V_SLICE):
@@ -279,8 +282,8 @@ class _ChunkedLoss(torch.autograd.Function):
         # are instead of allocating scaled copies of the (V, H) weight gradient.
         scale = None if float(grad_out) == 1.0 else grad_out
         saved, ctx.grads = ctx.grads, None
-        grads = [g if scale is None else g * scale for g in saved]
-        gh, gw, *gb = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=False))
+        grads = [g if scale is None or g is None else g * scale for g in saved]
+        gh, gw, *gb = (None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=False))
         return gh, gw, (gb[0] if gb else None), None, None, None, None, None, None, None
 
 

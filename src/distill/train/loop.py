@@ -260,6 +260,18 @@ def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig,
     return time.perf_counter() - t0
 
 
+def freeze_embeddings(model: torch.nn.Module) -> int:
+    """Stop the token embeddings and the LM head (the same matrix when tied) from training; returns
+    how many weights that holds still. The chunked loss then skips the head's weight gradient."""
+    frozen: dict[int, torch.nn.Parameter] = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for p in module.parameters() if module is not None else ():
+            frozen[id(p)] = p
+    for p in frozen.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
+
+
 def train(
     student: PreTrainedModel,
     teacher: TeacherSignal,
@@ -308,6 +320,10 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
     student.train()
+    if cfg.freeze_embeddings:
+        frozen = freeze_embeddings(student)
+        if main:
+            console.print(f"embeddings frozen: {frozen / 1e6:.1f}M weights keep their values")
     trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
