@@ -12,6 +12,10 @@ run itself) instead of training it again. ``--large 60m`` adds a point trained o
 embedded prompt set (src/distill/prompts/large.jsonl; the teacher answers it once, into
 ``runs/bench-curve-large-source/``).
 
+``--series NAME`` names the points of the recipe as shipped now (``6m-frozen``, ...), kept beside
+points recorded with an earlier default; SERIES says which recipe each series was trained with, and
+the plot draws one line per series.
+
 Every point is scored on the test splits, which nothing was chosen on:
 
 - in-domain: ``bench/data/quality_test_prompts.jsonl`` (32);
@@ -46,10 +50,13 @@ LABELS = DATA / "ood_test_labels.jsonl"
 LARGE_SOURCE = "bench-curve-large-source"
 MAX_STEPS = 100_000  # the budget sets the count
 CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writing checkpoints
+# The recipe each series of points was trained with: "" is the first series (6m, 20m, 60m,
+# 60m-large), trained before the default froze its embeddings; later series are named by --series.
+SERIES = {"": "embeddings trained (earlier default)", "frozen": "embeddings frozen (default now)"}
 
 
-def point_name(budget: str, large: bool) -> str:
-    return f"{budget}-large" if large else budget
+def point_name(budget: str, large: bool, series: str = "") -> str:
+    return "-".join(x for x in (budget, "large" if large else "", series) if x)
 
 
 def score_run(run: Path) -> dict:
@@ -86,10 +93,10 @@ def score_run(run: Path) -> dict:
     return out
 
 
-def child(budget: str, large: bool) -> dict:
+def child(budget: str, large: bool, series: str) -> dict:
     from candidates import train_candidate
 
-    name = point_name(budget, large)
+    name = point_name(budget, large, series)
     overrides = [f"name=bench-curve-{name}", f"train.time_budget={budget}", f"train.max_steps={MAX_STEPS}",
                  f"train.checkpoint_every={CHECKPOINT_EVERY}"]  # fmt: skip
     if large:
@@ -128,22 +135,29 @@ def plot(points: dict) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    series = sorted({p.get("series", "") for p in points.values()})
     for split, label, colour in (("other", "other domains (test)", "tab:red"),
                                  ("in_domain", "in-domain (test)", "tab:blue")):  # fmt: skip
-        pts = sorted((p for p in points.values() if not p["large"]), key=lambda p: p["minutes"])
-        xs = [p["minutes"] for p in pts]
-        ys = [p[split]["kl"]["value"] for p in pts]
-        err = [
-            [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
-            [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
-        ]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colour, label=label)
+        for i, name in enumerate(series):
+            pts = sorted((p for p in points.values() if not p["large"] and p.get("series", "") == name),
+                         key=lambda p: p["minutes"])  # fmt: skip
+            xs = [p["minutes"] * (1 + 0.035 * i) for p in pts]  # a later series just beside the first
+            ys = [p[split]["kl"]["value"] for p in pts]
+            err = [
+                [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
+                [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
+            ]
+            tag = SERIES.get(name, name)
+            ax.errorbar(xs, ys, yerr=err, marker="o" if i == 0 else "D", capsize=3, color=colour,
+                        ls="-" if i == 0 else "--", label=f"{label}{', ' + tag if tag else ''}")  # fmt: skip
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
             x = p["minutes"] * 1.07  # beside the point of the same budget, not on it
-            ax.errorbar([x], [k["value"]], yerr=yerr, marker="s", capsize=3, color=colour,
-                        mfc="white", ls="none", label=f"{label}, larger prompt set")  # fmt: skip
+            tag = SERIES.get(p.get("series", ""), p.get("series", ""))
+            more = f", {tag}" if tag else ""
+            ax.errorbar([x], [k["value"]], yerr=yerr, marker="s", capsize=3, color=colour, mfc="white",
+                        ls="none", label=f"{label}, larger prompt set{more}")  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -153,7 +167,7 @@ def plot(points: dict) -> None:
     ax.set_xlabel("training wall-clock, minutes (log scale)")
     ax.set_ylabel("KL(teacher || student), nats/token")
     ax.set_title("The default recipe: quality against training time (95% intervals)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT)
 
@@ -171,10 +185,12 @@ def main() -> None:
     ap.add_argument("--source", default="runs/default", help="the default run: answers and student_init")
     ap.add_argument("--child", metavar="BUDGET")
     ap.add_argument("--child-large", action="store_true")
+    ap.add_argument("--series", default="", help="a name for the points of the recipe as shipped now, "
+                    "beside points recorded with an earlier default (see SERIES)")  # fmt: skip
     ap.add_argument("--append", action="store_true", help="keep the points already recorded")
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.child_large)))
+        print("RESULT " + json.dumps(child(args.child, args.child_large, args.series)))
         return
     source = Path(args.source)
     reuse = dict(r.split("=", 1) for r in args.reuse)
@@ -183,7 +199,7 @@ def main() -> None:
     commands.append("python bench/curve.py " + " ".join(sys.argv[1:]))
     todo = [(b, False) for b in args.budgets.split(",") if b] + ([(args.large, True)] if args.large else [])
     for budget, large in todo:
-        name = point_name(budget, large)
+        name = point_name(budget, large, args.series)
         t0 = time.perf_counter()
         if budget in reuse and not large:
             run = Path(reuse[budget])
@@ -203,8 +219,10 @@ def main() -> None:
             src = large_source(source) if large else source
             run = ROOT / "runs" / f"bench-curve-{name}"
             seed_run(run, src, ("answers.jsonl",) if large else ("answers.jsonl", "split.json"))
-            res = run_child(__file__, ["--child", budget] + (["--child-large"] if large else []), name)
+            more = (["--child-large"] if large else []) + (["--series", args.series] if args.series else [])
+            res = run_child(__file__, ["--child", budget, *more], name)
         points[name] = res | {"budget": budget, "minutes": duration_seconds(budget) / 60, "large": large,
+                              "series": args.series,
                               "wall_seconds": time.perf_counter() - t0,
                               "source": str(run if budget in reuse and not large else src)}  # fmt: skip
         out = {f"ood_test_kl_at_{n.replace('-', '_')}": p["other"]["kl"]["value"] for n, p in points.items()}

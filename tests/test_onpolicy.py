@@ -62,6 +62,22 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(setup):
     assert all(1 <= len(x) <= 6 for x in a)
 
 
+def test_the_time_plans_probe_samples_answers_of_full_length(setup):
+    """Half the vocabulary ends an answer: sampled answers stop within a few tokens, except with
+    ``full_length`` (the time plan's probe), where every one runs to onpolicy_max_new_tokens."""
+    teacher, _, examples = setup
+    student = shrink_layers(teacher, [0, 3])
+    vocab = student.config.vocab_size
+    student.generation_config.eos_token_id = list(range(0, vocab, 2))
+    prompts = [ids[: m.index(True)] for ids, m in examples[:6]]
+    cfg = _cfg(onpolicy_max_new_tokens=8)
+    short = onpolicy.sample_answers(student, prompts, cfg, 0, seed=1)
+    assert sum(len(a) for a in short) < 6 * 8 / 2
+    full = onpolicy.sample_answers(student, prompts, cfg, 0, seed=1, full_length=True)
+    assert [len(a) for a in full] == [8] * 6
+    assert all(t % 2 == 1 for a in full for t in a)  # no answer ended early
+
+
 def test_samples_come_from_the_students_distribution_whatever_its_generation_config(setup, monkeypatch):
     """A student whose generation config asks for a repetition penalty, min-p, top-k, top-p and an
     n-gram ban still samples from its whole distribution at the on-policy temperature: no logits

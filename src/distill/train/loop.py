@@ -253,10 +253,13 @@ class TimePlan:
 
 def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig, pad_id: int) -> float:
     """Seconds of one sampling call, timed on one micro-batch's prompts (for the time plan while λ
-    is still 0; the samples are thrown away, the RNG left as it was)."""
+    is still 0; the samples are thrown away, the RNG left as it was). Every answer runs to
+    ``onpolicy_max_new_tokens``: a barely trained student often ends its answers within a few tokens,
+    and a call timed on those under-counts the later ones (a plan built on it overran its budget by
+    70%); the longest call makes the plan an upper bound instead."""
     rows = [prompt_part(ids, m) for ids, m in examples[: cfg.batch_size]]
     t0 = time.perf_counter()
-    onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step)
+    onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step, full_length=True)
     return time.perf_counter() - t0
 
 

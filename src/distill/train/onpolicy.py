@@ -73,12 +73,14 @@ def _sampling_config(model: torch.nn.Module, temperature: float) -> Iterator[Non
 
 
 def sample_answers(
-    student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int
+    student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int,
+    full_length: bool = False,
 ) -> list[list[int]]:
     """The student's own answers to ``prompts`` (token ids, cut after the first end-of-sequence),
     sampled from its whole distribution at ``cfg.onpolicy_temperature`` whatever its own generation
     config says (``plain_sampling``); the global RNGs (the CPU's and every GPU's) are restored
-    afterwards, so sampling leaves the training stream as it was."""
+    afterwards, so sampling leaves the training stream as it was. ``full_length``: no answer ends
+    before ``cfg.onpolicy_max_new_tokens`` (the time plan's probe: the longest call)."""
     model = getattr(student, "module", student)
     was_training = model.training
     model.eval()
@@ -92,6 +94,7 @@ def sample_answers(
                 gens = generate_batch(
                     model, None, prompts, max_new_tokens=cfg.onpolicy_max_new_tokens, do_sample=True,
                     generation_temperature=cfg.onpolicy_temperature, top_p=1.0, top_k=0, pad_id=pad_id,
+                    min_new_tokens=cfg.onpolicy_max_new_tokens if full_length else 0,
                 )  # fmt: skip
     finally:
         model.train(was_training)
