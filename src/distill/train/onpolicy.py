@@ -73,7 +73,11 @@ def _sampling_config(model: torch.nn.Module, temperature: float) -> Iterator[Non
 
 
 def sample_answers(
-    student: torch.nn.Module, prompts: list[list[int]], cfg: TrainConfig, pad_id: int, seed: int,
+    student: torch.nn.Module,
+    prompts: list[list[int]],
+    cfg: TrainConfig,
+    pad_id: int,
+    seed: int,
     full_length: bool = False,
 ) -> list[list[int]]:
     """The student's own answers to ``prompts`` (token ids, cut after the first end-of-sequence),
