@@ -316,11 +316,8 @@ class TrainConfig(_Strict):
         description="bfloat16: bf16 autocast for forward passes (fp32 master weights); float32: none; "
         + _AUTO_DTYPE,
     )
-    freeze_embeddings: bool = Field(
-        False, description="keep the token embeddings and the LM head (one matrix when tied) as the "
-        "student started: the words the training prompts never use keep the teacher's vectors, and "
-        "each step skips the head's weight gradient",
-    )  # fmt: skip
+    freeze_embeddings: bool = Field(False, description="keep the token embeddings and LM head as the student "
+        "started (unused words keep the teacher's vectors; no head weight gradient)")  # fmt: skip
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     chunked_loss: bool = Field(
         True, description="compute the loss from hidden states block by block: no (B, T, V) logits"
@@ -330,11 +327,8 @@ class TrainConfig(_Strict):
         description="forward_kl + CE with a dense teacher: loss and gradient in closed form, fused "
         "per block by torch.compile (several times faster than eager ops; falls back to them)",
     )
-    packing: bool = Field(
-        False,
-        description="pack each micro-batch's samples into rows of max_seq_len (attention stays "
-        "inside each sample): less compute on padding",
-    )
+    packing: bool = Field(False, description="pack each micro-batch's samples into rows of max_seq_len "
+        "(attention stays inside each sample): less compute on padding")  # fmt: skip
     group_by_length: bool = Field(
         False,
         description="micro-batches of samples of similar length (sorted within 32 steps): default "
