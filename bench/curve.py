@@ -55,6 +55,12 @@ CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writi
 SERIES = {"": "embeddings trained (earlier default)", "frozen": "embeddings frozen (default now)"}
 
 
+def series_label(name: str) -> str:
+    """The legend's suffix naming what a series was trained with (empty when nothing is recorded)."""
+    tag = SERIES.get(name, name)
+    return f", {tag}" if tag else ""
+
+
 def point_name(budget: str, large: bool, series: str = "") -> str:
     return "-".join(x for x in (budget, "large" if large else "", series) if x)
 
@@ -147,17 +153,15 @@ def plot(points: dict) -> None:
                 [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
                 [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
             ]
-            tag = SERIES.get(name, name)
             ax.errorbar(xs, ys, yerr=err, marker="o" if i == 0 else "D", capsize=3, color=colour,
-                        ls="-" if i == 0 else "--", label=f"{label}{', ' + tag if tag else ''}")  # fmt: skip
+                        ls="-" if i == 0 else "--", label=label + series_label(name))  # fmt: skip
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
             x = p["minutes"] * 1.07  # beside the point of the same budget, not on it
-            tag = SERIES.get(p.get("series", ""), p.get("series", ""))
-            more = f", {tag}" if tag else ""
+            entry = f"{label}, larger prompt set" + series_label(p.get("series", ""))
             ax.errorbar([x], [k["value"]], yerr=yerr, marker="s", capsize=3, color=colour, mfc="white",
-                        ls="none", label=f"{label}, larger prompt set{more}")  # fmt: skip
+                        ls="none", label=entry)  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

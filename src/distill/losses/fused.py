@@ -260,11 +260,9 @@ class _ChunkedLoss(torch.autograd.Function):
             # d/dh = g W, d/dW += g^T h, d/db += sum g; matmuls in the input dtype as in the plain
             # form's backward, accumulated in fp32 (in place where the dtypes allow).
             grad_h[idx] = (g @ w).float()
-            if grad_w is None:
-                pass
-            elif g.dtype == torch.float32:
+            if grad_w is not None and g.dtype == torch.float32:
                 grad_w.addmm_(g.T, h)
-            else:  # low precision: a (V, H) product in slices, so no full-size temporary
+            elif grad_w is not None:  # low precision: a (V, H) product in slices, no full-size temporary
                 for v0 in range(0, g.shape[1], _V_SLICE):
                     grad_w[v0 : v0 + _V_SLICE] += g[:, v0 : v0 + _V_SLICE].T @ h
             if grad_b is not None:
