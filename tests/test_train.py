@@ -343,6 +343,52 @@ def test_time_plan_fits_the_budget_and_respects_max_steps():
     assert "19 steps" in plan.describe("10s")
 
 
+def test_a_refit_sets_the_step_count_the_time_left_allows_within_max_steps():
+    cfg = _cfg(max_steps=100, time_budget="10s")
+    plan = tr.TimePlan.fit(cfg, 3, [0.1, 0.1], spent=0.3)
+    assert plan.max_steps == 100 and plan.capped  # 9.7 s left at 0.1 s a step: the bound holds
+    later = plan.refit(cfg, 20, [0.5] * 10, spent=4.0, sampled_in_steps=0.0, sampled_calls=0)
+    assert later.max_steps == 20 + 12 and not later.capped  # 6 s left at 0.5 s a step
+    assert (later.first_max_steps, later.refits, later.measured_steps) == (100, 1, plan.measured_steps)
+    faster = later.refit(cfg, 30, [0.125] * 10, spent=5.0, sampled_in_steps=0.0, sampled_calls=0)
+    assert faster.max_steps == 30 + 40 and faster.refits == 2 and faster.first_max_steps == 100
+    assert later.refit(cfg, 30, [0.01] * 10, 5.0, 0.0, 0).max_steps == 100  # never past max_steps
+
+
+def test_steps_that_slow_down_after_the_plan_stop_within_the_budget(setup, tmp_path, monkeypatch):
+    """A fake clock: each step costs 0.05 s while the plan times them, 0.15 s after. The first plan
+    allows all 60 steps (8.7 s in all); the refits stop the run within its 6 s."""
+    teacher, tok, examples = setup
+    clock = {"now": 0.0, "calls": 0}
+    loss = tr.distill_loss
+
+    def slowing_loss(*a, **kw):
+        clock["calls"] += 1
+        clock["now"] += (0.05 if clock["calls"] <= 2 * 3 else 0.15) / 2  # two micro-batches a step
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(tr, "distill_loss", slowing_loss)
+    monkeypatch.setattr(tr, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
+    cfg = _cfg(max_steps=60, time_budget="6s", warmup_steps=3, checkpoint_every=100)
+    student = _student(teacher)
+    summary = tr.train(student, LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    plan = json.loads((tmp_path / "train_plan.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert plan["first_max_steps"] == 60 and plan["refits"] >= 1
+    assert summary["steps"] == plan["max_steps"] == len(rows) < 60
+    assert rows[-1]["elapsed_s"] == pytest.approx(clock["now"])
+    assert 6.0 - 2 * 0.15 < clock["now"] <= 6.0 + 0.15  # ends at the budget, give or take a step
+
+
+def test_a_resumed_run_counts_the_time_its_kept_steps_took(tmp_path):
+    from distill.train.checkpoint import _keep_metrics_upto
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "elapsed_s": 1.5 * s}) + "\n" for s in range(1, 9)))
+    assert _keep_metrics_upto(path, 6) == 9.0 and _steps_logged(tmp_path) == list(range(1, 7))
+    assert _keep_metrics_upto(tmp_path / "none.jsonl", 6) == 0.0
+
+
 def test_step_sizes_are_the_positions_each_steps_batches_compute():
     import random
 

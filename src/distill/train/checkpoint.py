@@ -145,14 +145,16 @@ def load_checkpoint(path: Path, student: PreTrainedModel, opt: torch.optim.Optim
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
-def _keep_metrics_upto(path: Path, step: int) -> None:
-    """Drop the records after ``step`` from ``metrics.jsonl`` (atomic rewrite), so each step is there once."""
+def _keep_metrics_upto(path: Path, step: int) -> float:
+    """Drop the records after ``step`` from ``metrics.jsonl`` (atomic rewrite), so each step is there
+    once. Returns the training seconds the kept steps took (their last ``elapsed_s``; 0 if none)."""
     if not path.is_file():
-        return
+        return 0.0
     lines = path.read_text().splitlines(keepends=True)
     kept = [ln for ln in lines if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= step]
     if len(kept) != len(lines):
         fsio.write_text(path, "".join(kept))
+    return float(json.loads(kept[-1]).get("elapsed_s", 0.0)) if kept else 0.0
 
 
 TRAIN_INPUTS = ("answers.jsonl", "student_init/model.safetensors", "teacher_cache/meta.json")

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -156,6 +156,14 @@ PLAN_WARMUP = 1  # steps not timed: the first compiles the fused loss and warms 
 PLAN_MEASURE = (2, 10)  # the fewest and the most steps timed to plan the rest
 
 
+REPLAN_WINDOW = 20  # the latest steps a refit of the plan reads: recent enough to follow a machine that slows
+
+
+def replan_every(plan: TimePlan) -> int:
+    """Steps between refits of the time plan: a tenth of its steps, at least ``PLAN_MEASURE[1]``."""
+    return max(PLAN_MEASURE[1], plan.max_steps // 10)
+
+
 def plan_measure(cfg: TrainConfig) -> int:
     """Steps timed before the plan: the rest of the LR warmup (so no step so far depended on the
     plan), at least 2 and at most 10. Two steps proved too few: their time varies by a third from
@@ -185,6 +193,8 @@ class TimePlan:
     rows_per_call: int = 0  # rows of a micro-batch
     planned_seconds: float | None = None
     measured_steps: int = 0  # steps timed for the plan
+    first_max_steps: int | None = None  # the step count first planned, before any refit
+    refits: int = 0  # times the plan was fitted again on later steps
 
     @classmethod
     def fit(
@@ -232,6 +242,21 @@ class TimePlan:
         return cls(lo, base, cfg.time_budget_s, spent, fits_cap, per_call, calls_per_step, rows_per_call,
                    spent + cost(lo), len(measured))  # fmt: skip
 
+    def refit(
+        self, cfg: TrainConfig, done: int, measured: list[float], spent: float, sampled_in_steps: float,
+        sampled_calls: int, sizes: StepSizes | None = None,
+    ) -> TimePlan:  # fmt: skip
+        """The plan fitted again at step ``done`` on the latest steps' times (``measured``) and the
+        wall time spent so far (``cfg.max_steps``: the upper bound, as for the first plan). The
+        first plan times a few steps near the start; on a shared machine later steps can run a
+        third slower or a tenth faster, and a plan kept from the start overran a 6-minute budget by
+        a quarter and left a tenth of an hour unused. Refitted, the run ends with its budget."""
+        per_call = sampled_in_steps / sampled_calls if sampled_calls else self.sample_seconds_per_call
+        new = TimePlan.fit(cfg, done, measured, spent, sampled_in_steps, per_call, self.calls_per_step,
+                           self.rows_per_call, sizes)  # fmt: skip
+        first = self.first_max_steps or self.max_steps
+        return replace(new, measured_steps=self.measured_steps, first_max_steps=first, refits=self.refits + 1)
+
     def describe(self, budget: str) -> str:
         eta = (
             self.planned_seconds
@@ -261,6 +286,15 @@ def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig,
     t0 = time.perf_counter()
     onpolicy.sample_answers(model, rows, cfg, pad_id, seed=step, full_length=True)
     return time.perf_counter() - t0
+
+
+def _agreed(max_steps: int, acc: Accelerator, world: int) -> int:
+    """Rank 0's step count, on every process: they must all stop at the same step."""
+    if world == 1:
+        return max_steps
+    agreed = torch.tensor([max_steps], device=acc.device)
+    torch.distributed.broadcast(agreed, src=0)
+    return int(agreed)
 
 
 def freeze_embeddings(model: torch.nn.Module) -> int:
@@ -347,9 +381,12 @@ def train(
         step = load_checkpoint(last, student, opt, rank=rank)
         if main:
             console.print(f"resuming from {last} (step {step})")
+    elapsed0 = 0.0  # training seconds before this process: the kept steps' (the budget counts them)
     if main:  # steps logged after the checkpoint were undone by the kill: they are run again
-        _keep_metrics_upto(metrics_path, step)
+        elapsed0 = _keep_metrics_upto(metrics_path, step)
     plan = TimePlan.load(plan_path) if cfg.time_budget_s else None
+    bound = cfg  # train.max_steps as given: the upper bound every fit of the plan keeps
+    fitted_at = step  # the step the plan was last fitted at (a resumed run refits from here)
     if plan is not None:
         cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
     if _is_fsdp2(student) and cfg.chunked_loss:
@@ -373,6 +410,7 @@ def train(
     measure = plan_measure(cfg)
     sampling: list[float] = []  # seconds each step spent in on-policy sampling
     sampled_calls: list[int] = []
+    sizes: StepSizes | None = None  # the positions of each step, built once a plan needs them
     with progress_bar("step", disable=not main) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
@@ -439,7 +477,8 @@ def train(
             total, kd, ce, hidden, prompt_kd = parts.tolist()
             rec = {"step": step, "loss": total, "kd": kd, "ce": ce, "hidden": hidden, "prompt_kd": prompt_kd,
                    "lr": lr, "grad_norm": grad_norm, "target_tokens": n_tok, "onpolicy_rows": on_rows,
-                   "tokens_per_s": step_tokens / dt}  # fmt: skip
+                   "tokens_per_s": step_tokens / dt,
+                   "elapsed_s": elapsed0 + time.perf_counter() - t_start}  # fmt: skip
             history.append(rec)
             if main:
                 with metrics_path.open("a") as f:
@@ -458,17 +497,33 @@ def train(
                     per_call = (
                         in_steps / n_calls if n_calls else _sampling_probe(model, examples, step, cfg, pad_id)
                     )
-                plan = TimePlan.fit(cfg, step, step_times[PLAN_WARMUP:], time.perf_counter() - t_start,
-                                    in_steps, per_call, cfg.grad_accum, cfg.batch_size,
-                                    StepSizes(examples, cfg, world))  # fmt: skip
-                if world > 1:  # every process must stop at the same step: rank 0's plan holds
-                    agreed = torch.tensor([plan.max_steps], device=acc.device)
-                    torch.distributed.broadcast(agreed, src=0)
-                    plan.max_steps = int(agreed)
-                cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
+                sizes = StepSizes(examples, cfg, world)
+                spent = elapsed0 + time.perf_counter() - t_start
+                timed, accum, rows = step_times[PLAN_WARMUP:], cfg.grad_accum, cfg.batch_size
+                plan = TimePlan.fit(cfg, step, timed, spent, in_steps, per_call, accum, rows, sizes)
+                plan.max_steps = _agreed(plan.max_steps, acc, world)
+                cfg, fitted_at = cfg.model_copy(update={"max_steps": plan.max_steps}), step
                 if main:
                     plan.save(plan_path)
                     console.print(plan.describe(cfg.time_budget))
+                bar.update(task, total=cfg.max_steps)
+            elif plan is not None and step < cfg.max_steps and step - fitted_at >= replan_every(plan):
+                window = step_times[PLAN_WARMUP:][-REPLAN_WINDOW:]  # this process's first step compiled
+                calls = sampled_calls[PLAN_WARMUP:][-REPLAN_WINDOW:]
+                in_window = sum(sampling[PLAN_WARMUP:][-REPLAN_WINDOW:])
+                sizes = StepSizes(examples, cfg, world) if sizes is None else sizes
+                new = plan.refit(bound, step, window, elapsed0 + time.perf_counter() - t_start, in_window,
+                                 sum(calls), sizes)  # fmt: skip
+                new.max_steps = _agreed(new.max_steps, acc, world)
+                if main and abs(new.max_steps - plan.max_steps) >= max(2, plan.max_steps // 20):  # 5%: told
+                    mean = sum(window) / len(window)
+                    console.print(f"time plan: the last {len(window)} steps took {mean:.2f} s each, "
+                                  f"{plan.step_seconds:.2f} s planned -> {new.max_steps} steps instead of "
+                                  f"{plan.max_steps}, to end within {cfg.time_budget}")  # fmt: skip
+                plan, fitted_at = new, step
+                cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
+                if main:
+                    plan.save(plan_path)
                 bar.update(task, total=cfg.max_steps)
             stopping = interrupt.requested() is not None
             if world > 1:  # every process stops at the same step, whichever got the signal
