@@ -7,7 +7,8 @@ an empty run folder unless ``--keep``; the converted teacher and the precision p
 ``~/.cache/distill`` (the record says whether they did). Writes bench/results/demo.json:
 
 - ``wall_s``: the whole ``distill run``; ``stages``: seconds per stage (the run's timings.json);
-- ``steps``, ``seconds_per_step``: training steps that fit the time budget;
+- ``steps``, ``seconds_per_step``: training steps that fit the time budget; ``time_plan``: the
+  plan they ran under (the first plan's ``first_max_steps``, its ``refits``);
 - ``precision``: what the probe chose and why; ``cpu``: the CPU's model name;
 - ``eval``: the run's eval.json without its per-prompt rows (every model's figures, intervals,
   speed, memory, size, tasks);
@@ -68,6 +69,7 @@ def main() -> None:
         "stages": stages,
         "steps": summary["steps"],
         "seconds_per_step": stages["train"] / summary["steps"],
+        "time_plan": summary.get("time_plan"),  # the first plan's step count and the refits after it
         "precision": json.loads((RUN / "precision.json").read_text()),
         "eval": _strip(json.loads((RUN / "eval.json").read_text())),
         "console_lines": len(log.read_text(errors="replace").splitlines()),
