@@ -380,6 +380,38 @@ def test_steps_that_slow_down_after_the_plan_stop_within_the_budget(setup, tmp_p
     assert 6.0 - 2 * 0.15 < clock["now"] <= 6.0 + 0.15  # ends at the budget, give or take a step
 
 
+def test_a_resumed_run_counts_its_kept_steps_time_against_the_budget(setup, tmp_path, monkeypatch):
+    """A fake clock, 0.1 s a step: killed in step 22 of the about 60 a 6 s budget allows, the run
+    resumes from its step-20 checkpoint in a new process (its clock starts again) and trains the
+    steps left, about 4 s, not another 6."""
+    teacher, tok, examples = setup
+    clock = {"now": 0.0, "calls": 0, "kill_at": 2 * 21 + 1}  # the first micro-batch of step 22
+    loss = tr.distill_loss
+
+    def timed_loss(*a, **kw):
+        clock["calls"] += 1
+        if clock["calls"] == clock["kill_at"]:
+            raise RuntimeError("killed")
+        clock["now"] += 0.1 / 2  # two micro-batches a step
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(tr, "distill_loss", timed_loss)
+    monkeypatch.setattr(tr, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
+    cfg = _cfg(max_steps=200, time_budget="6s", warmup_steps=3, checkpoint_every=5)
+    with pytest.raises(RuntimeError, match="killed"):
+        tr.train(_student(teacher), LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    clock.update(now=0.0, kill_at=-1)
+    student = _student(teacher)
+    summary = tr.train(student, LiveTeacher(teacher), examples, cfg, tmp_path, pad_id=tok.pad_token_id)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    n = summary["steps"]
+    assert [r["step"] for r in rows] == list(range(1, n + 1))
+    assert clock["now"] == pytest.approx(0.1 * (n - 20))  # the resumed process trained from step 21
+    assert rows[19]["elapsed_s"] == pytest.approx(2.0)
+    assert rows[-1]["elapsed_s"] == pytest.approx(2.0 + clock["now"])
+    assert 6.0 - 3 * 0.1 <= rows[-1]["elapsed_s"] <= 6.0 + 0.1  # 2 s before the kill and about 4 after
+
+
 def test_a_resumed_run_counts_the_time_its_kept_steps_took(tmp_path):
     from distill.train.checkpoint import _keep_metrics_upto
 

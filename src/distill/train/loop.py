@@ -174,8 +174,9 @@ def plan_measure(cfg: TrainConfig) -> int:
 
 @dataclass
 class TimePlan:
-    """The step count ``train.time_budget`` allows, measured once and kept (a resumed run reuses it,
-    so its LR schedule is the one the run started with).
+    """The step count ``train.time_budget`` allows: fitted on the timed steps of the warm-up, then
+    fitted again as the run goes (``refit``). It is saved with each checkpoint, so a resumed run
+    goes on with the plan of the checkpoint it resumes from.
 
     On-policy steps cost more as λ rises: each micro-batch with at least one row chosen makes the
     student sample, in one batched ``generate`` call whose time hardly depends on how many rows it
@@ -248,10 +249,13 @@ class TimePlan:
     ) -> TimePlan:  # fmt: skip
         """The plan fitted again at step ``done`` on the latest steps' times (``measured``) and the
         wall time spent so far (``cfg.max_steps``: the upper bound, as for the first plan). The
-        first plan times a few steps near the start; on a shared machine later steps can run a
-        third slower or a tenth faster, and a plan kept from the start overran a 6-minute budget by
-        a quarter and left a tenth of an hour unused. Refitted, the run ends with its budget."""
-        per_call = sampled_in_steps / sampled_calls if sampled_calls else self.sample_seconds_per_call
+        first plan times a few steps near the start; on a shared machine later steps ran slower or
+        faster, and a plan kept from the start overran a 6-minute budget by a quarter and left a
+        tenth of an hour unused. Refitted, the run ends with its budget. A sampling call is charged
+        at least what the first plan charged (the probe's full-length answers): the calls seen so
+        far can be the short answers of a barely trained student."""
+        seen = sampled_in_steps / sampled_calls if sampled_calls else 0.0
+        per_call = max(seen, self.sample_seconds_per_call)
         new = TimePlan.fit(cfg, done, measured, spent, sampled_in_steps, per_call, self.calls_per_step,
                            self.rows_per_call, sizes)  # fmt: skip
         first = self.first_max_steps or self.max_steps
@@ -288,13 +292,13 @@ def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig,
     return time.perf_counter() - t0
 
 
-def _agreed(max_steps: int, acc: Accelerator, world: int) -> int:
-    """Rank 0's step count, on every process: they must all stop at the same step."""
+def _from_rank0(value: float, acc: Accelerator, world: int) -> float:
+    """Rank 0's value on every process (a step count: they must all stop at the same step)."""
     if world == 1:
-        return max_steps
-    agreed = torch.tensor([max_steps], device=acc.device)
+        return value
+    agreed = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
     torch.distributed.broadcast(agreed, src=0)
-    return int(agreed)
+    return float(agreed)
 
 
 def freeze_embeddings(model: torch.nn.Module) -> int:
@@ -384,6 +388,7 @@ def train(
     elapsed0 = 0.0  # training seconds before this process: the kept steps' (the budget counts them)
     if main:  # steps logged after the checkpoint were undone by the kill: they are run again
         elapsed0 = _keep_metrics_upto(metrics_path, step)
+    elapsed0 = _from_rank0(elapsed0, acc, world)
     plan = TimePlan.load(plan_path) if cfg.time_budget_s else None
     bound = cfg  # train.max_steps as given: the upper bound every fit of the plan keeps
     fitted_at = step  # the step the plan was last fitted at (a resumed run refits from here)
@@ -409,6 +414,7 @@ def train(
     step_times: list[float] = []
     measure = plan_measure(cfg)
     sampling: list[float] = []  # seconds each step spent in on-policy sampling
+    probed = 0.0  # seconds the time plan's sampling probe took
     sampled_calls: list[int] = []
     sizes: StepSizes | None = None  # the positions of each step, built once a plan needs them
     with progress_bar("step", disable=not main) as bar:
@@ -497,33 +503,34 @@ def train(
                     per_call = (
                         in_steps / n_calls if n_calls else _sampling_probe(model, examples, step, cfg, pad_id)
                     )
+                    probed = 0.0 if n_calls else per_call  # the probe's one call: not a step's overhead
                 sizes = StepSizes(examples, cfg, world)
                 spent = elapsed0 + time.perf_counter() - t_start
                 timed, accum, rows = step_times[PLAN_WARMUP:], cfg.grad_accum, cfg.batch_size
                 plan = TimePlan.fit(cfg, step, timed, spent, in_steps, per_call, accum, rows, sizes)
-                plan.max_steps = _agreed(plan.max_steps, acc, world)
+                plan.max_steps = plan.first_max_steps = int(_from_rank0(plan.max_steps, acc, world))
                 cfg, fitted_at = cfg.model_copy(update={"max_steps": plan.max_steps}), step
                 if main:
                     plan.save(plan_path)
                     console.print(plan.describe(cfg.time_budget))
                 bar.update(task, total=cfg.max_steps)
             elif plan is not None and step < cfg.max_steps and step - fitted_at >= replan_every(plan):
-                window = step_times[PLAN_WARMUP:][-REPLAN_WINDOW:]  # this process's first step compiled
+                # what the steps do not time (checkpoint saves, metrics, refits), spread over them
+                wall = time.perf_counter() - t_start
+                overhead = max(0.0, wall - sum(step_times) - probed) / len(step_times)
+                window = [t + overhead for t in step_times[PLAN_WARMUP:][-REPLAN_WINDOW:]]  # the 1st compiled
                 calls = sampled_calls[PLAN_WARMUP:][-REPLAN_WINDOW:]
                 in_window = sum(sampling[PLAN_WARMUP:][-REPLAN_WINDOW:])
                 sizes = StepSizes(examples, cfg, world) if sizes is None else sizes
-                new = plan.refit(bound, step, window, elapsed0 + time.perf_counter() - t_start, in_window,
-                                 sum(calls), sizes)  # fmt: skip
-                new.max_steps = _agreed(new.max_steps, acc, world)
+                new = plan.refit(bound, step, window, elapsed0 + wall, in_window, sum(calls), sizes)
+                new.max_steps = int(_from_rank0(new.max_steps, acc, world))
                 if main and abs(new.max_steps - plan.max_steps) >= max(2, plan.max_steps // 20):  # 5%: told
-                    mean = sum(window) / len(window)
-                    console.print(f"time plan: the last {len(window)} steps took {mean:.2f} s each, "
-                                  f"{plan.step_seconds:.2f} s planned -> {new.max_steps} steps instead of "
-                                  f"{plan.max_steps}, to end within {cfg.time_budget}")  # fmt: skip
+                    told = (f"time plan: the last {len(window)} steps took {new.step_seconds:.2f} s each, "
+                            f"{plan.step_seconds:.2f} s planned -> {new.max_steps} steps instead of "
+                            f"{plan.max_steps}, to end within {cfg.time_budget}")  # fmt: skip
+                    console.print(told)
                 plan, fitted_at = new, step
                 cfg = cfg.model_copy(update={"max_steps": plan.max_steps})
-                if main:
-                    plan.save(plan_path)
                 bar.update(task, total=cfg.max_steps)
             stopping = interrupt.requested() is not None
             if world > 1:  # every process stops at the same step, whichever got the signal
@@ -534,6 +541,8 @@ def train(
                 rng = gathered_rng_states(world)  # collective: every process's own, to rank 0
                 if main:
                     save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints, rng)
+                    if plan is not None and plan.refits:  # the plan this checkpoint's steps ran under
+                        plan.save(plan_path)
                 acc.wait_for_everyone()
             if stopping and step < cfg.max_steps:
                 kept = ckpt_dir / f"step-{step:06d}"
