@@ -293,7 +293,8 @@ def _sampling_probe(model, examples: list[Example], step: int, cfg: TrainConfig,
 
 
 def _from_rank0(value: float, acc: Accelerator, world: int) -> float:
-    """Rank 0's value on every process (a step count: they must all stop at the same step)."""
+    """Rank 0's value on every process (a precision choice, a step count: they must all stop at
+    the same step)."""
     if world == 1:
         return value
     agreed = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
@@ -354,9 +355,8 @@ def train(
         if main:
             console.print(f"precision: {chosen.reason}")
     if world > 1:  # each process measured for itself: rank 0's choice holds for all
-        bf16 = torch.tensor([float(cfg.bf16)], device=acc.device)
-        torch.distributed.broadcast(bf16, src=0)
-        cfg = cfg.model_copy(update={"dtype": "bfloat16" if bool(bf16.item()) else "float32"})
+        bf16 = bool(_from_rank0(float(cfg.bf16), acc, world))
+        cfg = cfg.model_copy(update={"dtype": "bfloat16" if bf16 else "float32"})
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -541,7 +541,7 @@ def train(
                 rng = gathered_rng_states(world)  # collective: every process's own, to rank 0
                 if main:
                     save_checkpoint(ckpt_dir, step, state, opt_state, cfg.keep_checkpoints, rng)
-                    if plan is not None and plan.refits:  # the plan this checkpoint's steps ran under
+                    if plan is not None:  # the plan this checkpoint's steps ran under
                         plan.save(plan_path)
                 acc.wait_for_everyone()
             if stopping and step < cfg.max_steps:
