@@ -8,7 +8,9 @@ an empty run folder unless ``--keep``; the converted teacher and the precision p
 
 - ``wall_s``: the whole ``distill run``; ``stages``: seconds per stage (the run's timings.json);
 - ``steps``, ``seconds_per_step``: training steps that fit the time budget; ``time_plan``: the
-  plan they ran under (the first plan's ``first_max_steps``, its ``refits``);
+  plan they ran under (the first plan's ``first_max_steps``, its ``refits``); ``train_elapsed_s``:
+  the training clock the budget counts, at the end of the last step (metrics.jsonl's ``elapsed_s``;
+  the train stage adds loading and the final save);
 - ``precision``: what the probe chose and why; ``cpu``: the CPU's model name;
 - ``eval``: the run's eval.json without its per-prompt rows (every model's figures, intervals,
   speed, memory, size, tasks);
@@ -45,6 +47,12 @@ def _strip(obj):
     return obj
 
 
+def _last_elapsed(metrics: Path) -> float | None:
+    """``elapsed_s`` of the last step in metrics.jsonl: the time the budget counted."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return rows[-1].get("elapsed_s") if rows else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keep", action="store_true", help="resume the run folder instead of starting afresh")
@@ -70,6 +78,7 @@ def main() -> None:
         "steps": summary["steps"],
         "seconds_per_step": stages["train"] / summary["steps"],
         "time_plan": summary.get("time_plan"),  # the first plan's step count and the refits after it
+        "train_elapsed_s": _last_elapsed(RUN / "metrics.jsonl"),  # the budget's clock at the last step
         "precision": json.loads((RUN / "precision.json").read_text()),
         "eval": _strip(json.loads((RUN / "eval.json").read_text())),
         "console_lines": len(log.read_text(errors="replace").splitlines()),
