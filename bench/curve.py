@@ -65,6 +65,14 @@ def point_name(budget: str, large: bool, series: str = "") -> str:
     return "-".join(x for x in (budget, "large" if large else "", series) if x)
 
 
+def not_measured(points: dict) -> list[str]:
+    """The points of each series the curve is meant to have (6, 20 and 60 minutes, and 60 minutes
+    on the larger prompt set) that are not recorded yet."""
+    series = sorted({p.get("series", "") for p in points.values()})
+    meant = [(b, False) for b in ("6m", "20m", "60m")] + [("60m", True)]
+    return [n for s in series for b, large in meant if (n := point_name(b, large, s)) not in points]
+
+
 def score_run(run: Path) -> dict:
     """The run's trained student on the three test splits, with intervals."""
     from candidates import student_and_teacher
@@ -241,7 +249,7 @@ def main() -> None:
         out |= {"points": points, "source": before.get("source", str(source)), "cpu": cpu_model(),
                 "commands": commands,
                 "splits": {k: str(v.relative_to(ROOT)) for k, v in splits.items()},
-                "date": dt.date.today().isoformat()}  # fmt: skip
+                "not_measured": not_measured(points), "date": dt.date.today().isoformat()}  # fmt: skip
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
         plot(points)
         p = points[name]
