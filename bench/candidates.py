@@ -28,6 +28,13 @@ def seed_run(run: Path, source: Path, files: tuple[str, ...] = ("answers.jsonl",
     shutil.copytree(source / "student_init", run / "student_init")
 
 
+def last_elapsed(metrics: Path) -> float | None:
+    """``elapsed_s`` of the last step in a run's metrics.jsonl: the training time its budget counted
+    (loading the models and the final save are outside it); None for a run that did not record it."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return rows[-1].get("elapsed_s") if rows else None
+
+
 def run_child(script: str, args: list[str], what: str) -> dict:
     """``python script args`` in its own process; the dict of its ``RESULT`` line, or exit naming
     ``what`` failed with the end of its stderr."""

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from candidates import last_elapsed  # bench/, the script's own folder
+
 from distill.core.hardware import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +47,6 @@ def _strip(obj):
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
-
-
-def _last_elapsed(metrics: Path) -> float | None:
-    """``elapsed_s`` of the last step in metrics.jsonl: the time the budget counted."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return rows[-1].get("elapsed_s") if rows else None
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
         "steps": summary["steps"],
         "seconds_per_step": stages["train"] / summary["steps"],
         "time_plan": summary.get("time_plan"),  # the first plan's step count and the refits after it
-        "train_elapsed_s": _last_elapsed(RUN / "metrics.jsonl"),  # the budget's clock at the last step
+        "train_elapsed_s": last_elapsed(RUN / "metrics.jsonl"),  # the budget's clock at the last step
         "precision": json.loads((RUN / "precision.json").read_text()),
         "eval": _strip(json.loads((RUN / "eval.json").read_text())),
         "console_lines": len(log.read_text(errors="replace").splitlines()),

@@ -1,4 +1,4 @@
-"""bench/curve.py: which points of the compute curve are still missing."""
+"""bench/curve.py: which points of the compute curve are still missing; the training clock each records."""
 
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def test_the_recorded_curve_lists_what_it_lacks():
     """bench/results/curve.json's not_measured agrees with the points it holds."""
     recorded = json.loads((ROOT / "bench" / "results" / "curve.json").read_text())
     assert recorded["not_measured"] == _curve().not_measured(recorded["points"])
+
+
+def test_last_elapsed_is_the_last_steps_training_clock(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_candidates", ROOT / "bench" / "candidates.py")
+    candidates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(candidates)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "elapsed_s": 2.5}\n{"step": 2, "elapsed_s": 5.25}\n\n')
+    assert candidates.last_elapsed(metrics) == 5.25
+    metrics.write_text('{"step": 1, "loss": 3.0}\n')  # a run from before elapsed_s was recorded
+    assert candidates.last_elapsed(metrics) is None
