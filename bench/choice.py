@@ -47,6 +47,21 @@ one beside it): frozen embeddings halved the step time, so ``frozen_embeddings``
 recipe's ``max_steps`` (120) well inside its budget. ``frozen_uncapped`` lifts that bound
 (``train.max_steps=400``) so the budget alone sets the step count.
 
+A sixth round (``--keep-as frozen_uncapped=frozen_uncapped_fifth``) runs the default again beside
+rejection sampling for the answers the other domains' labelling needs, the format the teacher's
+greedy answers to the embedded set's labelling asks rarely keep (a sentence naming every label, or
+none):
+
+- ``labels_resampled``: a training prompt that names its labels (``choices``: the embedded set's
+  classify asks and yes-or-no asks) keeps a teacher answer only if it names exactly one of them
+  (``filter.verify_choices=true``); where the greedy answer does not, the teacher samples up to four
+  more, one at a time, and the student trains on the first that does (``generate.resample=4``);
+- ``verified_resampled``: the same, and a question with a reference answer (the mathematics rows)
+  keeps an answer only if its last number is that answer (``filter.verify=number``), resampled so too.
+
+The source run draws those samples once and the time it took is recorded
+(``resample_generate_seconds``).
+
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
 
@@ -97,6 +112,8 @@ CANDIDATES: dict[str, list[str]] = {
     "frozen_embeddings": ["train.freeze_embeddings=true"],
     "lr_half": ["train.lr=6e-4"],
     "frozen_uncapped": ["train.freeze_embeddings=true", "train.max_steps=400"],
+    "labels_resampled": ["filter.verify_choices=true", "generate.resample=4"],
+    "verified_resampled": ["filter.verify_choices=true", "filter.verify=number", "generate.resample=4"],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
@@ -165,7 +182,8 @@ def child(name: str, budget: str) -> dict:
     out["labels"] = tasks[LABELS.stem] | {"answers": answers}
     out.update(steps=summary["steps"], train_seconds=train_s, time_plan=summary.get("time_plan"),
                training_prompts=len(json.loads((run / "split.json").read_text())["train"]),
-               overrides=overrides(name, budget))  # fmt: skip
+               overrides=overrides(name, budget),
+               filter_report=json.loads((run / "filter_report.json").read_text()))  # fmt: skip
     return out
 
 
@@ -203,6 +221,25 @@ def source_run(samples: bool) -> tuple[Path, float | None]:
     return run, seconds
 
 
+def resample_source(names: list[str]) -> dict[str, float]:
+    """Rejection sampling in the source run for the candidates of ``names`` that ask for it, each with
+    its own filter; the seconds each took (the teacher's loading included), when it drew anything."""
+    run = ROOT / "runs" / SOURCE
+    distill = str(Path(sys.executable).with_name("distill"))
+    seconds = {}
+    for name in names:
+        sets = [o for o in CANDIDATES[name] if o.startswith(("generate.", "filter."))]
+        if not any(o.startswith("generate.resample=") for o in sets):
+            continue
+        lines = (run / "answers.jsonl").read_text().count("\n")
+        t0 = time.perf_counter()
+        more = [x for o in sets for x in ("--set", o)]
+        subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
+        if (run / "answers.jsonl").read_text().count("\n") > lines:
+            seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
@@ -219,7 +256,7 @@ def main() -> None:
 
     from distill.core.hardware import cpu_model
 
-    raw, commands, extra_s, adoption = {}, [], None, {}
+    raw, commands, extra_s, adoption, resample_s = {}, [], None, {}, {}
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
         raw, commands = before["raw"], before["commands"]
@@ -228,6 +265,7 @@ def main() -> None:
                 raise SystemExit(f"--keep-as {old}={new}: {old} is not recorded or {new} already is")
             raw[new] = raw.pop(old)
         extra_s = before.get("extra_samples_generate_seconds")
+        resample_s = before.get("resample_generate_seconds", {})
         # what was made the default, when a limit outside the rule ruled the chosen one out
         keys = ("adopted", "adoption", "demo_wall_min_with_samples")
         adoption = {k: before[k] for k in keys if k in before}
@@ -235,6 +273,7 @@ def main() -> None:
     names = args.candidates.split(",")
     source, seconds = source_run(any("extra_samples" in o for n in names for o in CANDIDATES[n]))
     extra_s = seconds if seconds is not None else extra_s
+    resample_s |= resample_source(names)
     for name in names:
         run = ROOT / "runs" / f"bench-choice-{name}"
         seed_run(run, source)
@@ -262,6 +301,7 @@ def main() -> None:
                 for k, p in (("in_domain", IN_DOMAIN), ("other", OTHER), ("labels", LABELS))
             },  # fmt: skip
             "extra_samples_generate_seconds": extra_s,
+            "resample_generate_seconds": resample_s,
             "cpu": cpu_model(),
             "commands": commands,
             "date": dt.date.today().isoformat(),

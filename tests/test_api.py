@@ -25,7 +25,7 @@ from distill.core.data import Prompt
 from distill.core.recipe import load_config
 from distill.evaluate.metrics import last_number_matches
 from distill.teacher import api, api_client
-from distill.teacher.filters import filter_answers
+from distill.teacher.filters import filter_answers, prompts_to_resample
 
 from conftest import tiny_recipe
 from fake_openai import FakeOpenAI
@@ -355,3 +355,31 @@ def test_filters_dedupe_length_finish_reason_and_verification():
     kept, report = filter_answers(c, c_answers, FilterConfig(dedupe=False, verify="regex"))
     assert [r["sample"] for _, r in kept] == [0, 1] and report["dropped_by_reason"] == {"wrong_answer": 2}
     assert last_number_matches("so x = 1,000", "1000") and not last_number_matches("x = 3", "4")
+
+
+def test_labelling_answers_are_verified_and_resampled_ones_count_until_one_passes():
+    """verify_choices keeps an answer that names exactly one of the prompt's labels (its reference,
+    when it has one). Answers from ``resample_from`` on count only for a prompt with no answer kept
+    before them, and only the first of them that passes."""
+    user = [{"role": "user", "content": "Positive or negative? Lovely."}]
+    ps = [Prompt("a", user, None, {"choices": ["positive", "negative"]}),
+          Prompt("r", user, "positive", {"choices": ["positive", "negative"]}),
+          Prompt("n", user)]  # fmt: skip
+    texts = {
+        "a": ["Both positive and negative.", "It is Positive!", "negative", "positive"],
+        "r": ["Negative.", "the sentiment is neutral", "POSITIVE", "positive."],
+        "n": ["anything", "more", "again", "and again"],
+    }
+    answers = {f"{i}#{j}": {"id": i, "sample": j, "text": t, "finish_reason": "stop"}
+               for i, ts in texts.items() for j, t in enumerate(ts)}  # fmt: skip
+    kept, report = filter_answers(ps, answers, FilterConfig(verify_choices=True), resample_from=1)
+    assert [(p.id, r["sample"]) for p, r in kept] == [("a", 1), ("r", 2), ("n", 0)]
+    assert report["dropped_by_reason"] == {"no_single_choice": 2, "wrong_choice": 1}
+    assert report["kept_by_resampling"] == 2
+    # without resampling every answer is weighed on its own; unverified, every one is kept
+    kept, _ = filter_answers(ps, answers, FilterConfig(verify_choices=True))
+    assert [(p.id, r["sample"]) for p, r in kept if p.id != "n"] == [("a", 1), ("a", 2), ("a", 3),
+                                                                    ("r", 2), ("r", 3)]  # fmt: skip
+    assert len(filter_answers(ps, answers, FilterConfig())[0]) == 12
+    greedy = {k: v for k, v in answers.items() if k.endswith("#0")}
+    assert [p.id for p in prompts_to_resample(ps, greedy, FilterConfig(verify_choices=True), 1)] == ["a", "r"]

@@ -97,6 +97,9 @@ def test_extra_samples_with_an_api_teacher_exit_2(tmp_path, runs, tiny_teacher_d
     assert cfg.generate.extra_samples == 0 and notes == [
         "generate.extra_samples -> 0: an API teacher's answers per prompt are teacher.api.n"
     ]
+    out = _invoke(tmp_path, recipe, "--set", "generate.resample=2")
+    _refused(out, "generate.resample is for a local teacher", "teacher.api.n")
+    assert not runs.exists()
 
 
 def test_bad_prompt_files_exit_2_naming_file_and_line(tmp_path, runs, tiny_teacher_dir):

@@ -150,3 +150,35 @@ def test_extra_samples_beside_the_greedy_answer(teacher, prompts_file, tmp_path)
     after = gen.generate_answers(model, tok, prompts, grown, cfg, sampled=sampled)
     assert {k: v["token_ids"] for k, v in after.items()} == {k: v["token_ids"] for k, v in once.items()}
     assert len(_lines(grown)) == len(once)  # only the samples were added
+
+
+def test_resampling_draws_until_an_answer_passes_the_filter_and_resumes(teacher, prompts_file, tmp_path):
+    """generate.resample: a prompt whose greedy answer the filter drops gets sampled answers, one per
+    round, up to the first that passes (or the round limit); a prompt that passes gets none, and a
+    rerun draws nothing more. The filter then keeps, for each prompt, the answer that passed."""
+    from distill.core.answers import answer_key
+    from distill.core.config import FilterConfig
+    from distill.teacher.filters import filter_answers, rejection
+
+    model, tok = teacher
+    prompts = read_prompts(prompts_file)
+    out = tmp_path / "answers.jsonl"
+    greedy = gen.generate_answers(model, tok, prompts, out, GenerateConfig(max_new_tokens=12, batch_size=4))
+    lengths = sorted(len(a["text"]) for a in greedy.values())
+    keep = FilterConfig(max_chars=lengths[len(lengths) // 2])  # about half the greedy answers fail
+    cfg = GenerateConfig(max_new_tokens=12, batch_size=4, resample=4, generation_temperature=1.5, seed=5)
+    done = gen.resample_answers(model, tok, prompts, out, cfg, keep)
+    rescued = 0
+    for p in prompts:
+        mine = [done[answer_key(p.id, j)] for j in range(5) if answer_key(p.id, j) in done]
+        assert [a.get("sample", 0) for a in mine] == list(range(len(mine)))
+        passes = [rejection(a, p, keep, set()) is None for a in mine]
+        assert not any(passes[:-1]), (p.id, passes)  # sampling stopped at the first that passed
+        assert passes[-1] or len(mine) == 5, (p.id, passes)  # or the rounds ran out
+        rescued += len(mine) > 1 and passes[-1]
+    assert rescued >= 2 and 0 < sum(len(a["text"]) > keep.max_chars for a in greedy.values()) < len(prompts)
+    lines = len(_lines(out))
+    assert lines == len(done) and gen.resample_answers(model, tok, prompts, out, cfg, keep) == done
+    assert len(_lines(out)) == lines  # a rerun finds every round's answers
+    kept, report = filter_answers(prompts, done, keep, resample_from=1)
+    assert len({p.id for p, _ in kept}) == len(kept) and report["kept_by_resampling"] == rescued

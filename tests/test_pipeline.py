@@ -136,6 +136,34 @@ def test_the_default_recipes_methods_together_end_to_end(tmp_path, tiny_teacher_
     assert results["student"]["params"] < results["teacher"]["params"]
 
 
+def test_resampled_answers_are_drawn_for_dropped_training_prompts_and_trained_on(
+    tmp_path, tiny_teacher_dir, prompts_file
+):
+    """generate.resample=3, asked for after the greedy answers, with a filter that drops the longer
+    half of them: the generate stage samples more answers for the training prompts whose answers were
+    all dropped (none for held-out prompts), and training keeps one answer per prompt that has one
+    that passed, the first that did."""
+    from conftest import tiny_run
+
+    cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, stages=("generate",))
+    run = cfg.run_dir
+    first = {a["id"]: a for a in map(json.loads, (run / "answers.jsonl").read_text().splitlines())}
+    most = sorted(len(a["text"]) for a in first.values())[len(first) // 2]
+    sets = ["generate.resample=3", f"filter.max_chars={most}"]
+    cfg = load_config(tmp_path / "r.yaml", sets)
+    pipeline.generate(cfg)
+    split = json.loads((run / "split.json").read_text())
+    answers = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
+    drawn = {a["id"] for a in answers if "sample" in a}
+    dropped = {i for i in split["train"] if len(first[i]["text"]) > most}
+    assert drawn == dropped and dropped, (drawn, dropped)  # the held-out prompts get none
+    passed = {a["id"] for a in answers if len(a["text"]) <= most and a["id"] in split["train"]}
+    pipeline.shrink(cfg)
+    pipeline.train_student(cfg)
+    report = json.loads((run / "filter_report.json").read_text())
+    assert report["kept"] == len(passed) and report["kept_by_resampling"] == len(passed & dropped)
+
+
 def test_extra_teacher_samples_are_generated_for_training_prompts_and_trained_on(
     tmp_path, tiny_teacher_dir, prompts_file
 ):

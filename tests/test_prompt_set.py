@@ -102,3 +102,20 @@ def test_large_starts_with_the_default_rows():
     assert len(large) >= len(small) + 1000
     assert large[: len(small)] == small  # ids, text and order
     assert len(resources.files("distill").joinpath("prompts/large.jsonl").read_bytes()) < 1_500_000
+
+
+@pytest.mark.parametrize("name", ["default", "large"])
+def test_every_classify_row_names_the_labels_it_asks_for(name):
+    """The labelling asks carry ``choices`` (for ``filter.verify_choices``): two or more labels, each
+    written in the prompt, no reference to give the answer away; other rows carry none."""
+    prompts, rows = embedded(name)
+    classify = [r for r in rows if r["source"].startswith("instruction/classify ")]
+    assert len(classify) >= 30 and all("choices" in r for r in classify)
+    for r, p in zip(rows, prompts, strict=True):
+        if "choices" not in r:
+            assert "choices" not in p.meta
+            continue
+        assert r["source"].startswith(("instruction/classify ", "instruction/format ")), r["id"]
+        assert len(set(r["choices"])) == len(r["choices"]) >= 2 and "reference" not in r, r
+        assert all(c.lower() in r["prompt"].lower() for c in r["choices"]), r
+        assert p.meta["choices"] == r["choices"]

@@ -178,6 +178,17 @@ def test_a_labelling_item_counts_only_an_answer_that_names_its_label_alone(tmp_p
     assert tasks.score(tasks.TaskItem(a.prompt, "positive"), "It could be positive or negative.")[0] == 1.0
 
 
+def test_labels_without_a_reference_make_a_training_prompt_not_a_task(tmp_path):
+    """A row may name its labels without the answer (a training prompt, for filter.verify_choices);
+    a task needs the answer to score."""
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "Yes or no?", "choices": ["yes", "no"]}) + "\n")
+    (p,) = read_prompts(path)
+    assert p.reference is None and p.meta["choices"] == ["yes", "no"]
+    with pytest.raises(DataError, match="labels.jsonl.*reference answer for every prompt"):
+        tasks.load_task(str(path))
+
+
 @pytest.mark.parametrize(
     ("choices", "reference", "message"),
     [(["positive"], "positive", "two or more"), (["yes", "no"], "maybe", "must be one of its choices"),

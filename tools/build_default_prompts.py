@@ -489,6 +489,22 @@ FORMATS = {"classify": CLASSIFY, "summarise": SUMMARISE, "extract": EXTRACT, "re
 # fmt: on
 
 
+def choices(what: str, phrasing: str, labels: str) -> list[str] | None:
+    """The labels a labelling ask chooses among (its row's ``choices``, which ``filter.verify_choices``
+    checks the teacher's answers against), or None for an ask that is not a choice of labels."""
+    if what == "topic":
+        return labels.split(", ")
+    if what == "question-or-statement":
+        return ["question", "statement"]
+    if what == "formal-or-casual":
+        return ["formal", "neutral", "casual"] if "neutral" in phrasing else ["formal", "casual"]
+    if what == "about-code" and "CODE" in phrasing:
+        return ["code", "other"]
+    if what in ("about-code", "yes-no", "yes-no-only"):
+        return ["yes", "no"]
+    return None
+
+
 def passages(guard: Guard, rng: random.Random) -> list[tuple[str, str, str]]:
     """(text, origin, licence): conversation openers and replies, docstrings' first paragraphs and
     sentences of the Python reference, none of them (nor any of their lines) a benchmark prompt."""
@@ -532,7 +548,9 @@ def instruction_prompts(guard: Guard, n: int, kind: str, pool: list, rng: random
             if guard.take(prompt):
                 used.add((what, k))
                 start = k + 1
-                out.append({"prompt": prompt, "source": f"instruction/{kind} + {origin}", "license": licence})
+                row = {"prompt": prompt, "source": f"instruction/{kind} + {origin}", "license": licence}
+                labels_asked = choices(what, phrasing, labels)
+                out.append(row | ({"choices": labels_asked} if labels_asked else {}))
                 break
         else:
             raise SystemExit(f"instruction/{kind}/{what}: ran out of passages")

@@ -168,6 +168,10 @@ class FilterConfig(_Strict):
         description="number: the answer's last number must equal the prompt's reference; "
         "regex: the answer must match the prompt's reference as a regular expression",
     )
+    verify_choices: bool = Field(
+        False, description="a prompt with 'choices' (labels to choose among): keep an answer only if it "
+        "names exactly one of them, the prompt's reference when it has one",
+    )  # fmt: skip
 
 
 class GenerateConfig(_Strict):
@@ -181,6 +185,9 @@ class GenerateConfig(_Strict):
     seed: int = 0
     extra_samples: int = Field(0, ge=0, le=16, description="answers sampled per training prompt beside the "
                                "first, at generation_temperature and top_p (a local teacher)")  # fmt: skip
+    resample: int = Field(0, ge=0, le=16, description="rejection sampling: a training prompt none of whose "
+                          "answers passes `filter` gets up to this many more, sampled one at a time until "
+                          "one passes; it trains on that one (a local teacher)")  # fmt: skip
 
 
 class StudentConfig(_Strict):
@@ -512,14 +519,16 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _extra_samples_from_a_local_teacher(self, info: ValidationInfo) -> RunConfig:
-        """With an API teacher a recipe's ``extra_samples`` is set to 0 (a note), an explicit one refused."""
-        if self.generate.extra_samples and self.teacher.kind == "openai":
-            explicit = (info.context or {}).get("explicit")
-            why = "an API teacher's answers per prompt are teacher.api.n"
-            if explicit is None or _set_in("generate.extra_samples", explicit):
-                raise ValueError(f"generate.extra_samples is for a local teacher; {why}")
-            info.context.setdefault("notes", []).append(f"generate.extra_samples -> 0: {why}")
-            self.generate.extra_samples = 0
+        """With an API teacher a recipe's ``extra_samples`` and ``resample`` are set to 0 (a note), an
+        explicit one refused."""
+        for key in ("extra_samples", "resample"):
+            if getattr(self.generate, key) and self.teacher.kind == "openai":
+                explicit = (info.context or {}).get("explicit")
+                why = "an API teacher's answers per prompt are teacher.api.n"
+                if explicit is None or _set_in(f"generate.{key}", explicit):
+                    raise ValueError(f"generate.{key} is for a local teacher; {why}")
+                info.context.setdefault("notes", []).append(f"generate.{key} -> 0: {why}")
+                setattr(self.generate, key, 0)
         return self
 
     @model_validator(mode="after")

@@ -56,12 +56,12 @@ def _record_to_prompt(rec: dict, where: str) -> Prompt:
         raise DataError(f"{where}: needs a 'prompt' or a 'messages' field (has {sorted(rec)})")
     ref = rec.get("reference")
     meta = {k: rec[k] for k in ("source", "license") if k in rec}
-    if "choices" in rec:  # a labelling item: the answer must name the reference and no other choice
+    if "choices" in rec:  # a labelling ask: the answer names one choice (the reference, when given)
         choices = rec["choices"]
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c.strip()
                                                                         for c in choices)):  # fmt: skip
             raise DataError(f"{where}: 'choices' must be a list of two or more labels, got {choices!r}")
-        if ref is None or str(ref).strip().lower() not in [c.strip().lower() for c in choices]:
+        if ref is not None and str(ref).strip().lower() not in [c.strip().lower() for c in choices]:
             raise DataError(f"{where}: the reference {ref!r} must be one of its choices {choices}")
         meta["choices"] = [c.strip() for c in choices]
     explicit = rec.get("id") not in (None, "")

@@ -58,6 +58,13 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def named_choices(answer: str, choices) -> set[str]:
+    """The ``choices`` (lower case) that ``answer`` names as whole words, in any case."""
+    low = answer.lower()
+    labels = {c.strip().lower() for c in choices}
+    return {c for c in labels if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", low)}
+
+
 def matches_reference(answer: str, reference: str) -> bool:
     """A numeric reference must equal the answer's last number (as a number); text must appear in it."""
     ref = reference.strip()

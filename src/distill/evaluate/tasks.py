@@ -36,7 +36,7 @@ from distill.core import interrupt
 from distill.core.config import TASK_NAMES, ConfigError, EvaluateConfig
 from distill.core.data import DataError, Prompt, read_prompts
 from distill.core.fsio import json_lines
-from distill.evaluate.metrics import matches_reference
+from distill.evaluate.metrics import matches_reference, named_choices
 
 BUILTIN = TASK_NAMES  # the built-in tasks, each loaded by load_task
 
@@ -398,8 +398,7 @@ def score(item: TaskItem, answer: str, timeout: float = 10.0, unsafe_code: bool 
 def chooses(answer: str, reference: str, choices: tuple[str, ...]) -> bool:
     """The answer names ``reference`` and no other of ``choices`` (whole words, any case): an answer
     that repeats every label does not count as choosing one."""
-    named = {c.lower() for c in choices if re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", answer.lower())}
-    return named == {reference.strip().lower()}
+    return named_choices(answer, choices) == {reference.strip().lower()}
 
 
 TASK_PROMPT_TOKENS = 1024  # a task's prompt is never cut below this (HumanEval's longest is ~600)

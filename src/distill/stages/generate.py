@@ -28,7 +28,7 @@ from distill.core.progress import console
 from distill.stages.run_folder import load_split, setup
 from distill.teacher.api import api_signal
 from distill.teacher.factory import load_teacher, tokenizer_ref
-from distill.teacher.generate import LlamaCppEngine, generate_answers
+from distill.teacher.generate import LlamaCppEngine, generate_answers, resample_answers
 
 
 def generate(cfg: RunConfig) -> Path:
@@ -55,6 +55,11 @@ def generate(cfg: RunConfig) -> Path:
         system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
         sampled={p.id for p in train_p},
     )  # fmt: skip
+    if cfg.generate.resample:
+        answers = resample_answers(
+            model, tok, train_p, out, cfg.generate, cfg.filter, engine=engine,
+            system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        )  # fmt: skip
     stops = sum(a["finish_reason"] == "stop" for a in answers.values())
     extra = sum(a.get("sample", 0) > 0 for a in answers.values())
     also = f", {extra} of them sampled beside the first answer" if extra else ""

@@ -179,7 +179,10 @@ def load_split(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
 
 def run_answers(cfg: RunConfig, run: Path) -> dict[str, dict]:
     """The run's answers.jsonl, as the config asks for it: with a local teacher each prompt's first
-    ``1 + generate.extra_samples`` answers (a file generated with more is read as asked); with an
-    API teacher all of them (its ``teacher.api.n``)."""
+    ``1 + generate.extra_samples + generate.resample`` answers (a file generated with more is read as
+    asked; the filter keeps only the first resampled answer that passes); with an API teacher all of
+    them (its ``teacher.api.n``)."""
     answers = read_answers(need(run / "answers.jsonl", "generate"))
-    return answers if cfg.teacher.kind == "openai" else up_to_sample(answers, cfg.generate.extra_samples)
+    if cfg.teacher.kind == "openai":
+        return answers
+    return up_to_sample(answers, cfg.generate.extra_samples + cfg.generate.resample)

@@ -11,9 +11,14 @@ from distill.core.data import (
 from distill.teacher.filters import filter_answers
 
 
+def resample_from(cfg: RunConfig) -> int | None:
+    """The first sample index a run draws by rejection sampling, or None when it draws none."""
+    return 1 + cfg.generate.extra_samples if cfg.generate.resample else None
+
+
 def kept_examples(cfg: RunConfig, tok, prompts: list[Prompt], answers: dict[str, dict]) -> tuple[list, dict]:
     """((ids, answer mask), answer record) for every answer the filter keeps, and its report."""
-    pairs, report = filter_answers(prompts, answers, cfg.filter)
+    pairs, report = filter_answers(prompts, answers, cfg.filter, resample_from(cfg))
     out = []
     for p, rec in pairs:
         if rec["token_ids"]:
@@ -30,7 +35,7 @@ def kept_text_examples(
     student's tokens (and its EOS where the teacher stopped); ((ids, mask), record, prompt)."""
     from distill.core.data import student_answer_ids
 
-    pairs, report = filter_answers(prompts, answers, cfg.filter)
+    pairs, report = filter_answers(prompts, answers, cfg.filter, resample_from(cfg))
     out = []
     for p, rec in pairs:
         answer = student_answer_ids(tok, rec["text"], rec.get("finish_reason") == "stop")

@@ -11,11 +11,12 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.core import interrupt
-from distill.core.answers import answer_key, append_records, read_answers
-from distill.core.config import GenerateConfig
+from distill.core.answers import answer_key, append_records, read_answers, up_to_sample
+from distill.core.config import FilterConfig, GenerateConfig
 from distill.core.data import Prompt, prompt_token_ids
 from distill.core.generation import Generation, generate_batch
-from distill.core.progress import progress_bar
+from distill.core.progress import console, progress_bar
+from distill.teacher.filters import prompts_to_resample
 
 
 class LlamaCppEngine:
@@ -135,3 +136,29 @@ def generate_answers(
             ntok += sum(len(g.token_ids) for g in gens)
             bar.update(task, advance=len(chunk), info=f"{ntok} answer tokens")
     return done
+
+
+def resample_answers(
+    model: PreTrainedModel | None,
+    tok: Tokenizer,
+    prompts: list[Prompt],
+    out_path: Path,
+    cfg: GenerateConfig,
+    keep: FilterConfig,
+    **kwargs,
+) -> dict[str, dict]:
+    """Rejection sampling: ``cfg.resample`` rounds, each drawing one more sampled answer for every
+    prompt of ``prompts`` none of whose answers so far passes ``keep`` (the run's filter); a prompt
+    stops at its first answer that passes. The answers are numbered on from ``cfg.extra_samples``, so
+    a rerun finds them and draws only what is missing. ``kwargs`` as for ``generate_answers``."""
+    first = 1 + cfg.extra_samples
+    done = read_answers(out_path)
+    for r in range(cfg.resample):
+        todo = prompts_to_resample(prompts, up_to_sample(done, first - 1 + r), keep, first)
+        if not todo:
+            break
+        console.print(f"resampling, round {r + 1} of {cfg.resample}: {len(todo)} training prompts have no "
+                      "answer the filter keeps")  # fmt: skip
+        round_cfg = cfg.model_copy(update={"extra_samples": first + r})
+        done = generate_answers(model, tok, todo, out_path, round_cfg, sampled={p.id for p in todo}, **kwargs)
+    return read_answers(out_path)
