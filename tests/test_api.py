@@ -381,5 +381,12 @@ def test_labelling_answers_are_verified_and_resampled_ones_count_until_one_passe
     assert [(p.id, r["sample"]) for p, r in kept if p.id != "n"] == [("a", 1), ("a", 2), ("a", 3),
                                                                     ("r", 2), ("r", 3)]  # fmt: skip
     assert len(filter_answers(ps, answers, FilterConfig())[0]) == 12
+    # a labelling row with a reference is verified by its labels, not by ``verify: number``, so the
+    # mathematics rows of the same set can be verified beside it
+    both = FilterConfig(verify_choices=True, verify="number")
+    assert [(p.id, r["sample"]) for p, r in filter_answers(ps[1:2], answers, both)[0]] == [("r", 2), ("r", 3)]
+    # with extra samples (resampling from 2), a passing extra sample is kept beside the greedy answer
+    kept, report = filter_answers(ps[:1], answers, FilterConfig(verify_choices=True), resample_from=2)
+    assert [r["sample"] for _, r in kept] == [1] and report["kept_by_resampling"] == 0
     greedy = {k: v for k, v in answers.items() if k.endswith("#0")}
     assert [p.id for p in prompts_to_resample(ps, greedy, FilterConfig(verify_choices=True), 1)] == ["a", "r"]

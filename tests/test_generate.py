@@ -180,5 +180,9 @@ def test_resampling_draws_until_an_answer_passes_the_filter_and_resumes(teacher,
     lines = len(_lines(out))
     assert lines == len(done) and gen.resample_answers(model, tok, prompts, out, cfg, keep) == done
     assert len(_lines(out)) == lines  # a rerun finds every round's answers
+    last = max(a.get("sample", 0) for a in done.values())  # a run killed before its last round
+    out.write_text("".join(json.dumps(a) + "\n" for a in _lines(out) if a.get("sample", 0) < last))
+    again = gen.resample_answers(model, tok, prompts, out, cfg, keep)
+    assert {k: a["token_ids"] for k, a in again.items()} == {k: a["token_ids"] for k, a in done.items()}
     kept, report = filter_answers(prompts, done, keep, resample_from=1)
     assert len({p.id for p, _ in kept}) == len(kept) and report["kept_by_resampling"] == rescued

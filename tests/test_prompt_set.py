@@ -111,11 +111,14 @@ def test_every_classify_row_names_the_labels_it_asks_for(name):
     prompts, rows = embedded(name)
     classify = [r for r in rows if r["source"].startswith("instruction/classify ")]
     assert len(classify) >= 30 and all("choices" in r for r in classify)
+    fmt = [r for r in rows if r["source"].startswith("instruction/format ")]
+    yes_no = [r for r in fmt if "yes or no" in r["prompt"].lower()]
+    assert yes_no and all(r.get("choices") == ["yes", "no"] for r in yes_no)
     for r, p in zip(rows, prompts, strict=True):
         if "choices" not in r:
             assert "choices" not in p.meta
             continue
         assert r["source"].startswith(("instruction/classify ", "instruction/format ")), r["id"]
         assert len(set(r["choices"])) == len(r["choices"]) >= 2 and "reference" not in r, r
-        assert all(c.lower() in r["prompt"].lower() for c in r["choices"]), r
+        assert all(re.search(rf"(?<!\w){re.escape(c)}(?!\w)", r["prompt"], re.I) for c in r["choices"]), r
         assert p.meta["choices"] == r["choices"]

@@ -61,8 +61,10 @@ def generate(cfg: RunConfig) -> Path:
             system_prompt=cfg.data.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
         )  # fmt: skip
     stops = sum(a["finish_reason"] == "stop" for a in answers.values())
-    extra = sum(a.get("sample", 0) > 0 for a in answers.values())
+    extra = sum(0 < a.get("sample", 0) <= cfg.generate.extra_samples for a in answers.values())
+    again = sum(a.get("sample", 0) > cfg.generate.extra_samples for a in answers.values())
     also = f", {extra} of them sampled beside the first answer" if extra else ""
+    also += f", {again} drawn again by resampling" if again else ""
     console.print(f"{len(answers)} teacher answers in {out} ({stops} ended with eos{also})")
     return out
 

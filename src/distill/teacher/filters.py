@@ -25,7 +25,14 @@ def rejection(answer: dict, prompt: Prompt, cfg: FilterConfig, seen: set[str]) -
         if norm in seen:
             return "duplicate"
         seen.add(norm)
-    if cfg.verify != "none" and prompt.reference is not None:
+    choices = prompt.meta.get("choices")
+    if cfg.verify_choices and choices:  # a labelling prompt: its labels verify it, not ``verify``
+        named = named_choices(text, choices)
+        if len(named) != 1:
+            return "no_single_choice"
+        if prompt.reference is not None and named != {prompt.reference.strip().lower()}:
+            return "wrong_choice"
+    elif cfg.verify != "none" and prompt.reference is not None:
         ok = (
             last_number_matches(text, prompt.reference)
             if cfg.verify == "number"
@@ -33,13 +40,6 @@ def rejection(answer: dict, prompt: Prompt, cfg: FilterConfig, seen: set[str]) -
         )
         if not ok:
             return "wrong_answer"
-    choices = prompt.meta.get("choices")
-    if cfg.verify_choices and choices:
-        named = named_choices(text, choices)
-        if len(named) != 1:
-            return "no_single_choice"
-        if prompt.reference is not None and named != {prompt.reference.strip().lower()}:
-            return "wrong_choice"
     return None
 
 
