@@ -11,14 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from distill.core.units import duration_seconds, nearest, parse_count, positive_duration
 
@@ -168,10 +161,8 @@ class FilterConfig(_Strict):
         description="number: the answer's last number must equal the prompt's reference; "
         "regex: the answer must match the prompt's reference as a regular expression",
     )
-    verify_choices: bool = Field(
-        False, description="a prompt with 'choices' (labels to choose among): keep an answer only if it "
-        "names exactly one of them, the prompt's reference when it has one",
-    )  # fmt: skip
+    verify_choices: bool = Field(False, description="a prompt with 'choices': keep an answer that names "
+                                 "exactly one of them (its reference, if any)")  # fmt: skip
 
 
 class GenerateConfig(_Strict):
@@ -185,9 +176,8 @@ class GenerateConfig(_Strict):
     seed: int = 0
     extra_samples: int = Field(0, ge=0, le=16, description="answers sampled per training prompt beside the "
                                "first, at generation_temperature and top_p (a local teacher)")  # fmt: skip
-    resample: int = Field(0, ge=0, le=16, description="rejection sampling: a training prompt none of whose "
-                          "answers passes `filter` gets up to this many more, sampled one at a time until "
-                          "one passes; it trains on that one (a local teacher)")  # fmt: skip
+    resample: int = Field(0, ge=0, le=16, description="more answers sampled, one a round, for a training "
+                          "prompt until one passes `filter` (a local teacher)")  # fmt: skip
 
 
 class StudentConfig(_Strict):
@@ -519,12 +509,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _extra_samples_from_a_local_teacher(self, info: ValidationInfo) -> RunConfig:
-        """With an API teacher a recipe's ``extra_samples`` and ``resample`` are set to 0 (a note), an
-        explicit one refused."""
+        """An API teacher: a recipe's ``extra_samples`` or ``resample`` set to 0 (a note), an explicit one
+        refused."""
+        explicit = (info.context or {}).get("explicit")
+        why = "an API teacher's answers per prompt are teacher.api.n"
         for key in ("extra_samples", "resample"):
             if getattr(self.generate, key) and self.teacher.kind == "openai":
-                explicit = (info.context or {}).get("explicit")
-                why = "an API teacher's answers per prompt are teacher.api.n"
                 if explicit is None or _set_in(f"generate.{key}", explicit):
                     raise ValueError(f"generate.{key} is for a local teacher; {why}")
                 info.context.setdefault("notes", []).append(f"generate.{key} -> 0: {why}")
