@@ -200,6 +200,20 @@ def figures(res: dict) -> dict:
     return out
 
 
+def generate_more(sets: list[str]) -> float | None:
+    """``distill generate`` in the source run with the overrides ``sets`` (it resumes: only what is
+    missing is drawn); the seconds it took, the teacher's loading included, or None when it drew
+    nothing (the time on record stands)."""
+    run = ROOT / "runs" / SOURCE
+    distill = str(Path(sys.executable).with_name("distill"))
+    lines = (run / "answers.jsonl").read_text().count("\n")
+    t0 = time.perf_counter()
+    more = [x for o in sets for x in ("--set", o)]
+    subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    return seconds if (run / "answers.jsonl").read_text().count("\n") > lines else None
+
+
 def source_run(samples: bool) -> tuple[Path, float | None]:
     """The default recipe's generate and shrink stages, run once: the candidates' shared start.
     With ``samples``, the extra teacher samples too (a candidate asking for none trains on the
@@ -209,34 +223,17 @@ def source_run(samples: bool) -> tuple[Path, float | None]:
     if not (run / "student_init" / "model.safetensors").is_file():
         for stage in ("generate", "shrink"):
             subprocess.run([distill, stage, "--set", f"name={SOURCE}"], check=True, cwd=ROOT)
-    seconds = None
-    lines = (run / "answers.jsonl").read_text().count("\n")
-    if samples:  # resumes: generates only what is missing, and nothing once all are there
-        t0 = time.perf_counter()
-        more = ["--set", f"generate.extra_samples={EXTRA_SAMPLES}"]
-        subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
-        seconds = time.perf_counter() - t0  # loading the teacher included
-        if (run / "answers.jsonl").read_text().count("\n") == lines:
-            seconds = None  # nothing was generated now: the time on record stands
-    return run, seconds
+    return run, generate_more([f"generate.extra_samples={EXTRA_SAMPLES}"]) if samples else None
 
 
 def resample_source(names: list[str]) -> dict[str, float]:
     """Rejection sampling in the source run for the candidates of ``names`` that ask for it, each with
     its own filter; the seconds each took (the teacher's loading included), when it drew anything."""
-    run = ROOT / "runs" / SOURCE
-    distill = str(Path(sys.executable).with_name("distill"))
     seconds = {}
     for name in names:
         sets = [o for o in CANDIDATES[name] if o.startswith(("generate.", "filter."))]
-        if not any(o.startswith("generate.resample=") for o in sets):
-            continue
-        lines = (run / "answers.jsonl").read_text().count("\n")
-        t0 = time.perf_counter()
-        more = [x for o in sets for x in ("--set", o)]
-        subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
-        if (run / "answers.jsonl").read_text().count("\n") > lines:
-            seconds[name] = time.perf_counter() - t0
+        if any(o.startswith("generate.resample=") for o in sets) and (s := generate_more(sets)) is not None:
+            seconds[name] = s
     return seconds
 
 

@@ -161,4 +161,4 @@ def resample_answers(
                       "answer the filter keeps")  # fmt: skip
         round_cfg = cfg.model_copy(update={"extra_samples": first + r})
         done = generate_answers(model, tok, todo, out_path, round_cfg, sampled={p.id for p in todo}, **kwargs)
-    return read_answers(out_path)
+    return done
