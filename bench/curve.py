@@ -151,7 +151,7 @@ def plot(points: dict) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 5.8), dpi=110)
     series = sorted({p.get("series", "") for p in points.values()})
     for split, label, colour in (("other", "other domains (test)", "tab:red"),
                                  ("in_domain", "in-domain (test)", "tab:blue")):  # fmt: skip
@@ -169,10 +169,11 @@ def plot(points: dict) -> None:
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
-            x = p["minutes"] * 1.07  # beside the point of the same budget, not on it
+            i = series.index(p.get("series", ""))
+            x = p["minutes"] * (1.07 + 0.035 * i)  # beside the points of the same budget, not on them
             entry = f"{label}, larger prompt set" + series_label(p.get("series", ""))
-            ax.errorbar([x], [k["value"]], yerr=yerr, marker="s", capsize=3, color=colour, mfc="white",
-                        ls="none", label=entry)  # fmt: skip
+            ax.errorbar([x], [k["value"]], yerr=yerr, marker="s" if i == 0 else "D", capsize=3, color=colour,
+                        mfc="white", ls="none", label=entry)  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -182,8 +183,8 @@ def plot(points: dict) -> None:
     ax.set_xlabel("training wall-clock, minutes (log scale)")
     ax.set_ylabel("KL(teacher || student), nats/token")
     ax.set_title("The default recipe: quality against training time (95% intervals)", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=1)  # below the axes
+    fig.tight_layout(rect=(0, 0.27, 1, 1))
     fig.savefig(PLOT)
 
 
