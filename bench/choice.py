@@ -62,6 +62,17 @@ none):
 The source run draws those samples once and the time it took is recorded
 (``resample_generate_seconds``).
 
+A seventh round (``--keep-as frozen_uncapped=frozen_uncapped_sixth``) runs the default again beside
+a wider prompt set at the same budget: the larger budgets gain most from more prompts
+(bench/curve.py), and the default's six minutes already show the student every training prompt
+about five times.
+
+- ``wider``: the embedded set and every third further row of ``large.jsonl`` (its rows after the
+  embedded set's, which come kind by kind, so each kind keeps its share): 1,226 prompts in place of
+  638. The teacher answers the added ones in ``runs/bench-choice-wider-source/`` (the embedded set's
+  answers copied from the source run) and the time it took is recorded (``wider_generate_seconds``):
+  the time a ``make demo`` on that set would add.
+
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
 
@@ -84,6 +95,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +109,8 @@ IN_DOMAIN = DATA / "quality_validation_prompts.jsonl"
 OTHER = DATA / "ood_prompts.jsonl"
 LABELS = DATA / "ood_labels.jsonl"
 SOURCE = "bench-choice-source"
+WIDER = ROOT / "runs" / "bench-choice-wider-source"
+WIDER_EVERY = 3  # of large.jsonl's rows after the embedded set's, every third
 RULE = "lowest other-domain validation KL (bench/data/ood_prompts.jsonl)"
 HEAL_MINUTES = 1.0
 # Overrides on the shipped recipe; {rest} is the budget less the healing minute.
@@ -114,6 +128,7 @@ CANDIDATES: dict[str, list[str]] = {
     "frozen_uncapped": ["train.freeze_embeddings=true", "train.max_steps=400"],
     "labels_resampled": ["filter.verify_choices=true", "generate.resample=4"],
     "verified_resampled": ["filter.verify_choices=true", "filter.verify=number", "generate.resample=4"],
+    "wider": [f"data.path={WIDER / 'prompts.jsonl'}"],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
@@ -237,6 +252,32 @@ def resample_source(names: list[str]) -> dict[str, float]:
     return seconds
 
 
+def wider_source(source: Path) -> float | None:
+    """The ``wider`` candidate's prompts (the embedded set, then every WIDER_EVERY-th further row of
+    large.jsonl) answered in WIDER: the embedded set's answers and the untrained student copied from
+    ``source``, the rest drawn by the teacher; the seconds that took, or None when nothing was drawn."""
+    from importlib import resources
+
+    prompts = resources.files("distill") / "prompts"
+    embedded = (prompts / "default.jsonl").read_text().splitlines(keepends=True)
+    large = (prompts / "large.jsonl").read_text().splitlines(keepends=True)
+    if large[: len(embedded)] != embedded:
+        raise SystemExit("large.jsonl does not start with default.jsonl's rows")
+    WIDER.mkdir(parents=True, exist_ok=True)
+    (WIDER / "prompts.jsonl").write_text("".join(embedded + large[len(embedded) :: WIDER_EVERY]))
+    if not (WIDER / "answers.jsonl").is_file():
+        (WIDER / "answers.jsonl").write_text((source / "answers.jsonl").read_text())
+    if not (WIDER / "student_init").is_dir():  # the same untrained student as every candidate's
+        shutil.copytree(source / "student_init", WIDER / "student_init")
+    lines = (WIDER / "answers.jsonl").read_text().count("\n")
+    distill = str(Path(sys.executable).with_name("distill"))
+    t0 = time.perf_counter()
+    sets = ["--set", f"name={WIDER.name}", "--set", CANDIDATES["wider"][0]]
+    subprocess.run([distill, "generate", *sets], check=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    return seconds if (WIDER / "answers.jsonl").read_text().count("\n") > lines else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
@@ -253,7 +294,7 @@ def main() -> None:
 
     from distill.core.hardware import cpu_model
 
-    raw, commands, extra_s, adoption, resample_s = {}, [], None, {}, {}
+    raw, commands, extra_s, adoption, resample_s, wider_s = {}, [], None, {}, {}, None
     if args.append and RESULTS.is_file():
         before = json.loads(RESULTS.read_text())
         raw, commands = before["raw"], before["commands"]
@@ -263,6 +304,7 @@ def main() -> None:
             raw[new] = raw.pop(old)
         extra_s = before.get("extra_samples_generate_seconds")
         resample_s = before.get("resample_generate_seconds", {})
+        wider_s = before.get("wider_generate_seconds")
         # what was made the default, when a limit outside the rule ruled the chosen one out
         keys = ("adopted", "adoption", "demo_wall_min_with_samples")
         adoption = {k: before[k] for k in keys if k in before}
@@ -271,9 +313,11 @@ def main() -> None:
     source, seconds = source_run(any("extra_samples" in o for n in names for o in CANDIDATES[n]))
     extra_s = seconds if seconds is not None else extra_s
     resample_s |= resample_source(names)
+    if "wider" in names:
+        wider_s = wider_source(source) or wider_s
     for name in names:
         run = ROOT / "runs" / f"bench-choice-{name}"
-        seed_run(run, source)
+        seed_run(run, WIDER if name == "wider" else source)
         t0 = time.perf_counter()
         res = run_child(__file__, ["--child", name, "--budget", args.budget], name)
         raw[name] = res | {"wall_seconds": time.perf_counter() - t0, "date": dt.date.today().isoformat()}
@@ -299,6 +343,7 @@ def main() -> None:
             },  # fmt: skip
             "extra_samples_generate_seconds": extra_s,
             "resample_generate_seconds": resample_s,
+            "wider_generate_seconds": wider_s,
             "cpu": cpu_model(),
             "commands": commands,
             "date": dt.date.today().isoformat(),
