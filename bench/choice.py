@@ -65,13 +65,13 @@ The source run draws those samples once and the time it took is recorded
 A seventh round (``--keep-as frozen_uncapped=frozen_uncapped_sixth``) runs the default again beside
 a wider prompt set at the same budget: the larger budgets gain most from more prompts
 (bench/curve.py), and the default's six minutes already show the student every training prompt
-about five times.
+about twice.
 
 - ``wider``: the embedded set and every third further row of ``large.jsonl`` (its rows after the
   embedded set's, which come kind by kind, so each kind keeps its share): 1,226 prompts in place of
   638. The teacher answers the added ones in ``runs/bench-choice-wider-source/`` (the embedded set's
   answers copied from the source run) and the time it took is recorded (``wider_generate_seconds``):
-  the time a ``make demo`` on that set would add.
+  about the time a ``make demo`` on that set would add.
 
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
@@ -111,6 +111,7 @@ LABELS = DATA / "ood_labels.jsonl"
 SOURCE = "bench-choice-source"
 WIDER = ROOT / "runs" / "bench-choice-wider-source"
 WIDER_EVERY = 3  # of large.jsonl's rows after the embedded set's, every third
+WIDER_DATA = f"data.path={WIDER / 'prompts.jsonl'}"
 RULE = "lowest other-domain validation KL (bench/data/ood_prompts.jsonl)"
 HEAL_MINUTES = 1.0
 # Overrides on the shipped recipe; {rest} is the budget less the healing minute.
@@ -128,7 +129,7 @@ CANDIDATES: dict[str, list[str]] = {
     "frozen_uncapped": ["train.freeze_embeddings=true", "train.max_steps=400"],
     "labels_resampled": ["filter.verify_choices=true", "generate.resample=4"],
     "verified_resampled": ["filter.verify_choices=true", "filter.verify=number", "generate.resample=4"],
-    "wider": [f"data.path={WIDER / 'prompts.jsonl'}"],
+    "wider": [WIDER_DATA],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
@@ -265,14 +266,19 @@ def wider_source(source: Path) -> float | None:
         raise SystemExit("large.jsonl does not start with default.jsonl's rows")
     WIDER.mkdir(parents=True, exist_ok=True)
     (WIDER / "prompts.jsonl").write_text("".join(embedded + large[len(embedded) :: WIDER_EVERY]))
-    if not (WIDER / "answers.jsonl").is_file():
+
+    def stale(path: Path) -> bool:  # missing, or older than the source run's (made again since)
+        return not path.exists() or path.stat().st_mtime < (source / path.name).stat().st_mtime
+
+    if stale(WIDER / "answers.jsonl"):
         (WIDER / "answers.jsonl").write_text((source / "answers.jsonl").read_text())
-    if not (WIDER / "student_init").is_dir():  # the same untrained student as every candidate's
+    if stale(WIDER / "student_init"):  # the same untrained student as every candidate's
+        shutil.rmtree(WIDER / "student_init", ignore_errors=True)
         shutil.copytree(source / "student_init", WIDER / "student_init")
     lines = (WIDER / "answers.jsonl").read_text().count("\n")
     distill = str(Path(sys.executable).with_name("distill"))
     t0 = time.perf_counter()
-    sets = ["--set", f"name={WIDER.name}", "--set", CANDIDATES["wider"][0]]
+    sets = ["--set", f"name={WIDER.name}", "--set", WIDER_DATA]
     subprocess.run([distill, "generate", *sets], check=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
     return seconds if (WIDER / "answers.jsonl").read_text().count("\n") > lines else None
