@@ -216,16 +216,15 @@ def figures(res: dict) -> dict:
     return out
 
 
-def generate_more(sets: list[str]) -> float | None:
-    """``distill generate`` in the source run with the overrides ``sets`` (it resumes: only what is
-    missing is drawn); the seconds it took, the teacher's loading included, or None when it drew
-    nothing (the time on record stands)."""
-    run = ROOT / "runs" / SOURCE
+def generate_more(sets: list[str], run: Path = ROOT / "runs" / SOURCE) -> float | None:
+    """``distill generate`` in ``run`` (the source run unless named) with the overrides ``sets`` (it
+    resumes: only what is missing is drawn); the seconds it took, the teacher's loading included, or
+    None when it drew nothing (the time on record stands)."""
     distill = str(Path(sys.executable).with_name("distill"))
     lines = (run / "answers.jsonl").read_text().count("\n")
     t0 = time.perf_counter()
     more = [x for o in sets for x in ("--set", o)]
-    subprocess.run([distill, "generate", "--set", f"name={SOURCE}", *more], check=True, cwd=ROOT)
+    subprocess.run([distill, "generate", "--set", f"name={run.name}", *more], check=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
     return seconds if (run / "answers.jsonl").read_text().count("\n") > lines else None
 
@@ -275,13 +274,7 @@ def wider_source(source: Path) -> float | None:
     if stale(WIDER / "student_init"):  # the same untrained student as every candidate's
         shutil.rmtree(WIDER / "student_init", ignore_errors=True)
         shutil.copytree(source / "student_init", WIDER / "student_init")
-    lines = (WIDER / "answers.jsonl").read_text().count("\n")
-    distill = str(Path(sys.executable).with_name("distill"))
-    t0 = time.perf_counter()
-    sets = ["--set", f"name={WIDER.name}", "--set", WIDER_DATA]
-    subprocess.run([distill, "generate", *sets], check=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    return seconds if (WIDER / "answers.jsonl").read_text().count("\n") > lines else None
+    return generate_more([WIDER_DATA], WIDER)
 
 
 def main() -> None:
