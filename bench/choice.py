@@ -73,6 +73,15 @@ about twice.
   answers copied from the source run) and the time it took is recorded (``wider_generate_seconds``):
   about the time a ``make demo`` on that set would add.
 
+An eighth round (``--keep-as frozen_uncapped=frozen_uncapped_seventh``) runs the default again beside
+two levers that cost no teacher time:
+
+- ``kd_only``: the divergence from the teacher's whole distribution alone (``train.alpha=1.0``), without
+  the cross-entropy on the teacher's greedy tokens, which pulls the student towards the teacher's first
+  choice where the teacher itself hesitates (and KL is scored on the whole distribution);
+- ``lr_half_frozen``: half the learning rate (6e-4) on the recipe with frozen embeddings; ``lr_half``
+  gained on the other domains before the embeddings were frozen.
+
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
 
@@ -130,6 +139,8 @@ CANDIDATES: dict[str, list[str]] = {
     "labels_resampled": ["filter.verify_choices=true", "generate.resample=4"],
     "verified_resampled": ["filter.verify_choices=true", "filter.verify=number", "generate.resample=4"],
     "wider": [WIDER_DATA],
+    "kd_only": ["train.alpha=1.0"],
+    "lr_half_frozen": ["train.lr=6e-4"],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")

@@ -131,6 +131,8 @@ def test_a_run_prints_our_lines_and_logs_the_libraries_lines_verbose_shows_them(
         assert line not in console and line in log, line
     assert "\x1b[" not in console  # no colour outside a terminal
     assert "train: 6/6 step (100%)" in done.stderr and "tok/s" in done.stderr
+    last = [ln for ln in done.stderr.splitlines() if ln.startswith("train: 6/6")][-1]
+    assert " kd " in last and " ce " in last, last  # alpha 0.5: both terms shown
     assert "teacher: stored answers (read, not generated): 4/4 prompt (100%)" in done.stderr
     assert "student: greedy answers: 4/4 prompt (100%)" in done.stderr
 
@@ -150,9 +152,10 @@ def test_a_run_prints_our_lines_and_logs_the_libraries_lines_verbose_shows_them(
 
 def test_progress_lines_are_written_while_the_stage_runs(tmp_path, tiny_teacher_dir, prompts_file):
     """Outside a terminal (stderr is a file) training prints its progress as it goes, with its loss
-    and tokens/s, not only when it ends: a line is read while the process still runs."""
+    and tokens/s, not only when it ends: a line is read while the process still runs. At alpha 1
+    (KD alone) the line names no cross-entropy term, which is not computed."""
     cfg = tiny_run(tmp_path, tiny_teacher_dir, prompts_file, stages=("generate", "shrink"),
-                   train={"max_steps": 100000, "checkpoint_every": 100000})  # fmt: skip
+                   train={"max_steps": 100000, "checkpoint_every": 100000, "alpha": 1.0})  # fmt: skip
     err = tmp_path / "stderr.txt"
     args = [sys.executable, "-m", "distill.cli", "train", "-c", str(tmp_path / "r.yaml")]
     with err.open("w") as f:
@@ -165,7 +168,8 @@ def test_progress_lines_are_written_while_the_stage_runs(tmp_path, tiny_teacher_
         proc.wait(timeout=120)
     assert proc.returncode == 130, err.read_text()
     assert " step (0%) · " in seen and "step/s" in seen and "eta " in seen, seen
-    assert "loss " in seen and "tok/s" in seen, seen
+    assert "loss " in seen and " kd " in seen and "tok/s" in seen, seen
+    assert " ce " not in seen, seen
     metrics = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) < 100000  # the line came from a stage that had far to go
     assert "\x1b[" not in err.read_text()

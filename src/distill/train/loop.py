@@ -492,7 +492,8 @@ def train(
             if acc.log_with:
                 acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             rate = tokens / (time.perf_counter() - t_start)  # every process's tokens, since this run began
-            bar.update(task, advance=1, info=f"loss {total:.3f} kd {kd:.3f} ce {ce:.3f} · {rate:,.0f} tok/s")
+            terms = f"kd {kd:.3f}" + (f" ce {ce:.3f}" if cfg.alpha < 1 else "")  # no CE term at alpha 1
+            bar.update(task, advance=1, info=f"loss {total:.3f} {terms} · {rate:,.0f} tok/s")
             step_times.append(dt)
             sampled_calls.append(sum(1 for _, on in batches if on))  # one generate call each
             if cfg.time_budget_s and plan is None and len(step_times) == PLAN_WARMUP + measure:
