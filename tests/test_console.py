@@ -122,7 +122,9 @@ def test_a_run_prints_our_lines_and_logs_the_libraries_lines_verbose_shows_them(
     tmp_path, tiny_teacher_dir, prompts_file
 ):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file)))
+    r = tiny_recipe(tmp_path / "runs", tiny_teacher_dir, prompts_file)
+    r["train"]["alpha"] = 0.5  # KD and CE both weighed
+    recipe.write_text(yaml.safe_dump(r))
     done = _cli("run", str(recipe))
     assert done.returncode == 0, done.stderr
     console = done.stdout + done.stderr

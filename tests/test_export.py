@@ -518,3 +518,23 @@ def test_rope_scaling_a_gguf_export_cannot_say_is_refused_before_any_work(tmp_pa
         gguf_rope_scaling(meta, tmp_path / "q.gguf")
     assert gguf_rope_scaling({**meta, "qwen2.rope.scaling.type": "linear"}, tmp_path / "q.gguf") == 4.0
     assert gguf_rope_scaling({"general.architecture": "qwen2"}, tmp_path / "q.gguf") is None
+
+
+@pytest.mark.parametrize(
+    ("alpha", "expected"),
+    [
+        (1.0, "forward_kl (distillation temperature 1.0) alone"),
+        (
+            0.5,
+            "0.5 x forward_kl (distillation temperature 1.0) + 0.5 x cross-entropy on the teacher's "
+            "answer tokens",
+        ),
+        (0.0, "cross-entropy on the teacher's answer tokens alone"),
+    ],
+)
+def test_the_model_card_names_only_the_loss_terms_that_trained(alpha, expected):
+    """At alpha 1 no cross-entropy is computed, at 0 no KD: the card does not list a term of weight 0."""
+    from distill.core.config import TrainConfig
+    from distill.export.folder import loss_line
+
+    assert loss_line(TrainConfig(alpha=alpha)) == expected

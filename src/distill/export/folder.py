@@ -18,6 +18,17 @@ from distill.core.terms import Terms, terms_of
 from distill.evaluate.metrics import METRICS
 
 
+def loss_line(t) -> str:
+    """The model card's loss: the terms ``train.alpha`` weighs, a term of weight 0 left out."""
+    kd = f"{t.loss} (distillation temperature {t.distill_temperature})"
+    ce = "cross-entropy on the teacher's answer tokens"
+    if t.alpha >= 1:
+        return f"{kd} alone"
+    if t.alpha <= 0:
+        return f"{ce} alone"
+    return f"{t.alpha:g} x {kd} + {1 - t.alpha:g} x {ce}"
+
+
 def export_student(
     student_dir: Path,
     out_dir: Path,
@@ -229,8 +240,7 @@ def model_card(
         f"- Data: `{cfg.data.path or 'distill embedded default prompts'}`, "
         f"{cfg.data.heldout_size} prompts held out; teacher answers "
         f"({'sampled' if cfg.generate.do_sample else 'greedy'}, up to {cfg.generate.max_new_tokens} tokens)",
-        f"- Loss: {t.alpha} x {t.loss} (distillation temperature {t.distill_temperature}) "
-        f"+ {1 - t.alpha:g} x cross-entropy on the teacher's answer tokens",
+        f"- Loss: {loss_line(t)}",
         f"- Optimiser: AdamW, lr {t.lr}, {t.warmup_steps} warmup steps then cosine, "
         f"{steps or t.max_steps} steps x {t.batch_size} sequences x {t.grad_accum} accumulation, "
         f"precision {t.dtype}" + (f" (time budget {t.time_budget})" if t.time_budget else ""),

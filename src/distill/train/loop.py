@@ -492,7 +492,9 @@ def train(
             if acc.log_with:
                 acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
             rate = tokens / (time.perf_counter() - t_start)  # every process's tokens, since this run began
-            terms = f"kd {kd:.3f}" + (f" ce {ce:.3f}" if cfg.alpha < 1 else "")  # no CE term at alpha 1
+            # a term the loss never computes is not shown: KD at alpha 0 with no sampled rows, CE at alpha 1
+            kd_on = cfg.alpha > 0 or cfg.onpolicy_fraction > 0
+            terms = " ".join(t for t, on in ((f"kd {kd:.3f}", kd_on), (f"ce {ce:.3f}", cfg.alpha < 1)) if on)
             bar.update(task, advance=1, info=f"loss {total:.3f} {terms} · {rate:,.0f} tok/s")
             step_times.append(dt)
             sampled_calls.append(sum(1 for _, on in batches if on))  # one generate call each
