@@ -54,7 +54,12 @@ MAX_STEPS = 100_000  # the budget sets the count
 CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writing checkpoints
 # The recipe each series of points was trained with: "" is the first series (6m, 20m, 60m,
 # 60m-large), trained before the default froze its embeddings; later series are named by --series.
-SERIES = {"": "embeddings trained (earlier default)", "frozen": "embeddings frozen (default now)"}
+SERIES = {
+    "": "embeddings trained, KD + CE",
+    "frozen": "embeddings frozen, KD + CE",
+    "kd": "embeddings frozen, KD alone (default now)",
+}
+MARKERS, LINES = ("o", "D", "^"), ("-", "--", "-.")  # by series, in sorted order
 
 
 def series_label(name: str) -> str:
@@ -151,7 +156,7 @@ def plot(points: dict) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 7.2), dpi=110)
     series = sorted({p.get("series", "") for p in points.values()})
     for split, label, colour in (("other", "other domains (test)", "tab:red"),
                                  ("in_domain", "in-domain (test)", "tab:blue")):  # fmt: skip
@@ -164,15 +169,15 @@ def plot(points: dict) -> None:
                 [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
                 [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
             ]
-            ax.errorbar(xs, ys, yerr=err, marker="o" if i == 0 else "D", capsize=3, color=colour,
-                        ls="-" if i == 0 else "--", label=label + series_label(name))  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, marker=MARKERS[i % 3], capsize=3, color=colour, ls=LINES[i % 3],
+                        label=label + series_label(name))  # fmt: skip
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
             i = series.index(p.get("series", ""))
             x = p["minutes"] * (1.07 + 0.035 * i)  # beside the points of the same budget, not on them
             entry = f"{label}, larger prompt set" + series_label(p.get("series", ""))
-            ax.errorbar([x], [k["value"]], yerr=yerr, marker="s" if i == 0 else "D", capsize=3, color=colour,
+            ax.errorbar([x], [k["value"]], yerr=yerr, marker=MARKERS[i % 3], capsize=3, color=colour,
                         mfc="white", ls="none", label=entry)  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
@@ -184,7 +189,7 @@ def plot(points: dict) -> None:
     ax.set_ylabel("KL(teacher || student), nats/token")
     ax.set_title("The default recipe: quality against training time (95% intervals)", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=1)  # below the axes
-    fig.tight_layout(rect=(0, 0.27, 1, 1))
+    fig.tight_layout(rect=(0, 0.3, 1, 1))
     fig.savefig(PLOT)
 
 
