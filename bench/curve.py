@@ -52,20 +52,28 @@ LABELS = DATA / "ood_test_labels.jsonl"
 LARGE_SOURCE = "bench-curve-large-source"
 MAX_STEPS = 100_000  # the budget sets the count
 CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writing checkpoints
-# The recipe each series of points was trained with: "" is the first series (6m, 20m, 60m,
-# 60m-large), trained before the default froze its embeddings; later series are named by --series.
+# Each series of points is the default of its day: its legend label, the overrides that turn the
+# shipped recipe into it (so a series trains, and a reused run is checked, as it was first run), and
+# its marker and line in the plot. "" is the first series (6m, 20m, 60m, 60m-large); later ones are
+# named by --series.
 SERIES = {
-    "": "embeddings trained, KD + CE",
-    "frozen": "embeddings frozen, KD + CE",
-    "kd": "embeddings frozen, KD alone (default now)",
+    "": ("embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5"], "o", "-"),
+    "frozen": ("embeddings frozen, KD + CE", ["train.alpha=0.5"], "D", "--"),
+    "kd": ("embeddings frozen, KD alone (default now)", [], "^", "-."),
 }
-MARKERS, LINES = ("o", "D", "^"), ("-", "--", "-.")  # by series, in sorted order
 
 
 def series_label(name: str) -> str:
-    """The legend's suffix naming what a series was trained with (empty when nothing is recorded)."""
-    tag = SERIES.get(name, name)
-    return f", {tag}" if tag else ""
+    """The legend's suffix naming what a series was trained with."""
+    return f", {SERIES[name][0]}"
+
+
+def series_overrides(name: str) -> list[str]:
+    if name not in SERIES:
+        raise SystemExit(
+            f"--series {name}: not in SERIES (bench/curve.py); add its label, overrides and style"
+        )
+    return SERIES[name][1]
 
 
 def point_name(budget: str, large: bool, series: str = "") -> str:
@@ -119,7 +127,7 @@ def child(budget: str, large: bool, series: str) -> dict:
 
     name = point_name(budget, large, series)
     overrides = [f"name=bench-curve-{name}", f"train.time_budget={budget}", f"train.max_steps={MAX_STEPS}",
-                 f"train.checkpoint_every={CHECKPOINT_EVERY}"]  # fmt: skip
+                 f"train.checkpoint_every={CHECKPOINT_EVERY}", *series_overrides(series)]  # fmt: skip
     if large:
         overrides.append(f"data.path={large_prompts()}")
     cfg, summary, train_s = train_candidate(overrides)
@@ -169,15 +177,15 @@ def plot(points: dict) -> None:
                 [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
                 [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
             ]
-            ax.errorbar(xs, ys, yerr=err, marker=MARKERS[i % 3], capsize=3, color=colour, ls=LINES[i % 3],
+            ax.errorbar(xs, ys, yerr=err, marker=SERIES[name][2], capsize=3, color=colour, ls=SERIES[name][3],
                         label=label + series_label(name))  # fmt: skip
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
             i = series.index(p.get("series", ""))
-            x = p["minutes"] * (1.07 + 0.035 * i)  # beside the points of the same budget, not on them
+            x = p["minutes"] * (1 + 0.035 * (len(series) + i))  # past every series' point of that budget
             entry = f"{label}, larger prompt set" + series_label(p.get("series", ""))
-            ax.errorbar([x], [k["value"]], yerr=yerr, marker=MARKERS[i % 3], capsize=3, color=colour,
+            ax.errorbar([x], [k["value"]], yerr=yerr, marker=SERIES[series[i]][2], capsize=3, color=colour,
                         mfc="white", ls="none", label=entry)  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
@@ -187,9 +195,9 @@ def plot(points: dict) -> None:
     ax.set_xticklabels([f"{m:g}" for m in ticks])
     ax.set_xlabel("training wall-clock, minutes (log scale)")
     ax.set_ylabel("KL(teacher || student), nats/token")
-    ax.set_title("The default recipe: quality against training time (95% intervals)", fontsize=10)
+    ax.set_title("Each default recipe: quality against training time (95% intervals)", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=1)  # below the axes
-    fig.tight_layout(rect=(0, 0.3, 1, 1))
+    fig.tight_layout(rect=(0, 0.26, 1, 1))
     fig.savefig(PLOT)
 
 
@@ -227,7 +235,7 @@ def main() -> None:
             from distill.core.recipe import load_config
 
             cfg = load_config(run / "config.yaml")
-            default = load_config(None)
+            default = load_config(None, series_overrides(args.series))
             same = {"max_steps", "dtype"}  # the run folder records the dtype that auto chose
             if cfg.train.model_dump(exclude=same) != default.train.model_dump(exclude=same):
                 raise SystemExit(f"{run} was not trained with the default recipe's train settings")

@@ -145,10 +145,12 @@ def score_default(run: Path) -> None:
         "command": f"python bench/ood.py --default {run}",
         "date": dt.date.today().isoformat(),
     }
-    RESULTS.write_text(json.dumps(out, indent=1))
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     for key in figures:
         met = "met" if out[f"default_ood_test_{key}_met"] else "MISSED"
-        print(key, out[f"default_ood_test_{key}"], out[f"default_ood_test_{key}_interval"], met)
+        whole = "and" if out[f"default_ood_test_{key}_met_on_interval"] else "but not"
+        figure, interval = out[f"default_ood_test_{key}"], out[f"default_ood_test_{key}_interval"]
+        print(key, figure, interval, met, f"({whole} on its whole interval)")
     for m, ci in labels["models"].items():
         print(f"label accuracy {m}: {ci['reference_accuracy']['value']:.3f}")
 
