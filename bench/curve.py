@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -52,20 +53,29 @@ LABELS = DATA / "ood_test_labels.jsonl"
 LARGE_SOURCE = "bench-curve-large-source"
 MAX_STEPS = 100_000  # the budget sets the count
 CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writing checkpoints
+
+
 # Each series of points is the default of its day: its legend label, the overrides that turn the
 # shipped recipe into it (so a series trains, and a reused run is checked, as it was first run), and
 # its marker and line in the plot. "" is the first series (6m, 20m, 60m, 60m-large); later ones are
 # named by --series.
+class Series(NamedTuple):
+    label: str
+    overrides: list[str]
+    marker: str
+    line: str
+
+
 SERIES = {
-    "": ("embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5"], "o", "-"),
-    "frozen": ("embeddings frozen, KD + CE", ["train.alpha=0.5"], "D", "--"),
-    "kd": ("embeddings frozen, KD alone (default now)", [], "^", "-."),
+    "": Series("embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5"], "o", "-"),
+    "frozen": Series("embeddings frozen, KD + CE", ["train.alpha=0.5"], "D", "--"),
+    "kd": Series("embeddings frozen, KD alone (default now)", [], "^", "-."),
 }
 
 
 def series_label(name: str) -> str:
     """The legend's suffix naming what a series was trained with."""
-    return f", {SERIES[name][0]}"
+    return f", {SERIES[name].label}"
 
 
 def series_overrides(name: str) -> list[str]:
@@ -73,7 +83,7 @@ def series_overrides(name: str) -> list[str]:
         raise SystemExit(
             f"--series {name}: not in SERIES (bench/curve.py); add its label, overrides and style"
         )
-    return SERIES[name][1]
+    return SERIES[name].overrides
 
 
 def point_name(budget: str, large: bool, series: str = "") -> str:
@@ -177,15 +187,16 @@ def plot(points: dict) -> None:
                 [y - p[split]["kl"]["low"] for y, p in zip(ys, pts, strict=True)],
                 [p[split]["kl"]["high"] - y for y, p in zip(ys, pts, strict=True)],
             ]
-            ax.errorbar(xs, ys, yerr=err, marker=SERIES[name][2], capsize=3, color=colour, ls=SERIES[name][3],
+            style = SERIES[name]
+            ax.errorbar(xs, ys, yerr=err, marker=style.marker, capsize=3, color=colour, ls=style.line,
                         label=label + series_label(name))  # fmt: skip
         for p in (p for p in points.values() if p["large"]):
             k = p[split]["kl"]
             yerr = [[k["value"] - k["low"]], [k["high"] - k["value"]]]
-            i = series.index(p.get("series", ""))
-            x = p["minutes"] * (1 + 0.035 * (len(series) + i))  # past every series' point of that budget
-            entry = f"{label}, larger prompt set" + series_label(p.get("series", ""))
-            ax.errorbar([x], [k["value"]], yerr=yerr, marker=SERIES[series[i]][2], capsize=3, color=colour,
+            name = p.get("series", "")
+            x = p["minutes"] * (1 + 0.035 * (len(series) + series.index(name)))  # past every series' point
+            entry = f"{label}, larger prompt set" + series_label(name)
+            ax.errorbar([x], [k["value"]], yerr=yerr, marker=SERIES[name].marker, capsize=3, color=colour,
                         mfc="white", ls="none", label=entry)  # fmt: skip
     ax.axhline(2.0, color="grey", ls=":", lw=1, label="other-domain target (KL 2.0)")
     ax.set_xscale("log")
