@@ -82,10 +82,19 @@ two levers that cost no teacher time:
 - ``lr_half_frozen``: half the learning rate (6e-4) on the recipe with frozen embeddings; ``lr_half``
   gained on the other domains before the embeddings were frozen.
 
+A ninth round (``--keep-as kd_only=kd_only_eighth``) runs the default (KD alone) again beside the
+wider prompt sets with KD alone: ``wider`` had the lowest other-domain KL of the seventh round, but its
+teacher answers took ``make demo`` over 20 minutes.
+
+- ``kd_wider``: the seventh round's ``wider`` set (1,226 prompts) with KD alone;
+- ``kd_half_wider``: the embedded set and every sixth further row of ``large.jsonl`` (932 prompts):
+  half the rows ``wider`` adds, each of them one of its rows, so its answers are already in
+  ``runs/bench-choice-wider-source/`` and about half the teacher time is added to ``make demo``.
+
 The overrides are on the shipped recipe of each round. Until the eighth round that recipe had
 ``train.alpha: 0.5`` (half KD, half cross-entropy); ``frozen_uncapped`` (the default of the fifth to
-the eighth round) and ``lr_half_frozen`` pin it, and any other earlier candidate run again now
-trains with KD alone unless ``train.alpha=0.5`` is added.
+the eighth round), ``wider`` and ``lr_half_frozen`` pin it, and any other earlier candidate run
+again now trains with KD alone unless ``train.alpha=0.5`` is added.
 
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
@@ -126,6 +135,8 @@ SOURCE = "bench-choice-source"
 WIDER = ROOT / "runs" / "bench-choice-wider-source"
 WIDER_EVERY = 3  # of large.jsonl's rows after the embedded set's, every third
 WIDER_DATA = f"data.path={WIDER / 'prompts.jsonl'}"
+HALF_EVERY = 6  # every sixth: half of those rows, each one of them
+HALF_DATA = f"data.path={WIDER / 'prompts_half.jsonl'}"
 RULE = "lowest other-domain validation KL (bench/data/ood_prompts.jsonl)"
 HEAL_MINUTES = 1.0
 # Overrides on the shipped recipe; {rest} is the budget less the healing minute.
@@ -143,9 +154,11 @@ CANDIDATES: dict[str, list[str]] = {
     "frozen_uncapped": ["train.freeze_embeddings=true", "train.max_steps=400", "train.alpha=0.5"],
     "labels_resampled": ["filter.verify_choices=true", "generate.resample=4"],
     "verified_resampled": ["filter.verify_choices=true", "filter.verify=number", "generate.resample=4"],
-    "wider": [WIDER_DATA],
+    "wider": [WIDER_DATA, "train.alpha=0.5"],
     "kd_only": ["train.alpha=1.0"],
     "lr_half_frozen": ["train.lr=6e-4", "train.alpha=0.5"],
+    "kd_wider": [WIDER_DATA],
+    "kd_half_wider": [HALF_DATA],
 }
 EXTRA_SAMPLES = 1  # the most any candidate asks for: the source run generates that many
 METRICS = ("kl", "top1_agreement", "rouge_l")
@@ -281,6 +294,7 @@ def wider_source(source: Path) -> float | None:
         raise SystemExit("large.jsonl does not start with default.jsonl's rows")
     WIDER.mkdir(parents=True, exist_ok=True)
     (WIDER / "prompts.jsonl").write_text("".join(embedded + large[len(embedded) :: WIDER_EVERY]))
+    (WIDER / "prompts_half.jsonl").write_text("".join(embedded + large[len(embedded) :: HALF_EVERY]))
 
     def stale(path: Path) -> bool:  # missing, or older than the source run's (made again since)
         return not path.exists() or path.stat().st_mtime < (source / path.name).stat().st_mtime
@@ -328,11 +342,12 @@ def main() -> None:
     source, seconds = source_run(any("extra_samples" in o for n in names for o in CANDIDATES[n]))
     extra_s = seconds if seconds is not None else extra_s
     resample_s |= resample_source(names)
-    if "wider" in names:
+    wide = {n for n in names if any(o.startswith(f"data.path={WIDER}") for o in CANDIDATES[n])}
+    if wide:
         wider_s = wider_source(source) or wider_s
     for name in names:
         run = ROOT / "runs" / f"bench-choice-{name}"
-        seed_run(run, WIDER if name == "wider" else source)
+        seed_run(run, WIDER if name in wide else source)
         t0 = time.perf_counter()
         res = run_child(__file__, ["--child", name, "--budget", args.budget], name)
         raw[name] = res | {"wall_seconds": time.perf_counter() - t0, "date": dt.date.today().isoformat()}
