@@ -133,7 +133,8 @@ OTHER = DATA / "ood_prompts.jsonl"
 LABELS = DATA / "ood_labels.jsonl"
 SOURCE = "bench-choice-source"
 WIDER = ROOT / "runs" / "bench-choice-wider-source"
-WIDER_EVERY = 3  # of large.jsonl's rows after the embedded set's, every third
+FIRST_ROWS = 638  # the embedded set up to the ninth round: default.jsonl's first rows, large.jsonl's too
+WIDER_EVERY = 3  # of large.jsonl's rows after those, every third
 WIDER_DATA = f"data.path={WIDER / 'prompts.jsonl'}"
 HALF_EVERY = 6  # every sixth: half of those rows, each one of them
 HALF_DATA = f"data.path={WIDER / 'prompts_half.jsonl'}"
@@ -288,10 +289,10 @@ def wider_source(source: Path) -> float | None:
     from importlib import resources
 
     prompts = resources.files("distill") / "prompts"
-    embedded = (prompts / "default.jsonl").read_text().splitlines(keepends=True)
     large = (prompts / "large.jsonl").read_text().splitlines(keepends=True)
-    if large[: len(embedded)] != embedded:
-        raise SystemExit("large.jsonl does not start with default.jsonl's rows")
+    embedded = large[:FIRST_ROWS]  # the embedded set of the first eight rounds
+    if (prompts / "default.jsonl").read_text().splitlines(keepends=True)[:FIRST_ROWS] != embedded:
+        raise SystemExit(f"large.jsonl does not start with default.jsonl's first {FIRST_ROWS} rows")
     WIDER.mkdir(parents=True, exist_ok=True)
     (WIDER / "prompts.jsonl").write_text("".join(embedded + large[len(embedded) :: WIDER_EVERY]))
     (WIDER / "prompts_half.jsonl").write_text("".join(embedded + large[len(embedded) :: HALF_EVERY]))

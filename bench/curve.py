@@ -69,7 +69,8 @@ class Series(NamedTuple):
 SERIES = {
     "": Series("embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5"], "o", "-"),
     "frozen": Series("embeddings frozen, KD + CE", ["train.alpha=0.5"], "D", "--"),
-    "kd": Series("embeddings frozen, KD alone (default now)", [], "^", "-."),
+    "kd": Series("embeddings frozen, KD alone, 638 prompts", ["data.max_prompts=638"], "^", "-."),
+    "wide": Series("embeddings frozen, KD alone, 932 prompts (default now)", [], "v", ":"),
 }
 
 

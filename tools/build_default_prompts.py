@@ -11,8 +11,9 @@ Sources, all offline and redistributable (see src/distill/prompts/SOURCES.md):
 default.jsonl starts with the original 300 rows (ids p0000-p0299) less the 32 that are
 bench/data/quality_validation_prompts.jsonl, unchanged and in order. The rows after them, and the
 instruction templates below, widen it to other task formats; they have the ids b0000, b0001, ...
-large.jsonl starts with default.jsonl's rows, and goes on with more rows of each kind in the same
-proportions (ids continuing the b-numbers).
+large.jsonl starts with default.jsonl's first 638 rows, and goes on with more rows of each kind in the
+same proportions (ids continuing the b-numbers); default.jsonl ends with every sixth of those further
+rows (932 rows in all: the widening bench/choice.py's ninth round chose).
 
 Usage (the two data packages are only needed here, not by distill):
     pip install --no-deps chatterbot-corpus==1.3.3 mathematics_dataset==1.0.1 absl-py six
@@ -127,6 +128,7 @@ def pydoc_prompts(n: int, rng: random.Random) -> list[dict]:
 
 NEW_SEED = 5678  # the added rows' seed (the original 300 keep SEED)
 ADDED = {"chat": 50, "maths": 60, "docs": 60, "instruction": 200}  # default.jsonl's added rows
+WIDEN_EVERY = 6  # then every sixth of large.jsonl's rows after those, so each kind keeps its share
 LARGE_TARGET = 2400  # large.jsonl's rows, its added rows in ADDED's proportions
 VALIDATION = ROOT / "bench/data/quality_validation_prompts.jsonl"  # kept out of both files
 MATHS = {
@@ -625,7 +627,8 @@ def main() -> None:
     added = [r for kind, rs in made.items() for r in rs[: small[kind]]]
     added += [r for kind, rs in made.items() for r in rs[small[kind] : big[kind]]]
     added = [{"id": f"b{i:04d}", **r} for i, r in enumerate(added)]
-    default = kept + added[: sum(small.values())]
+    first = sum(small.values())  # the set's added rows up to its widening (bench/choice.py, ninth round)
+    default = kept + added[:first] + added[first::WIDEN_EVERY]
     large = kept + added
     check_apart(default, guard, validation, str(OUT))
     check_apart(large, guard, validation, str(LARGE_OUT))
