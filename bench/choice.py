@@ -94,7 +94,9 @@ teacher answers took ``make demo`` over 20 minutes.
 The overrides are on the shipped recipe of each round. Until the eighth round that recipe had
 ``train.alpha: 0.5`` (half KD, half cross-entropy); ``frozen_uncapped`` (the default of the fifth to
 the eighth round), ``wider`` and ``lr_half_frozen`` pin it, and any other earlier candidate run
-again now trains with KD alone unless ``train.alpha=0.5`` is added.
+again now trains with KD alone unless ``train.alpha=0.5`` is added. Since the ninth round the
+embedded set holds 932 prompts; a candidate that names no prompts of its own trains on its first 638
+rows (``data.max_prompts=638``), the set of every round before, so each round reruns on its own set.
 
 Each is scored on three validation splits, which choose and nothing else (the test splits of
 bench/ood.py and bench/quality.py report):
@@ -174,6 +176,8 @@ def minutes(budget: str) -> float:
 def overrides(name: str, budget: str) -> list[str]:
     rest = f"{minutes(budget) - HEAL_MINUTES:g}m"
     out = [f"name=bench-choice-{name}", f"train.time_budget={budget}"]
+    if not any(o.startswith("data.") for o in CANDIDATES[name]):  # the set every round before the ninth
+        out.append(f"data.max_prompts={FIRST_ROWS}")  # trained on: the embedded set's first 638 rows
     return out + [o.format(rest=rest) for o in CANDIDATES[name]]
 
 

@@ -58,7 +58,10 @@ CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writi
 # Each series of points is the default of its day: its legend label, the overrides that turn the
 # shipped recipe into it (so a series trains, and a reused run is checked, as it was first run), and
 # its marker and line in the plot. "" is the first series (6m, 20m, 60m, 60m-large); later ones are
-# named by --series.
+# named by --series. A larger-set point trains on large.jsonl whatever data settings its series has.
+SET_638 = "data.max_prompts=638"  # the embedded set before its widening: its first 638 rows
+
+
 class Series(NamedTuple):
     label: str
     overrides: list[str]
@@ -67,9 +70,11 @@ class Series(NamedTuple):
 
 
 SERIES = {
-    "": Series("embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5"], "o", "-"),
-    "frozen": Series("embeddings frozen, KD + CE", ["train.alpha=0.5"], "D", "--"),
-    "kd": Series("embeddings frozen, KD alone, 638 prompts", ["data.max_prompts=638"], "^", "-."),
+    "": Series(
+        "embeddings trained, KD + CE", ["train.freeze_embeddings=false", "train.alpha=0.5", SET_638], "o", "-"
+    ),
+    "frozen": Series("embeddings frozen, KD + CE", ["train.alpha=0.5", SET_638], "D", "--"),
+    "kd": Series("embeddings frozen, KD alone, 638 prompts", [SET_638], "^", "-."),
     "wide": Series("embeddings frozen, KD alone, 932 prompts (default now)", [], "v", ":"),
 }
 
@@ -133,14 +138,21 @@ def score_run(run: Path) -> dict:
     return out
 
 
-def child(budget: str, large: bool, series: str) -> dict:
-    from candidates import last_elapsed, train_candidate
-
+def point_overrides(budget: str, large: bool, series: str) -> list[str]:
+    """The overrides a point trains with: its series' recipe at ``budget``; a larger-set point takes
+    large.jsonl whole, whatever prompts its series names."""
     name = point_name(budget, large, series)
     overrides = [f"name=bench-curve-{name}", f"train.time_budget={budget}", f"train.max_steps={MAX_STEPS}",
                  f"train.checkpoint_every={CHECKPOINT_EVERY}", *series_overrides(series)]  # fmt: skip
     if large:
-        overrides.append(f"data.path={large_prompts()}")
+        overrides = [o for o in overrides if not o.startswith("data.")] + [f"data.path={large_prompts()}"]
+    return overrides
+
+
+def child(budget: str, large: bool, series: str) -> dict:
+    from candidates import last_elapsed, train_candidate
+
+    overrides = point_overrides(budget, large, series)
     cfg, summary, train_s = train_candidate(overrides)
     return score_run(cfg.run_dir) | {
         "steps": summary["steps"],
@@ -250,7 +262,9 @@ def main() -> None:
             default = load_config(None, series_overrides(args.series))
             same = {"max_steps", "dtype"}  # the run folder records the dtype that auto chose
             if cfg.train.model_dump(exclude=same) != default.train.model_dump(exclude=same):
-                raise SystemExit(f"{run} was not trained with the default recipe's train settings")
+                raise SystemExit(f"{run} was not trained with the series' train settings")
+            if (cfg.data.path, cfg.data.max_prompts) != (default.data.path, default.data.max_prompts):
+                raise SystemExit(f"{run} was not trained on the series' prompts (data.path, max_prompts)")
             if duration_seconds(cfg.train.time_budget) != duration_seconds(budget):
                 raise SystemExit(f"{run} was trained for {cfg.train.time_budget}, not {budget}")
             summary = json.loads((run / "train_summary.json").read_text())

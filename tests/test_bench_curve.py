@@ -1,4 +1,5 @@
-"""bench/curve.py: which points of the compute curve are still missing; the training clock each records."""
+"""bench/curve.py: which points of the compute curve are still missing; the training clock each records;
+the prompts each series' points train on (and bench/choice.py's candidates)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,32 @@ def test_last_elapsed_is_the_last_steps_training_clock(tmp_path):
     assert candidates.last_elapsed(metrics) == 5.25
     metrics.write_text('{"step": 1, "loss": 3.0}\n')  # a run from before elapsed_s was recorded
     assert candidates.last_elapsed(metrics) is None
+
+
+def _choice():
+    spec = importlib.util.spec_from_file_location("bench_choice", ROOT / "bench" / "choice.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_series_trains_on_its_own_prompts_and_a_larger_set_point_on_large_jsonl():
+    from distill.core.recipe import load_config
+
+    curve = _curve()
+    large = f"data.path={curve.large_prompts()}"
+    for series in ("", "frozen", "kd"):  # run before the embedded set was widened: its first 638 rows
+        assert load_config(None, curve.point_overrides("20m", False, series)).data.max_prompts == 638
+        cfg = load_config(None, curve.point_overrides("60m", True, series))
+        assert cfg.data.max_prompts is None and str(cfg.data.path) == large.removeprefix("data.path=")
+    cfg = load_config(None, curve.point_overrides("20m", False, "wide"))  # the default as shipped
+    assert cfg.data.max_prompts is None and cfg.data.path is None
+
+
+def test_choice_candidates_rerun_on_the_set_of_their_round():
+    choice = _choice()
+    for name, rows in (("kd_only", 638), ("frozen_uncapped", 638), ("narrow", 268), ("kd_half_wider", None)):
+        ov = choice.overrides(name, "6m")
+        sets = [o for o in ov if o.startswith("data.max_prompts=")]
+        assert [int(o.split("=")[1]) for o in sets][-1:] == ([rows] if rows else []), (name, ov)
+    assert any(o.startswith("data.path=") for o in choice.overrides("kd_half_wider", "6m"))
