@@ -10,11 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _curve():
-    spec = importlib.util.spec_from_file_location("bench_curve", ROOT / "bench" / "curve.py")
+def _bench(name: str):
+    """bench/<name>.py loaded as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _curve():
+    return _bench("curve")
 
 
 def test_not_measured_names_each_series_missing_points():
@@ -53,13 +58,6 @@ def test_last_elapsed_is_the_last_steps_training_clock(tmp_path):
     assert candidates.last_elapsed(metrics) is None
 
 
-def _choice():
-    spec = importlib.util.spec_from_file_location("bench_choice", ROOT / "bench" / "choice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_each_series_trains_on_its_own_prompts_and_a_larger_set_point_on_large_jsonl():
     from distill.core.recipe import load_config
 
@@ -74,7 +72,7 @@ def test_each_series_trains_on_its_own_prompts_and_a_larger_set_point_on_large_j
 
 
 def test_choice_candidates_rerun_on_the_set_of_their_round():
-    choice = _choice()
+    choice = _bench("choice")
     for name, rows in (("kd_only", 638), ("frozen_uncapped", 638), ("narrow", 268), ("kd_half_wider", None)):
         ov = choice.overrides(name, "6m")
         sets = [o for o in ov if o.startswith("data.max_prompts=")]
