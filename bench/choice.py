@@ -128,6 +128,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from candidates import FIRST_ROWS  # noqa: E402  (bench/, the script's own folder)
+
 RESULTS = ROOT / "bench" / "results" / "choice.json"
 DATA = ROOT / "bench" / "data"
 IN_DOMAIN = DATA / "quality_validation_prompts.jsonl"
@@ -135,7 +137,6 @@ OTHER = DATA / "ood_prompts.jsonl"
 LABELS = DATA / "ood_labels.jsonl"
 SOURCE = "bench-choice-source"
 WIDER = ROOT / "runs" / "bench-choice-wider-source"
-FIRST_ROWS = 638  # the embedded set up to the ninth round: default.jsonl's first rows, large.jsonl's too
 WIDER_EVERY = 3  # of large.jsonl's rows after those, every third
 WIDER_DATA = f"data.path={WIDER / 'prompts.jsonl'}"
 HALF_EVERY = 6  # every sixth: half of those rows, each one of them

@@ -44,6 +44,8 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from candidates import FIRST_ROWS  # noqa: E402  (bench/, the script's own folder)
+
 RESULTS = ROOT / "bench" / "results" / "curve.json"
 PLOT = ROOT / "docs" / "curve.png"
 DATA = ROOT / "bench" / "data"
@@ -59,7 +61,7 @@ CHECKPOINT_EVERY = 200  # the default's 40 would spend a minute of an hour writi
 # shipped recipe into it (so a series trains, and a reused run is checked, as it was first run), and
 # its marker and line in the plot. "" is the first series (6m, 20m, 60m, 60m-large); later ones are
 # named by --series. A larger-set point trains on large.jsonl whatever data settings its series has.
-SET_638 = "data.max_prompts=638"  # the embedded set before its widening: its first 638 rows
+SET_638 = f"data.max_prompts={FIRST_ROWS}"  # the embedded set before its widening
 
 
 class Series(NamedTuple):
