@@ -49,6 +49,8 @@ def main(teacher_dir: str, out: str, batch_size: int, grad_accum: int, run_dir: 
     else:
         with tempfile.TemporaryDirectory() as tmp:
             train(student, LiveTeacher(teacher), examples, cfg, Path(tmp), pad_id=0)
+    # train() made its own Accelerator, so it ends it: no process group is left to abort at exit
+    assert not torch.distributed.is_initialized(), "train() left its process group behind"
     if rank == 0:
         save_file({k: v.contiguous().clone() for k, v in student.state_dict().items()}, out)
 

@@ -113,4 +113,5 @@ def train_student(cfg: RunConfig, resume: bool = True) -> Path:
         fsio.write_text(run / "train_summary.json", json.dumps(summary, indent=1))
         console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s -> {out}")
     acc.wait_for_everyone()
+    acc.end_training()  # trackers closed; the process group destroyed, so no process aborts at exit
     return out

@@ -551,8 +551,8 @@ def train(
                 kept = ckpt_dir / f"step-{step:06d}"
                 interrupt.stop(f"stopped at step {step} of {cfg.max_steps}, checkpoint {kept} written; run "
                                "the same command again to resume from it")  # fmt: skip
-    if acc.log_with:
-        acc.end_training()
+    if accelerator is None:  # this call made it: end it (a caller that passed one ends its own)
+        acc.end_training()  # its process group destroyed before exit, so no process aborts at teardown
     student.eval()
     return {
         "steps": step,
